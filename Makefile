@@ -1,0 +1,46 @@
+# sslvision: the two commands of the README, and what they need.
+#   make demo   set up everything, build the Fashion-MNIST demo scenario, run the pipeline (dvc repro)
+#   make test   set up everything and run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sslvision-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO := data/demo
+
+.PHONY: install demo test bench lint clean-data
+
+# Installs only what is missing: an existing venv is reused and pip leaves a satisfying torch alone.
+$(STAMP): pyproject.toml
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo ">> installing dataset-fashion-mnist"; \
+	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
+	  else echo ">> Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; \
+	fi
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# Prefect's ephemeral server migrates its SQLite database on first start; doing it once here
+	@# avoids first-run timeouts ("database is locked") on small machines.
+	$(BIN)/prefect server database upgrade -y >/dev/null
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	@[ -f $(DEMO)/scenario.json ] || $(BIN)/sslvision demo-data --out $(DEMO)
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest -q -x --durations=15
+
+bench: install
+	@for b in benchmarks/[a-z]*.py; do echo ">> $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: install
+	$(BIN)/ruff check src stages pipelines tests benchmarks
+
+clean-data:
+	rm -rf data models reports mlflow.db mlartifacts dvclive

@@ -1,0 +1,66 @@
+"""Shared by every benchmark: describe the machine, print the table, write results/NAME.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = psutil.virtual_memory().total / 2**30
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM{gpu}, Python {platform.python_version()}"
+
+
+def report(name: str, rows: list[dict], command: str | None = None, extra: dict | None = None) -> Path:
+    """Print rows as a table and write ``benchmarks/results/NAME.json``.
+
+    Each row: ``{"system", "metric", "value", "unit"}`` (extra keys allowed, e.g. "setting").
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    for r in rows:
+        missing = {"system", "metric", "value", "unit"} - r.keys()
+        if missing:
+            raise ValueError(f"benchmark row {r} lacks {sorted(missing)}")
+    keys = ["system", "metric", "value", "unit"] + sorted({k for r in rows for k in r} - {"system", "metric", "value", "unit"})
+    table = Table(title=f"{name} — {machine()}")
+    for k in keys:
+        table.add_column(k, justify="right" if k == "value" else "left")
+    for r in rows:
+        v = r.get("value")
+        shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+        table.add_row(*[shown if k == "value" else str(r.get(k, "")) for k in keys])
+    Console().print(table)
+    out = {"machine": machine(), "command": command or "python " + " ".join(sys.argv), "rows": rows}
+    if extra:
+        out.update(extra)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
