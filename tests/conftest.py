@@ -6,6 +6,8 @@ import pytest
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("SSLVISION_PARENT_RUN_ID", None)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -15,3 +17,12 @@ def workdir(tmp_path, monkeypatch):
     """A scratch project directory as the working directory (MLflow's SQLite store lands here)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One real (temporary) Prefect API for the whole session; starting one costs ~10 s."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -44,7 +44,7 @@ class Ingested:
     classes: list[str]
 
     @classmethod
-    def load(cls, root: str | Path = INGESTED, manifest: str | Path | None = None) -> "Ingested":
+    def load(cls, root: str | Path = INGESTED, manifest: str | Path | None = None) -> Ingested:
         root = Path(root)
         for name in ("images.npy", "manifest.parquet", "classes.json"):
             if not (root / name).exists():

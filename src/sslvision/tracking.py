@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 EXPERIMENT = os.environ.get("SSLVISION_EXPERIMENT", "sslvision")
 PARENT_ENV = "SSLVISION_PARENT_RUN_ID"

@@ -1,0 +1,82 @@
+"""Prefect flow ``train``: the DVC stages as tasks, in DAG order, under one MLflow parent run.
+
+Run it directly (ephemeral Prefect, nothing to start)::
+
+    python pipelines/train.py                  # like dvc repro: runs what is out of date
+    python pipelines/train.py --from audit     # forces audit and everything downstream of it
+
+Each stage is one task; a transient failure (DVC's lock busy, an I/O hiccup) is retried, a stage
+whose script fails is not (re-running deterministic code gives the same error). The flow opens an
+MLflow parent run and every stage's run is nested under it (see ``sslvision.tracking``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from sslvision import pipeline, tracking
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only failures that may pass on their own."""
+    from dvc.exceptions import LockError
+
+    try:
+        state.result()
+    except (LockError, TimeoutError, ConnectionError, pipeline.PipelineBusy):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient, task_run_name="{stage}")
+def run_stage(stage: str, force: bool, root: str) -> bool:
+    logger = get_run_logger()
+    logger.info("stage %s: %s", stage, "forced" if force else "reproducing if out of date")
+    ran = pipeline.reproduce_stage(stage, force=force, root=root)
+    logger.info("stage %s: %s", stage, "ran" if ran else "up to date, skipped")
+    return ran
+
+
+@flow(name="train", log_prints=True)
+def train(from_stage: str | None = None, root: str = ".", wait_s: float = 600) -> dict[str, bool]:
+    """Reproduce the pipeline; with ``from_stage``, force that stage and everything downstream."""
+    import mlflow
+
+    root = str(Path(root).resolve())
+    order = pipeline.stage_order(root)
+    forced = set(pipeline.downstream_of(from_stage, root)) if from_stage else set()
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with pipeline.pipeline_lock(root, wait_s=wait_s):
+            exp_id = tracking.setup()
+            with mlflow.start_run(experiment_id=exp_id, run_name=f"pipeline from {from_stage or 'start'}",
+                                  tags={"sslvision.kind": "pipeline"}) as parent:
+                os.environ[tracking.PARENT_ENV] = parent.info.run_id
+                try:
+                    ran = {s: run_stage(s, s in forced, root) for s in order}
+                finally:
+                    os.environ.pop(tracking.PARENT_ENV, None)
+                mlflow.log_dict({"from_stage": from_stage, "ran": ran}, "pipeline.json")
+    finally:
+        os.chdir(cwd)
+    return ran
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="from_stage", default=None, help="force this stage and all downstream")
+    ap.add_argument("--root", default=".", help="project root (where dvc.yaml is)")
+    args = ap.parse_args(argv)
+    ran = train(from_stage=args.from_stage, root=args.root)
+    print({s: ("ran" if r else "skipped") for s, r in ran.items()})
+
+
+if __name__ == "__main__":
+    main()
