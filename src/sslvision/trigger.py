@@ -1,0 +1,123 @@
+"""The metric-degradation trigger: which stage failed first, what joins the data, what re-runs.
+
+``drift_eval`` reports every monitored metric with its threshold and the stage that owns it
+(``trigger.json``). The decision is the EARLIEST stage, in the pipeline's DAG order, that owns a failed
+metric: re-running from there fixes every later failure too, and nothing upstream of it is touched.
+The mapping (DESIGN.md):
+
+- production images drift (embedding two-sample test fails)   -> ``pretrain`` (the batch joins the SSL pool)
+- a labeled batch is noisier (its estimated noise rate rises)  -> ``audit``
+- a rare class's recall falls with no input drift              -> ``synthesize``
+- accuracy falls with no other cause                           -> ``finetune``
+- nothing failed                                               -> nothing re-runs
+
+What a re-run starts from must differ from what the last run saw, or it would reproduce the same model:
+so the batch that caused the decision joins the data first. An unlabeled batch joins the SSL pool
+only when its images drifted (in-distribution images add nothing to SSL); a labeled batch always joins,
+as labeled data (the pool batch keeps its class directories). Both land under ``ingest.pool``, which
+the ingest stage reads; DVC then re-runs exactly what the new data invalidates, and ``from_stage``
+forces the chosen stage and everything downstream of it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGE_ORDER = ["ingest", "pretrain", "audit", "synthesize", "finetune", "drift_eval"]
+
+
+@dataclass
+class Decision:
+    """The trigger's verdict for one batch."""
+
+    stage: str | None
+    reasons: list[str] = field(default_factory=list)
+    failed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self.stage is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"degraded": self.degraded}
+
+
+def _describe(name: str, m: dict[str, Any]) -> str:
+    op = "<" if m.get("direction", "max") == "max" else ">"
+    value, threshold = m.get("value"), m.get("threshold")
+    shown = f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+    return f"{name} = {shown} {op} threshold {threshold} (owned by {m.get('stage')})"
+
+
+def decide(metrics: dict[str, dict[str, Any]], order: list[str] | None = None, batch: str | None = None) -> Decision:
+    """Earliest stage owning a failed metric.
+
+    ``metrics``: ``{name: {"value", "threshold", "direction": "max"|"min", "stage", "failed"}}`` as in
+    ``trigger.json``. ``failed`` is recomputed from value/threshold/direction when absent. A metric that
+    names a stage outside ``order`` is an error: a typo must not silently disable a rule.
+    """
+    order = order or STAGE_ORDER
+    failed: dict[str, dict[str, Any]] = {}
+    for name, m in metrics.items():
+        stage = m.get("stage")
+        if stage not in order:
+            raise ValueError(f"trigger metric {name!r} names stage {stage!r}, not one of {order}")
+        is_failed = m.get("failed")
+        if is_failed is None:
+            value, threshold = m.get("value"), m.get("threshold")
+            if value is None or threshold is None:
+                continue
+            is_failed = value < threshold if m.get("direction", "max") == "max" else value > threshold
+        if is_failed:
+            failed[name] = m
+    if not failed:
+        return Decision(stage=None, reasons=["every monitored metric is within its threshold"], batch=batch)
+    stage = min((m["stage"] for m in failed.values()), key=order.index)
+    reasons = [_describe(n, m) for n, m in sorted(failed.items(), key=lambda kv: order.index(kv[1]["stage"]))]
+    return Decision(stage=stage, reasons=reasons, failed=failed, batch=batch)
+
+
+def is_labeled_batch(batch_dir: str | Path) -> bool:
+    """A batch directory with class subdirectories carries labels (ImageFolder layout)."""
+    return any(p.is_dir() for p in Path(batch_dir).iterdir())
+
+
+def admit_batch(batch_dir: str | Path, decision: Decision, pool: str | Path) -> Path | None:
+    """Copy the batch into the pool when the decision says it should join; return where it went.
+
+    The copy is made next to its destination and renamed into place, so an interrupted admission leaves
+    no half batch in the pool; admitting the same batch twice is a no-op.
+    """
+    batch_dir, pool = Path(batch_dir), Path(pool)
+    if not batch_dir.is_dir():
+        raise FileNotFoundError(f"{batch_dir}: production batch directory not found")
+    labeled = is_labeled_batch(batch_dir)
+    joins = decision.degraded and (labeled or decision.stage == "pretrain")
+    if not joins:
+        return None
+    dest = pool / batch_dir.name
+    if dest.exists():
+        return dest
+    pool.mkdir(parents=True, exist_ok=True)
+    tmp = pool / f".{batch_dir.name}.incoming"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(batch_dir, tmp)
+    tmp.rename(dest)
+    return dest
+
+
+def read_trigger(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The ``metrics`` mapping of a ``trigger.json`` written by drift_eval."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trigger report; run drift_eval on the batch first")
+    data = json.loads(path.read_text())
+    metrics = data.get("metrics")
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: expected a 'metrics' mapping of monitored metrics")
+    return metrics
