@@ -43,9 +43,20 @@ def run_stage(stage: str, force: bool, root: str) -> bool:
     return ran
 
 
+@task
+def promote_challenger(root: str) -> dict:
+    """Gated promotion of the model the finetune stage registered as ``challenger``."""
+    from sslvision.params import params_path
+    from sslvision.registry import promote_cli
+
+    return promote_cli(params=Path(root) / params_path().name)
+
+
 @flow(name="train", log_prints=True)
-def train(from_stage: str | None = None, root: str = ".", wait_s: float = 600) -> dict[str, bool]:
-    """Reproduce the pipeline; with ``from_stage``, force that stage and everything downstream."""
+def train(from_stage: str | None = None, root: str = ".", wait_s: float = 600,
+          promote: bool = False) -> dict[str, bool]:
+    """Reproduce the pipeline; with ``from_stage``, force that stage and everything downstream;
+    with ``promote``, offer the new challenger to gated promotion afterwards."""
     import mlflow
 
     root = str(Path(root).resolve())
@@ -64,6 +75,8 @@ def train(from_stage: str | None = None, root: str = ".", wait_s: float = 600) -
                 finally:
                     os.environ.pop(tracking.PARENT_ENV, None)
                 mlflow.log_dict({"from_stage": from_stage, "ran": ran}, "pipeline.json")
+                if promote and ran.get("finetune"):
+                    mlflow.log_dict(promote_challenger(root), "promotion.json")
     finally:
         os.chdir(cwd)
     return ran

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -32,9 +31,9 @@ def _fail(err: Exception) -> None:
 @app.command("demo-data")
 def demo_data(
     out: Path = typer.Option(Path("data/raw"), "--out", help="Directory the scenario is written to."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: params.yaml demo.seed)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default: params.yaml demo.seed)."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `demo` section."),
-    fmnist: Optional[Path] = typer.Option(
+    fmnist: Path | None = typer.Option(
         None, "--fmnist", help="Directory with the Fashion-MNIST IDX files (default: the Debian package's)."),
 ) -> None:
     """Build the realistic Fashion-MNIST scenario: long tail, label noise, duplicates, broken files, drift."""
@@ -49,7 +48,7 @@ def demo_data(
 # --- ingest ----------------------------------------------------------------------------------------
 @app.command("ingest")
 def ingest(
-    source: Optional[Path] = typer.Argument(
+    source: Path | None = typer.Argument(
         None, help="ImageFolder directory, CSV/Parquet manifest (path,label[,split]) or IDX directory "
         "(default: params.yaml ingest.source)."),
     out: Path = typer.Option(Path("data/ingested"), "--out", help="Output directory."),
@@ -68,6 +67,89 @@ def ingest(
 
 
 # --- audit -----------------------------------------------------------------------------------------
+
+
+# --- drift-eval ------------------------------------------------------------------------------------
+@app.command("drift-eval")
+def drift_eval(
+    batch: Path | None = typer.Argument(
+        None, help="Production batch directory: flat images (unlabeled) or class subdirectories (labeled) "
+        "(default: params.yaml drift_eval.batch)."),
+    out: Path = typer.Option(Path("reports/drift"), "--out", help="Report directory (trigger.json and plots)."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `drift_eval` section."),
+) -> None:
+    """Compare a production batch with the training reference: input drift, prediction shift, accuracy
+    (estimated without labels), label noise; write trigger.json with each metric's threshold and stage."""
+    from sslvision.drift import drift_eval_cli
+
+    try:
+        result = drift_eval_cli(batch=batch, params=params, reports=out)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(err)
+    for name, m in result["metrics"].items():
+        value = "n/a" if m["value"] is None else f"{m['value']:.4g}"
+        status = "FAILED" if m["failed"] else "ok"
+        typer.echo(f"{name:24s} {value:>8s}  threshold {m['threshold']:<8g} {m['stage']:10s} {status}")
+
+
+# --- run (the train flow) --------------------------------------------------------------------------
+@app.command("run")
+def run(
+    from_stage: str | None = typer.Option(
+        None, "--from", help="Force this stage and everything downstream of it (default: what is out of date)."),
+    root: Path = typer.Option(Path("."), "--root", help="Project root (where dvc.yaml is)."),
+    wait: float = typer.Option(600, "--wait", help="Seconds to wait for another run to finish before refusing."),
+) -> None:
+    """Run the pipeline as the Prefect `train` flow: DVC stages as tasks, one MLflow parent run."""
+    from pipelines.train import train
+    from sslvision.pipeline import PipelineBusy
+
+    try:
+        ran = train(from_stage=from_stage, root=str(root), wait_s=wait)
+    except (PipelineBusy, ValueError) as err:
+        _fail(err)
+    for stage, did in ran.items():
+        typer.echo(f"{stage:12s} {'ran' if did else 'up to date'}")
+
+
+# --- monitor / serve (the monitor flow and the deployments) ----------------------------------------
+@app.command("monitor")
+def monitor_cmd(
+    batch: Path | None = typer.Argument(None, help="Production batch directory (default: pending inbox batches)."),
+    root: Path = typer.Option(Path("."), "--root", help="Project root (where dvc.yaml is)."),
+    retrain: bool = typer.Option(True, "--retrain/--no-retrain", help="Re-run from the failed stage and promote."),
+) -> None:
+    """Evaluate a production batch; on degradation re-run only the stages downstream of the failure."""
+    from pipelines.monitor import monitor
+    from sslvision.pipeline import PipelineBusy
+
+    try:
+        outcomes = monitor(batch=str(batch) if batch else None, root=str(root), retrain=retrain)
+    except (PipelineBusy, ValueError, FileNotFoundError) as err:
+        _fail(err)
+    for o in outcomes:
+        d = o["decision"]
+        typer.echo(f"{d['batch']}: " + ("healthy, nothing re-runs" if not d["degraded"] else
+                                       f"degraded -> re-run from {d['stage']}: " + "; ".join(d["reasons"])))
+        ran = o.get("ran")
+        if ran:
+            typer.echo("  re-ran: " + (", ".join(s for s, r in ran.items() if r) or "nothing"))
+        if "promotion" in o:
+            typer.echo(f"  promotion: {o['promotion']}")
+
+
+@app.command("serve")
+def serve() -> None:
+    """Serve the `monitor` (scheduled, cron from params.yaml) and `train` (started by the degradation
+    event) deployments against a Prefect server: start one with `prefect server start` and set
+    PREFECT_API_URL=http://127.0.0.1:4200/api first."""
+    from prefect import serve as prefect_serve
+
+    from pipelines.deployments import build_deployments
+    from pipelines.monitor import MonitorParams
+    from sslvision.params import load_section
+
+    prefect_serve(*build_deployments(load_section("monitor", MonitorParams).cron))
 
 
 def main() -> None:  # pragma: no cover - console entry point

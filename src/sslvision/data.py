@@ -20,6 +20,23 @@
 ``data/embeddings/`` (written by pretrain): ``embeddings.npy`` float32 ``(N, D)`` aligned with
 ``images.parquet`` (row i is image ``index == i``), and ``embeddings.json`` (encoder config, the
 ``images.parquet`` content hash it was computed from).
+
+``models/encoder/`` (written by pretrain): safetensors weights + ``config.json``; load with
+``sslvision.models.load_encoder(dir)`` (and ``load_decoder`` when the method kept an MAE decoder);
+``sslvision.models.embed(encoder, uint8_images, batch_size)`` gives embeddings for new images.
+
+``data/audit/manifest_clean.parquet`` (written by audit): the rows of ``manifest.parquet`` the next
+stages train on (dropped rows removed), same columns, ``label``/``label_name`` possibly corrected,
+plus ``label_given`` and ``audit_action`` (``keep`` | ``relabel``).
+
+``data/synthetic/`` (written by synthesize): ``images.npy`` uint8 ``(M, H, W, C)`` with the ingest
+shape, and ``manifest.parquet``: ``index`` (row in that array), ``id`` (``syn/<generator>/<n>``),
+``label``, ``label_name``, ``split`` (= ``synthetic``), ``generator``, ``source_ids`` (list of ingested
+ids it was made from), and the filter scores ``target_prob``, ``source_similarity``. Only kept images are
+in it.
+
+``models/classifier/`` (written by finetune): the classifier (safetensors + config) that the MLflow
+registry also holds; ``sslvision.finetune.load_classifier(dir)`` rebuilds it.
 """
 
 from __future__ import annotations

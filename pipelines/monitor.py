@@ -1,0 +1,140 @@
+"""Prefect flow ``monitor``: production batch -> drift_eval -> trigger -> train from the failed stage -> promote.
+
+Run it directly on one batch (ephemeral Prefect, nothing to start)::
+
+    python pipelines/monitor.py data/demo/incoming/gaussian_noise_s3
+
+or with no batch, on every batch in ``monitor.inbox`` not seen before (what the scheduled deployment
+does). Each decision is written to ``reports/monitor/<batch>/decision.json`` next to the batch's drift
+report, logged as an MLflow run, and emitted as a Prefect event ``sslvision.degradation`` that can start
+the ``train`` deployment (see ``prefect.yaml``). With ``retrain`` (the default for direct runs) the flow
+re-runs the pipeline itself from the decided stage and offers the new model for gated promotion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from pipelines.train import promote_challenger, train
+from sslvision import pipeline, tracking, trigger
+from sslvision.io import write_json
+from sslvision.params import Section, load_section, params_path
+
+
+class MonitorParams(Section):
+    inbox: str = "data/demo/incoming"
+    cron: str = "0 * * * *"
+    retrain: bool = True
+    promote: bool = True
+    reports: str = "reports/monitor"
+
+
+def _ledger(p: MonitorParams) -> Path:
+    return Path(p.reports) / "processed.json"
+
+
+def pending_batches(p: MonitorParams) -> list[Path]:
+    """Batch directories in the inbox that no monitor run has evaluated yet, in name order."""
+    inbox = Path(p.inbox)
+    if not inbox.is_dir():
+        raise FileNotFoundError(f"{inbox}: monitor inbox not found (params.yaml monitor.inbox)")
+    done = set(json.loads(_ledger(p).read_text())) if _ledger(p).exists() else set()
+    return [b for b in sorted(inbox.iterdir()) if b.is_dir() and not b.name.startswith(".") and b.name not in done]
+
+
+def _mark_processed(p: MonitorParams, batch: Path) -> None:
+    done = json.loads(_ledger(p).read_text()) if _ledger(p).exists() else []
+    write_json(_ledger(p), sorted(set(done) | {batch.name}))
+
+
+@task(task_run_name="drift_eval {batch.name}")
+def evaluate_batch(batch: Path, reports: Path) -> dict[str, Any]:
+    from sslvision.drift import drift_eval_cli
+
+    return drift_eval_cli(batch=batch, params=params_path(), reports=reports)
+
+
+def _emit(decision: trigger.Decision) -> None:
+    from prefect.events import emit_event
+
+    from pipelines.deployments import DEGRADATION_EVENT, PIPELINE_RESOURCE
+
+    emit_event(event=DEGRADATION_EVENT,
+               resource={"prefect.resource.id": PIPELINE_RESOURCE},
+               payload={"stage": decision.stage, "batch": decision.batch, "reasons": decision.reasons})
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = None,
+            promote: bool | None = None) -> list[dict[str, Any]]:
+    """Evaluate one batch (or every pending inbox batch) and act on the trigger's decision."""
+    import mlflow
+
+    logger = get_run_logger()
+    root_path = Path(root).resolve()
+    batch_path = Path(batch).resolve() if batch else None
+    cwd = os.getcwd()
+    os.chdir(root_path)
+    try:
+        p = load_section("monitor", MonitorParams)
+        pool = Path(load_section_raw("ingest").get("pool", "data/pool"))
+        retrain = p.retrain if retrain is None else retrain
+        promote = p.promote if promote is None else promote
+        batches = [batch_path] if batch_path else pending_batches(p)
+        order = pipeline.stage_order(root_path)
+        outcomes = []
+        for b in batches:
+            reports = Path(p.reports) / b.name
+            result = evaluate_batch(b, reports)
+            decision = trigger.decide(result["metrics"], order, batch=b.name)
+            logger.info("batch %s: %s", b.name,
+                        f"degraded, re-run from {decision.stage}: " + "; ".join(decision.reasons)
+                        if decision.degraded else "healthy, nothing re-runs")
+            outcome: dict[str, Any] = {"decision": decision.to_dict()}
+            if decision.degraded:
+                _emit(decision)
+                joined = trigger.admit_batch(b, decision, pool)
+                outcome["joined_pool"] = str(joined) if joined else None
+                if retrain:
+                    outcome["ran"] = train(from_stage=decision.stage, root=str(root_path))
+                    if promote:
+                        outcome["promotion"] = promote_challenger(str(root_path))
+            write_json(reports / "decision.json", outcome)
+            exp_id = tracking.setup()
+            with mlflow.start_run(experiment_id=exp_id, run_name=f"monitor {b.name}",
+                                  tags={"sslvision.kind": "monitor", "sslvision.batch": b.name,
+                                        "sslvision.trigger.stage": decision.stage or "none"}):
+                mlflow.log_dict(outcome, "decision.json")
+                mlflow.log_metric("degraded", float(decision.degraded))
+            _mark_processed(p, b)
+            outcomes.append(outcome)
+        return outcomes
+    finally:
+        os.chdir(cwd)
+
+
+def load_section_raw(name: str) -> dict[str, Any]:
+    from sslvision.params import read_params
+
+    return read_params().get(name) or {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("batch", nargs="?", default=None, help="production batch directory (default: pending inbox batches)")
+    ap.add_argument("--root", default=".", help="project root (where dvc.yaml is)")
+    ap.add_argument("--no-retrain", action="store_true", help="decide and report only")
+    args = ap.parse_args(argv)
+    for o in monitor(batch=args.batch, root=args.root, retrain=False if args.no_retrain else None):
+        d = o["decision"]
+        print(f"{d['batch']}: " + (f"re-run from {d['stage']}" if d["degraded"] else "healthy"))
+
+
+if __name__ == "__main__":
+    main()
