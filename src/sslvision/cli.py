@@ -38,10 +38,11 @@ def demo_data(
 ) -> None:
     """Build the realistic Fashion-MNIST scenario: long tail, label noise, duplicates, broken files, drift."""
     from sslvision.demo import build_scenario_cli
+    from sslvision.io import OutputError
 
     try:
         build_scenario_cli(out=out, seed=seed, params=params, fmnist=fmnist)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, OutputError) as err:
         _fail(err)
 
 
@@ -64,6 +65,49 @@ def ingest(
 
 
 # --- pretrain --------------------------------------------------------------------------------------
+@app.command("pretrain")
+def pretrain(
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `pretrain` section."),
+    method: Optional[str] = typer.Option(None, "--method", help="Override pretrain.method "
+                                         "(simclr|vicreg|dino|mae|cl_mim)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override pretrain.epochs."),
+    ingested: Path = typer.Option(Path("data/ingested"), "--ingested", help="Ingested data directory."),
+) -> None:
+    """Self-supervised pretraining on the ingested images; writes the encoder, embeddings and metrics.
+
+    Runs DistributedDataParallel when launched with `torchrun --nproc_per_node=N stages/pretrain.py`.
+    """
+    from sslvision.pretrain import NonFiniteLossError, pretrain_cli
+
+    overrides = {k: v for k, v in {"method": method, "epochs": epochs}.items() if v is not None}
+    try:
+        metrics = pretrain_cli(params=params, overrides=overrides, ingested=ingested)
+    except (ValueError, FileNotFoundError, OSError, NonFiniteLossError) as err:
+        _fail(err)
+    typer.echo(f"kNN accuracy {metrics['knn_accuracy']:.4f}, linear probe {metrics['linear_probe_accuracy']:.4f}, "
+               f"effective rank {metrics['effective_rank']:.1f}" + (" (COLLAPSED)" if metrics["collapsed"] else ""))
+
+
+@app.command("sweep-temperature")
+def sweep_temperature(
+    values: str = typer.Option("0.05,0.1,0.2,0.5", "--values", help="Comma-separated InfoNCE temperatures."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per run (default: pretrain.epochs)."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `pretrain` section."),
+    ingested: Path = typer.Option(Path("data/ingested"), "--ingested", help="Ingested data directory."),
+) -> None:
+    """Short pretrains at several temperatures; writes reports/pretrain/temperature_sweep.{csv,png}.
+
+    The same sweep through DVC experiments: `dvc exp run --queue -S pretrain.temperature=0.05` (one per
+    value), then `dvc queue start` and `dvc exp show`.
+    """
+    from sslvision.pretrain import NonFiniteLossError, sweep_temperature as sweep
+
+    try:
+        temps = [float(v) for v in values.split(",") if v.strip()]
+        df = sweep(temps, params=params, epochs=epochs, ingested=ingested)
+    except (ValueError, FileNotFoundError, OSError, NonFiniteLossError) as err:
+        _fail(err)
+    typer.echo(df.to_string(index=False))
 
 
 # --- audit -----------------------------------------------------------------------------------------
@@ -90,6 +134,30 @@ def drift_eval(
         value = "n/a" if m["value"] is None else f"{m['value']:.4g}"
         status = "FAILED" if m["failed"] else "ok"
         typer.echo(f"{name:24s} {value:>8s}  threshold {m['threshold']:<8g} {m['stage']:10s} {status}")
+
+
+# --- synthesize ------------------------------------------------------------------------------------
+@app.command("synthesize")
+def synthesize(
+    generator: str | None = typer.Option(
+        None, "--generator", help="mae_inpaint | feature_interp | augment (default: params.yaml synthesize.generator)."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `synthesize` section."),
+    out: Path = typer.Option(Path("data/synthetic"), "--out", help="Output directory (images.npy, manifest.parquet)."),
+    reports: Path = typer.Option(Path("reports/synthesize"), "--reports", help="Metrics, plots and sample grid."),
+) -> None:
+    """Make rare-class images from the clean data, keep those the SSL embedding finds class-consistent
+    and novel; print made/kept and fidelity per class."""
+    from sslvision.synthesize import synthesize_cli
+
+    try:
+        metrics = synthesize_cli(params=params, out=out, reports=reports,
+                                 overrides={"generator": generator} if generator else None)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(err)
+    for name, m in metrics["classes"].items():
+        typer.echo(f"{name:16s} real {m['real']:5d}  made {m['made']:5d}  kept {m['kept']:5d}  "
+                   f"Fréchet {m['frechet']:.3f}  precision {m['precision']:.2f}  recall {m['recall']:.2f}")
+    typer.echo(f"{'total':16s} made {metrics['made']} kept {metrics['kept']} ({metrics['generator']})")
 
 
 # --- run (the train flow) --------------------------------------------------------------------------
