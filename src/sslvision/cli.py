@@ -68,9 +68,9 @@ def ingest(
 @app.command("pretrain")
 def pretrain(
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `pretrain` section."),
-    method: Optional[str] = typer.Option(None, "--method", help="Override pretrain.method "
+    method: str | None = typer.Option(None, "--method", help="Override pretrain.method "
                                          "(simclr|vicreg|dino|mae|cl_mim)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override pretrain.epochs."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override pretrain.epochs."),
     ingested: Path = typer.Option(Path("data/ingested"), "--ingested", help="Ingested data directory."),
 ) -> None:
     """Self-supervised pretraining on the ingested images; writes the encoder, embeddings and metrics.
@@ -91,7 +91,7 @@ def pretrain(
 @app.command("sweep-temperature")
 def sweep_temperature(
     values: str = typer.Option("0.05,0.1,0.2,0.5", "--values", help="Comma-separated InfoNCE temperatures."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per run (default: pretrain.epochs)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs per run (default: pretrain.epochs)."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `pretrain` section."),
     ingested: Path = typer.Option(Path("data/ingested"), "--ingested", help="Ingested data directory."),
 ) -> None:
