@@ -10,6 +10,12 @@
   (``train``, ``test`` or ``pool``: unlabeled or labeled production images that joined the SSL pool),
   ``batch`` (pool batch name, "" otherwise), ``content_hash`` (sha256 of the decoded, converted pixels),
   ``phash`` (64-bit perceptual hash as a 16-hex string), ``orig_width``, ``orig_height``, ``orig_mode``.
+- ``ssl_pool.parquet``: ``id, split, batch, content_hash`` of the images self-supervised pretraining
+  reads (train, test for its evaluation, and unlabeled pool batches; not labeled pool batches). It is
+  pretrain's DVC dependency in place of images.npy: a labeled batch joining the data appends rows to
+  images.npy, which re-runs the cheap ``embed`` stage and audit onwards, but not pretrain. Pretrain maps
+  ids to rows through images.parquet and checks each row's content hash, so this fingerprint covers the
+  pixels it trains on.
 - ``eval_labels.parquet``: ``id, label, label_name`` for the ``test`` split (the clean evaluation labels).
 - ``manifest.parquet``: ``images.parquet`` joined with every label: adds ``source_path`` (relative to the
   source root), ``label`` (int, -1 when unlabeled), ``label_name`` (None when unlabeled), and duplicate
@@ -17,9 +23,9 @@
 - ``classes.json``: ``{"classes": [name, ...]}`` in label order.
 - ``quarantine.parquet``: ``source_path, split, reason, detail`` for every file not taken.
 
-``data/embeddings/`` (written by pretrain): ``embeddings.npy`` float32 ``(N, D)`` aligned with
-``images.parquet`` (row i is image ``index == i``), and ``embeddings.json`` (encoder config, the
-``images.parquet`` content hash it was computed from).
+``data/embeddings/`` (written by the ``embed`` stage with the pretrained encoder): ``embeddings.npy``
+float32 ``(N, D)`` aligned with ``images.parquet`` (row i is image ``index == i``), and
+``embeddings.json`` (encoder config, the ``images.parquet`` content hash it was computed from).
 
 ``models/encoder/`` (written by pretrain): safetensors weights + ``config.json``; load with
 ``sslvision.models.load_encoder(dir)`` (and ``load_decoder`` when the method kept an MAE decoder);

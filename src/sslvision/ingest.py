@@ -1,0 +1,974 @@
+"""The ingest stage: decode every image once, convert it, quarantine what cannot be used.
+
+Sources (``list_source`` detects which from the path):
+
+- an **ImageFolder** directory: ``train/`` and ``test/`` split directories of class directories
+  (class directories sort in label order), or class directories directly (all ``train``);
+- a **CSV or Parquet manifest** with columns ``path,label[,split]``; paths are relative to the
+  manifest's directory, which is the data root (a path resolving outside it is quarantined);
+  labels are class names, or integers (named by ``class_names`` or ``"0"``, ``"1"``, ...);
+- an **IDX directory** (MNIST format): ``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
+  ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``.
+
+Plus the **pool**: each directory under ``pool`` is one production batch that joined the SSL pool
+(split ``pool``, batch = directory name); flat image files are unlabeled, class subdirectories labeled.
+
+Classes are those of the ``train`` split (named labels), or ``0..max label`` (integer labels); a test or
+pool label outside them is an "unknown label".
+
+Every listed file ends in exactly one of two places: a row of ``manifest.parquet`` or a row of
+``quarantine.parquet`` with its reason (``REASONS``) and what Pillow said. Decoding runs in chunks on a
+process pool and writes straight into a memory-mapped ``.npy`` on disk, so memory stays bounded by
+``chunk_size`` whatever the dataset size. A content-hash cache (file bytes + conversion) makes
+re-ingesting after a new pool batch decode only the new files.
+
+The files written and their columns are the contract of ``sslvision.data`` (read its docstring).
+Image ids never contain the label (ImageFolder: ``split/<path under the class dir, no suffix>``), and
+rows are ordered by split, batch and id, so changing a label leaves ``images.npy`` and
+``images.parquet`` byte-identical and DVC does not re-run pretrain.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io as _io
+import logging
+import os
+import re
+import time
+import uuid
+import warnings
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from pydantic import Field
+
+from sslvision import io
+from sslvision.params import Section, load_section
+
+log = logging.getLogger(__name__)
+
+REPORTS = Path("reports/ingest")
+
+UNREADABLE = "unreadable"
+TRUNCATED = "truncated"
+EMPTY = "empty"
+NOT_IMAGE = "not an image"
+UNKNOWN_LABEL = "unknown label"
+MISSING = "missing file"
+OUTSIDE = "path outside the data root"
+TOO_LARGE = "too large"
+DUPLICATE_ID = "duplicate id"
+REASONS = (UNREADABLE, TRUNCATED, EMPTY, NOT_IMAGE, UNKNOWN_LABEL, MISSING, OUTSIDE, TOO_LARGE, DUPLICATE_ID)
+
+SPLIT_ORDER = {"train": 0, "test": 1, "pool": 2}
+# Files that describe a directory rather than being data: never listed.
+METADATA_FILES = {"batch.json"}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Signatures of image formats: a file that starts like an image but cannot be identified is truncated.
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+class IngestParams(Section):
+    """The ``ingest`` section of params.yaml (each key is commented there)."""
+
+    source: str = "data/raw"
+    pool: str = "data/pool"
+    channels: Literal[1, 3] = 1
+    size: int = Field(28, gt=0, le=4096)
+    max_file_bytes: int = Field(20_000_000, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+    chunk_size: int = Field(1024, gt=0)
+    workers: int = Field(2, ge=0)
+    near_duplicate_bits: int = Field(0, ge=0, le=16)
+    min_class_count: int = Field(1, ge=0)
+    class_names: list[str] = Field(default_factory=list)
+    cache_dir: str = "data/.ingest_cache"
+
+
+# --- listing ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Item:
+    """One image to decode: a file (``path``) or a row of an IDX array (``pixels``)."""
+
+    id: str
+    split: str
+    batch: str
+    source_path: str
+    label: int
+    path: str | None = None
+    pixels: np.ndarray | None = None
+
+
+@dataclass
+class Listing:
+    """What a source holds before decoding: the items, the files refused already, the classes."""
+
+    layout: str
+    classes: list[str]
+    items: list[Item] = field(default_factory=list)
+    quarantine: list[dict] = field(default_factory=list)
+
+    def refuse(self, source_path: str, split: str, reason: str, detail: str) -> None:
+        self.quarantine.append({"source_path": source_path, "split": split, "reason": reason, "detail": detail})
+
+
+def check_source(source: str | os.PathLike) -> Path:
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(
+            f"{source}: source not found (expected an ImageFolder directory, a CSV/Parquet manifest "
+            "with columns path,label[,split], or a directory of MNIST-format IDX files)")
+    return source
+
+
+def list_source(source: str | os.PathLike, class_names: list[str] | None = None) -> Listing:
+    """List every image of ``source`` (ImageFolder dir, CSV/Parquet manifest or IDX dir)."""
+    source = check_source(source)
+    if source.is_file():
+        if source.suffix.lower() in (".csv", ".parquet", ".pq"):
+            return _list_manifest(source, class_names or [])
+        raise ValueError(f"{source}: unknown source layout: a file source must be a .csv or .parquet "
+                         "manifest with columns path,label[,split]")
+    if _find_idx(source, IDX_FILES["train"][0]):
+        return _list_idx(source, class_names or [])
+    subdirs = sorted(d.name for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if "train" in subdirs or "test" in subdirs:
+        splits = {s: source / s for s in ("train", "test") if s in subdirs}
+        ignored = [d for d in subdirs if d not in splits]
+        if ignored:
+            log.warning("%s: ignoring directories %s (only train/ and test/ are splits)", source, ignored)
+        return _list_image_folder(source, splits, class_names)
+    if subdirs:
+        return _list_image_folder(source, {"train": source}, class_names)
+    raise ValueError(f"{source}: unknown source layout: no train/ or test/ split directories, no class "
+                     "directories and no IDX files (train-images-idx3-ubyte[.gz]) in it")
+
+
+def _files_under(directory: Path) -> Iterator[os.DirEntry]:
+    """Every non-hidden file below ``directory``, in sorted order (symlinks included, not followed into)."""
+    with os.scandir(directory) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            yield from _files_under(Path(e.path))
+        else:
+            yield e
+
+
+def _relative(path: str, root: str | Path) -> str:
+    """``path`` relative to ``root`` (a prefix of it when listed from it; os.path.relpath is slow)."""
+    prefix = os.path.join(root, "")
+    rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+    return rel.replace(os.sep, "/")
+
+
+def _inside(path: str, root: Path) -> bool:
+    return Path(path).resolve().is_relative_to(root)
+
+
+def _no_suffix(rel: str) -> str:
+    stem, dot, suffix = rel.rpartition(".")
+    return stem if dot and "/" not in suffix and stem and not stem.endswith("/") else rel
+
+
+def _list_image_folder(root: Path, splits: dict[str, Path], class_names: list[str] | None) -> Listing:
+    class_split = splits.get("train", splits.get("test"))
+    classes = sorted(d.name for d in class_split.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if class_names:
+        if sorted(class_names) != classes:
+            raise ValueError(f"{class_split}: class directories {classes} differ from params class_names "
+                             f"{class_names}")
+        classes = list(class_names)
+    listing = Listing(layout="imagefolder", classes=classes)
+    real_root = root.resolve()
+    for split, split_dir in splits.items():
+        _list_class_dirs(listing, split_dir, split, "", root, real_root)
+    return listing
+
+
+def _list_class_dirs(listing: Listing, directory: Path, split: str, batch: str, shown_root: Path,
+                     real_root: Path) -> None:
+    """List ``directory``: files in class subdirectories are labeled by the subdirectory's name; files
+    directly in it are unlabeled in the pool and refused elsewhere."""
+    index = {c: i for i, c in enumerate(listing.classes)}
+    prefix = f"{split}/{batch}/" if batch else f"{split}/"
+    with os.scandir(directory) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".") and e.name not in METADATA_FILES),
+                         key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            label = index.get(entry.name, -2)
+            files = ((f, _relative(f.path, entry.path)) for f in _files_under(Path(entry.path)))
+        else:
+            label = -1 if split == "pool" else -2
+            files = iter([(entry, entry.name)])
+        for f, rel in files:
+            shown = _relative(f.path, shown_root)
+            if label == -2:
+                why = (f"class directory {entry.name!r} is not a class of the train split {listing.classes}"
+                       if entry.is_dir() else "file directly in the split directory, not in a class directory")
+                listing.refuse(shown, split, UNKNOWN_LABEL, why)
+            elif f.is_symlink() and not _inside(f.path, real_root):
+                listing.refuse(shown, split, OUTSIDE, f"symlink to {Path(f.path).resolve()}, outside {real_root}")
+            else:
+                listing.items.append(Item(id=prefix + _no_suffix(rel), split=split,
+                                          batch=batch, source_path=shown, label=label, path=f.path))
+
+
+def list_pool(pool: str | os.PathLike, listing: Listing) -> None:
+    """Add each batch directory under ``pool`` to ``listing`` (split ``pool``, batch = directory name)."""
+    pool = Path(pool)
+    real_root = pool.resolve()
+    for batch in sorted(d for d in pool.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        _list_class_dirs(listing, batch, "pool", batch.name, pool.parent, real_root)
+
+
+def _read_manifest(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix.lower() == ".csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            df = pd.read_parquet(path)
+    except Exception as err:  # pandas/pyarrow raise many types for a malformed file
+        raise ValueError(f"{path}: cannot read the manifest: {err}") from err
+    missing = {"path", "label"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}; expected path,label[,split] "
+                         f"(found {list(df.columns)})")
+    return df
+
+
+def _label_text(v: Any) -> str | None:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _list_manifest(path: Path, class_names: list[str]) -> Listing:
+    df = _read_manifest(path)
+    labels = [_label_text(v) for v in df["label"]]
+    splits = ([str(s).strip().lower() or "train" for s in df["split"]] if "split" in df.columns
+              else ["train"] * len(df))
+    for row, s in enumerate(splits):
+        if s not in ("train", "test"):
+            raise ValueError(f"{path}: row {row + 2}: unknown split {s!r} (expected train or test)")
+    known = [lab for lab in labels if lab is not None]
+    integer = bool(known) and all(re.fullmatch(r"-?\d+", lab) for lab in known)
+    train_labels = [lab for lab, s in zip(labels, splits, strict=True) if lab is not None and s == "train"] or known
+    if class_names:
+        classes = list(class_names)
+    elif integer:
+        classes = [str(i) for i in range(max(int(lab) for lab in known) + 1)]
+    else:
+        classes = sorted(set(train_labels))
+    names = {c: i for i, c in enumerate(classes)}
+
+    def label_of(lab: str | None) -> int | None:
+        if lab is None:
+            return None
+        if integer:
+            return int(lab) if 0 <= int(lab) < len(classes) else None
+        return names.get(lab)
+
+    listing = Listing(layout="manifest", classes=classes)
+    root = path.parent.resolve()
+    for raw_path, lab, split in zip(df["path"], labels, splits, strict=True):
+        shown = str(raw_path)
+        resolved = (root / shown).resolve()  # an absolute path stays itself
+        if not resolved.is_relative_to(root):
+            listing.refuse(shown, split, OUTSIDE, f"{shown} resolves to {resolved}, outside {root}")
+            continue
+        rel = resolved.relative_to(root).as_posix()
+        label = label_of(lab)
+        if label is None:
+            listing.refuse(rel, split, UNKNOWN_LABEL,
+                           "no label" if lab is None else f"label {lab!r} is not one of the classes {classes}")
+            continue
+        if not resolved.is_file():
+            listing.refuse(rel, split, MISSING,
+                           f"{resolved}: " + ("is a directory" if resolved.is_dir() else "no such file"))
+            continue
+        listing.items.append(Item(id=f"{split}/{_no_suffix(rel)}", split=split, batch="", source_path=rel,
+                                  label=label, path=str(resolved)))
+    return listing
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _list_idx(directory: Path, class_names: list[str]) -> Listing:
+    from sslvision.idx import read_idx
+
+    arrays: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
+    for split, (images_stem, labels_stem) in IDX_FILES.items():
+        images_file = _find_idx(directory, images_stem)
+        if images_file is None:
+            continue
+        labels_file = _find_idx(directory, labels_stem)
+        if labels_file is None:
+            raise FileNotFoundError(f"{directory / labels_stem}[.gz]: missing labels for {images_file}")
+        images, labels = read_idx(images_file), read_idx(labels_file)
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"{images_file}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+        if labels.shape != (len(images),):
+            raise ValueError(f"{labels_file}: {labels.shape} labels for {len(images)} images in {images_file}")
+        arrays[split] = (images, labels.astype(np.int64), images_file.name)
+    n_classes = max(int(labels.max(initial=-1)) for _, labels, _ in arrays.values()) + 1
+    classes = list(class_names) or [str(i) for i in range(n_classes)]
+    listing = Listing(layout="idx", classes=classes)
+    for split, (images, labels, name) in arrays.items():
+        for i in range(len(images)):
+            shown = f"{name}#{i}"
+            if not 0 <= labels[i] < len(classes):
+                listing.refuse(shown, split, UNKNOWN_LABEL, f"label {int(labels[i])} is not one of the classes {classes}")
+                continue
+            listing.items.append(Item(id=f"{split}/{i:05d}", split=split, batch="", source_path=shown,
+                                      label=int(labels[i]), pixels=images[i]))
+    return listing
+
+
+def refuse_duplicate_ids(listing: Listing) -> None:
+    """Order the items by split, batch and id; refuse any second item with an id already taken."""
+    listing.items.sort(key=lambda it: (SPLIT_ORDER[it.split], it.batch, it.id))
+    seen: dict[str, str] = {}
+    kept = []
+    for it in listing.items:
+        if it.id in seen:
+            listing.refuse(it.source_path, it.split, DUPLICATE_ID, f"id {it.id!r} already taken by {seen[it.id]}")
+        else:
+            seen[it.id] = it.source_path
+            kept.append(it)
+    listing.items = kept
+
+
+# --- decoding (runs in the worker processes) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """How every image is converted; part of the cache key."""
+
+    channels: int
+    size: int
+    max_file_bytes: int
+    max_pixels: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.size, self.size, self.channels)
+
+    @property
+    def tag(self) -> str:
+        # Bump the version when decode_one, convert_image or perceptual_hash change what they return.
+        return f"v3-c{self.channels}-s{self.size}-p{self.max_pixels}"
+
+
+def convert_image(im: Image.Image, channels: int, size: int) -> np.ndarray:
+    """The one conversion every image gets: first frame, to L or RGB, bilinear resize to size x size."""
+    im.seek(0)
+    im = im.convert("L" if channels == 1 else "RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8).reshape(size, size, channels)
+
+
+@functools.lru_cache(maxsize=8)
+def _phash_operator(size: int) -> np.ndarray:
+    """``A`` (8 x size) such that ``A @ gray @ A.T`` is the 8x8 lowest-frequency block of the orthonormal
+    DCT-II of the image resized (Lanczos) to 32x32: the resize and the DCT are both linear, so they fold
+    into one small matrix and the hash costs two tiny matrix products."""
+    # Pillow resamples float ("F") images linearly; resizing the identity gives the resampling matrix.
+    resample = np.asarray(Image.fromarray(np.eye(size, dtype=np.float32), "F")
+                          .resize((size, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    k, x = np.arange(8)[:, None], np.arange(32)[None, :]
+    dct = np.cos(np.pi * (2 * x + 1) * k / 64) * np.sqrt(2 / 32)
+    dct[0] /= np.sqrt(2)
+    return dct @ resample
+
+
+_GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2 luma, as Pillow's "L" conversion
+
+
+def perceptual_hash(pixels: np.ndarray) -> int:
+    """64-bit perceptual hash (pHash as the ``imagehash`` package defines it): the 8x8 lowest
+    frequencies of the DCT of a 32x32 grayscale thumbnail, thresholded at their median.
+
+    Computed in floating point (the thumbnail is not rounded to uint8), so a hash can differ from
+    imagehash's by a bit or so. On Fashion-MNIST it collides ten times less often than a difference
+    hash (dHash) of the same size.
+    """
+    gray = pixels[..., 0] if pixels.shape[-1] == 1 else pixels @ _GRAY
+    low = (_phash_operator(gray.shape[0]) @ gray @ _phash_operator(gray.shape[1]).T).ravel()
+    ordered = np.sort(low)
+    bits = low > (ordered[31] + ordered[32]) / 2
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+_CACHED: frozenset[str] = frozenset()  # cache keys known to the worker process (set by _init_worker)
+
+
+def _init_worker(cached_keys: frozenset[str], max_pixels: int) -> None:
+    global _CACHED
+    _CACHED = cached_keys
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _bad(reason: str, detail: str) -> tuple:
+    return ("bad", reason, detail)
+
+
+def _pillow_said(err: Exception) -> str:
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(file content)", f"{type(err).__name__}: {err}")
+
+
+def decode_one(path: str | None, raw: bytes | None, shape: tuple | None, conv: Conversion,
+               cached: frozenset[str] = frozenset()) -> tuple:
+    """Decode one file (or IDX row) to ``("ok", key, pixels, meta)``, ``("cached", key)`` when its key
+    is in ``cached``, or ``("bad", reason, detail)``. Never raises for a bad file.
+
+    ``meta`` is ``(orig_width, orig_height, orig_mode, content_hash, phash)``. The file is opened twice:
+    ``verify`` checks the whole stream (CRCs, a missing end), ``load`` decodes it.
+    """
+    if raw is None:
+        try:
+            nbytes = os.stat(path).st_size
+            if nbytes == 0:
+                return _bad(EMPTY, "0 bytes")
+            if nbytes > conv.max_file_bytes:
+                return _bad(TOO_LARGE, f"{nbytes} bytes > max_file_bytes {conv.max_file_bytes}")
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError as err:
+            return _bad(MISSING, str(err))
+        except OSError as err:
+            return _bad(UNREADABLE, f"{type(err).__name__}: {err}")
+        key = hashlib.sha256(conv.tag.encode() + data).hexdigest()
+        if key in cached:
+            return ("cached", key)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(_io.BytesIO(data)) as im:
+                    width, height = im.size
+                    if width * height > conv.max_pixels:
+                        return _bad(TOO_LARGE, f"{width}x{height} pixels > max_pixels {conv.max_pixels}")
+                    im.verify()
+                with Image.open(_io.BytesIO(data)) as im:
+                    mode = im.mode
+                    im.load()
+                    pixels = convert_image(im, conv.channels, conv.size)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            return _bad(TOO_LARGE, _pillow_said(err))
+        except UnidentifiedImageError as err:
+            if data.startswith(IMAGE_MAGIC):
+                return _bad(TRUNCATED, f"{_pillow_said(err)}; the file starts like an image ({len(data)} bytes)")
+            return _bad(NOT_IMAGE, f"{_pillow_said(err)}; starts with {data[:16]!r}")
+        except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ...
+            said = _pillow_said(err)
+            return _bad(TRUNCATED if "truncat" in said.lower() else UNREADABLE, said)
+    else:
+        key = hashlib.sha256(conv.tag.encode() + b"idx" + repr(shape).encode() + raw).hexdigest()
+        if key in cached:
+            return ("cached", key)
+        im = Image.fromarray(np.frombuffer(raw, dtype=np.uint8).reshape(shape))
+        mode, (width, height) = im.mode, im.size
+        pixels = convert_image(im, conv.channels, conv.size)
+    meta = (width, height, mode, hashlib.sha256(pixels.tobytes()).hexdigest(), perceptual_hash(pixels))
+    return ("ok", key, pixels, meta)
+
+
+def _decode_chunk(tasks: list[tuple], conv: Conversion,
+                  cached: frozenset[str] | None = None) -> tuple[np.ndarray, list[tuple]]:
+    """Decode a chunk; the pixels come back stacked (one array per chunk, cheap to send)."""
+    results, stack = [], []
+    for path, raw, shape in tasks:
+        r = decode_one(path, raw, shape, conv, _CACHED if cached is None else cached)
+        if r[0] == "ok":
+            stack.append(r[2])
+            r = ("ok", r[1], r[3])
+        results.append(r)
+    pixels = np.stack(stack) if stack else np.zeros((0, *conv.shape), np.uint8)
+    return pixels, results
+
+
+def _ordered_map(chunks: list[list[tuple]], conv: Conversion, workers: int,
+                 cached: frozenset[str]) -> Iterator[tuple[np.ndarray, list[tuple]]]:
+    """``_decode_chunk`` over ``chunks`` in order, at most 2 chunks per worker in flight (bounded memory)."""
+    if workers <= 1:
+        for tasks in chunks:
+            yield _decode_chunk(tasks, conv, cached)
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cached, conv.max_pixels)) as ex:
+        it = iter(chunks)
+        pending = deque(ex.submit(_decode_chunk, t, conv) for t in islice(it, 2 * workers))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(ex.submit(_decode_chunk, nxt, conv))
+            yield result
+
+
+# --- content-hash cache ----------------------------------------------------------------------------
+
+
+class DecodeCache:
+    """Decoded pixels keyed by sha256(conversion + file bytes), under ``root/<conversion tag>/``.
+
+    ``index.parquet`` maps each key to a row of a ``shard-*.npy`` (one shard per run that decoded
+    something new). Anything unreadable (corrupt index, missing or malformed shard, pixels whose hash
+    does not match) is ignored: the image is decoded again and the cache rebuilt. Delete the directory
+    to reclaim its space; it is not a DVC output.
+    """
+
+    COLUMNS: ClassVar[list[str]] = ["key", "shard", "row", "orig_width", "orig_height", "orig_mode", "content_hash", "phash"]
+
+    def __init__(self, root: Path | None, conv: Conversion):
+        self.dir = root / conv.tag if root else None
+        self.conv = conv
+        self.index = pd.DataFrame(columns=self.COLUMNS)
+        self.shards: dict[str, np.ndarray] = {}
+        if self.dir and (self.dir / "index.parquet").exists():
+            self._load()
+        self.lookup = {k: i for i, k in enumerate(self.index["key"])}
+        self._shard = self.index["shard"].tolist()
+        self._row = self.index["row"].to_numpy(np.int64)
+        self._meta = list(zip(self.index["orig_width"].astype(int), self.index["orig_height"].astype(int),
+                              self.index["orig_mode"], self.index["content_hash"],
+                              (int(h, 16) for h in self.index["phash"]), strict=True))
+
+    def _load(self) -> None:
+        try:
+            index = pd.read_parquet(self.dir / "index.parquet")
+            if list(index.columns) != self.COLUMNS:
+                raise ValueError(f"columns {list(index.columns)}")
+        except Exception as err:  # noqa: BLE001 - any damage means: start again
+            log.warning("%s: ignoring the unreadable decode cache (%s)", self.dir, err)
+            return
+        good = []
+        for name, rows in index.groupby("shard")["row"]:
+            try:
+                arr = np.load(self.dir / name, mmap_mode="r")
+                ok = arr.dtype == np.uint8 and arr.shape[1:] == self.conv.shape and int(rows.max()) < len(arr)
+            except Exception as err:  # noqa: BLE001 - a damaged shard is dropped, its images decoded again
+                log.warning("%s: ignoring cache shard %s (%s)", self.dir, name, err)
+                continue
+            if ok:
+                self.shards[name] = arr
+                good.append(name)
+        self.index = index[index["shard"].isin(good)].reset_index(drop=True)
+
+    def keys(self) -> frozenset[str]:
+        return frozenset(self.lookup)
+
+    def get(self, key: str) -> tuple[np.ndarray, tuple] | None:
+        """Pixels and meta for ``key``, or None when the cached pixels do not match their hash."""
+        i = self.lookup[key]
+        pixels = np.asarray(self.shards[self._shard[i]][self._row[i]])
+        if hashlib.sha256(pixels.tobytes()).hexdigest() != self._meta[i][3]:
+            return None
+        return pixels, self._meta[i]
+
+    def add(self, new: list[tuple[str, int, tuple]], images: np.ndarray) -> None:
+        """Store the freshly decoded rows ``images[row]`` of ``new = [(key, row, meta), ...]``."""
+        if not self.dir or not new:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = f"shard-{uuid.uuid4().hex[:12]}.npy"
+            with io.atomic_path(self.dir / name, suffix=".npy") as tmp:
+                shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(new), *self.conv.shape))
+                for start in range(0, len(new), 4096):
+                    rows = [row for _, row, _ in new[start:start + 4096]]
+                    shard[start:start + len(rows)] = images[rows]
+                shard.flush()
+                del shard
+            added = pd.DataFrame(
+                [(key, name, i, m[0], m[1], m[2], m[3], f"{m[4]:016x}") for i, (key, _, m) in enumerate(new)],
+                columns=self.COLUMNS)
+            index = added if self.index.empty else pd.concat([self.index, added], ignore_index=True)
+            io.write_parquet(self.dir / "index.parquet", index.drop_duplicates("key", keep="last"))
+        except (OSError, io.OutputError) as err:
+            log.warning("%s: could not update the decode cache (%s); the next run decodes again", self.dir, err)
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+
+def _progress(done: int, total: int, state: dict) -> None:
+    step = max(total // 10, 1)
+    if done >= state.get("next", 0) or done == total:
+        log.info("decoded %d/%d images (%.0f img/s)", done, total, done / max(time.perf_counter() - state["t0"], 1e-9))
+        state["next"] = done + step
+
+
+def decode_all(items: list[Item], conv: Conversion, workers: int, chunk_size: int, out_npy: Path,
+               cache: DecodeCache) -> tuple[list[tuple], list[dict], dict]:
+    """Decode ``items`` into ``out_npy`` (written atomically); return (kept, refused, stats).
+
+    ``kept`` holds ``(item, meta)`` in array order, ``refused`` the quarantine rows. Rows go straight
+    into a memory-mapped array on disk; refused files leave no row.
+    """
+    n = len(items)
+    kept: list[tuple] = []
+    refused: list[dict] = []
+    new: list[tuple] = []  # (cache key, row, meta) of the images decoded in this run
+    hits = 0
+    chunks = [items[i:i + chunk_size] for i in range(0, n, chunk_size)]
+    state = {"t0": time.perf_counter()}
+    partial = out_npy.with_name(f".{out_npy.name}.{uuid.uuid4().hex[:8]}.partial.npy")
+    try:
+        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(max(n, 1), *conv.shape))
+        done = 0
+        decoded = _ordered_map(map(_tasks, chunks), conv, workers, cache.keys())
+        for chunk, (pixels, results) in zip(chunks, decoded, strict=True):
+            j = 0
+            for item, r in zip(chunk, results, strict=True):
+                k = len(kept)
+                if r[0] == "cached":
+                    got = cache.get(r[1])
+                    if got is None:  # a damaged cache entry: decode the file here instead
+                        r = decode_one(*_tasks([item])[0], conv)
+                        if r[0] == "ok":
+                            r = ("ok", r[1], r[3], r[2])
+                    else:
+                        images[k], meta = got
+                        hits += 1
+                        kept.append((item, meta))
+                        continue
+                elif r[0] == "ok":
+                    r = (*r, pixels[j])
+                    j += 1
+                if r[0] == "bad":
+                    refused.append({"source_path": item.source_path, "split": item.split, "reason": r[1],
+                                    "detail": r[2]})
+                    continue
+                images[k] = r[3]
+                new.append((r[1], k, r[2]))
+                kept.append((item, r[2]))
+            done += len(chunk)
+            _progress(done, n, state)
+        seconds = time.perf_counter() - state["t0"]
+        k = len(kept)
+        if k:
+            images.flush()
+            cache.add(new, images)
+            if k == len(images):
+                del images
+                os.replace(partial, out_npy)
+            else:  # some files were refused: copy the kept rows into an array of the final length
+                with io.atomic_path(out_npy, suffix=".npy") as tmp:
+                    final = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(k, *conv.shape))
+                    for start in range(0, k, 8192):
+                        final[start:start + 8192] = images[start:min(start + 8192, k)]
+                    final.flush()
+                    del final
+                del images
+    finally:
+        partial.unlink(missing_ok=True)
+    stats = {"listed": n, "decoded": len(new), "cache_hits": hits, "seconds": round(seconds, 3),
+             "images_per_s": round(n / seconds, 1) if seconds > 0 else None}
+    return kept, refused, stats
+
+
+def _tasks(chunk: list[Item]) -> list[tuple]:
+    return [(it.path, None if it.pixels is None else it.pixels.tobytes(),
+             None if it.pixels is None else it.pixels.shape) for it in chunk]
+
+
+def find_duplicates(manifest: pd.DataFrame, near_bits: int) -> tuple[pd.DataFrame, dict]:
+    """Flag exact (same pixels) and near (perceptual hash within ``near_bits``) duplicates.
+
+    Fills ``exact_duplicate_of`` / ``near_duplicate_of`` (id of the group's first image, in array order)
+    and returns the duplicate report: one row per member of each group, with whether the group has
+    conflicting labels and whether it spans train and test (leakage).
+    """
+    ids = manifest["id"].to_numpy()
+    exact_root = manifest.groupby("content_hash", sort=False)["index"].transform("min").to_numpy()
+    near_root = _near_groups(np.array([int(h, 16) for h in manifest["phash"]], dtype=np.uint64), near_bits)
+    is_exact_dup = exact_root != np.arange(len(manifest))
+    manifest["exact_duplicate_of"] = np.where(is_exact_dup, ids[exact_root], None)
+    # A near group only counts when it holds different pixels (otherwise it is just an exact group).
+    n_hashes = manifest.groupby(near_root)["content_hash"].transform("nunique").to_numpy()
+    is_near = (near_root != np.arange(len(manifest))) & (n_hashes > 1)
+    manifest["near_duplicate_of"] = np.where(is_near, ids[near_root], None)
+
+    groups = []
+    for kind, root, member in (("exact", exact_root, is_exact_dup), ("near", near_root, is_near)):
+        in_group = np.isin(np.arange(len(manifest)), root[member])
+        rows = manifest[member | in_group].assign(kind=kind, group=lambda d, r=root: ids[r[d.index]])
+        groups.append(rows)
+    report = pd.concat(groups, ignore_index=True)
+    cols = ["kind", "group", "id", "split", "batch", "label", "label_name", "source_path"]
+    if report.empty:
+        report = pd.DataFrame(columns=[*cols, "conflicting_labels", "leakage"])
+    else:
+        report = report[cols]
+        by = report.groupby(["kind", "group"])
+        report["conflicting_labels"] = by["label"].transform(lambda s: s[s >= 0].nunique() > 1)
+        report["leakage"] = by["split"].transform(lambda s: {"train", "test"} <= set(s))
+    groups_of = report.drop_duplicates(["kind", "group"])
+    leaked = report[report["leakage"] & (report["split"] == "test")].drop_duplicates("id")
+    stats = {
+        "exact": int(is_exact_dup.sum()),
+        "exact_groups": int((groups_of["kind"] == "exact").sum()),
+        "near": int((is_near & ~is_exact_dup).sum()),
+        "near_groups": int((groups_of["kind"] == "near").sum()),
+        "conflicting_label_groups": int(groups_of["conflicting_labels"].sum()),
+        "leakage_groups": int(groups_of["leakage"].sum()),
+        "leaked_test_images": len(leaked),
+    }
+    return report.reset_index(drop=True), stats
+
+
+def _near_groups(hashes: np.ndarray, bits: int) -> np.ndarray:
+    """Index of each image's group root (its first member) under Hamming distance <= ``bits``.
+
+    With ``bits`` = 0 the groups are equal hashes. Otherwise, by the pigeonhole principle, two hashes
+    within ``bits`` agree exactly on one of ``bits + 1`` bands, so only images sharing a band value are
+    compared (multi-index hashing), and close pairs are joined with a union-find.
+    """
+    n = len(hashes)
+    order = pd.Series(np.arange(n))
+    if bits == 0 or n == 0:
+        return order.groupby(hashes).transform("min").to_numpy()
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    width = -(-64 // (bits + 1))
+    for shift in range(0, 64, width):
+        mask = np.uint64((1 << min(width, 64 - shift)) - 1)
+        values = (hashes >> np.uint64(shift)) & mask
+        for members in order.groupby(values).indices.values():
+            for a in range(len(members) - 1):
+                rest = members[a + 1:]
+                xor = (hashes[rest] ^ hashes[members[a]]).view(np.uint8).reshape(-1, 8)
+                for b in rest[np.unpackbits(xor, axis=1).sum(1) <= bits]:
+                    ra, rb = find(int(members[a])), find(int(b))
+                    parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)])
+
+
+def _class_counts(manifest: pd.DataFrame, classes: list[str], split: str) -> dict[str, int]:
+    counts = Counter(manifest.loc[(manifest["split"] == split) & (manifest["label"] >= 0), "label"])
+    return {name: int(counts.get(i, 0)) for i, name in enumerate(classes)}
+
+
+def run_ingest(params: IngestParams, source: str | os.PathLike, out: str | os.PathLike,
+               pool: str | os.PathLike | None = None) -> dict:
+    """Ingest ``source`` (+ the batches under ``pool``) into ``out``; return the metrics.
+
+    Writes, each atomically: images.npy, images.parquet, ssl_pool.parquet, eval_labels.parquet, manifest.parquet,
+    classes.json, quarantine.parquet, duplicates.parquet (see ``sslvision.data`` for the columns).
+    """
+    source, out = Path(source), Path(out)
+    listing = list_source(source, params.class_names)
+    if pool is not None and Path(pool).is_dir():
+        list_pool(pool, listing)
+    refuse_duplicate_ids(listing)
+    n_listed = len(listing.items) + len(listing.quarantine)
+    if n_listed == 0:
+        raise ValueError(f"{source}: empty dataset: no image files found ({listing.layout} layout)")
+    log.info("%s: %d files listed (%s layout, %d classes), %d refused before decoding",
+             source, n_listed, listing.layout, len(listing.classes), len(listing.quarantine))
+
+    conv = Conversion(params.channels, params.size, params.max_file_bytes, params.max_pixels)
+    cache = DecodeCache(Path(params.cache_dir) if params.cache_dir else None, conv)
+    out.mkdir(parents=True, exist_ok=True)
+    kept, refused, decode_stats = decode_all(listing.items, conv, params.workers, params.chunk_size,
+                                             out / "images.npy", cache)
+    quarantine = pd.DataFrame(listing.quarantine + refused, columns=["source_path", "split", "reason", "detail"])
+    if not kept:
+        reasons = dict(Counter(quarantine["reason"]))
+        raise ValueError(f"{source}: empty dataset: none of the {n_listed} files could be used "
+                         f"(quarantined by reason: {reasons})")
+
+    images = pd.DataFrame({
+        "index": np.arange(len(kept), dtype=np.int64),
+        "id": [it.id for it, _ in kept],
+        "split": [it.split for it, _ in kept],
+        "batch": [it.batch for it, _ in kept],
+        "content_hash": [m[3] for _, m in kept],
+        "phash": [f"{m[4]:016x}" for _, m in kept],
+        "orig_width": np.array([m[0] for _, m in kept], dtype=np.int32),
+        "orig_height": np.array([m[1] for _, m in kept], dtype=np.int32),
+        "orig_mode": [m[2] for _, m in kept],
+    })
+    labels = np.array([it.label for it, _ in kept], dtype=np.int64)
+    manifest = images.assign(
+        source_path=[it.source_path for it, _ in kept],
+        label=labels,
+        label_name=[listing.classes[lab] if lab >= 0 else None for lab in labels],
+    )
+    duplicates, dup_stats = find_duplicates(manifest, params.near_duplicate_bits)
+    eval_labels = manifest.loc[manifest["split"] == "test", ["id", "label", "label_name"]]
+    # What self-supervised pretraining reads: train, test (its evaluation) and UNLABELED pool batches.
+    # Pretrain depends on this fingerprint, not on images.npy, so a labeled batch joining the data (which
+    # appends rows to images.npy) re-runs embed/audit and after, but not pretrain.
+    ssl_rows = (manifest["split"] != "pool") | (manifest["label"] < 0)
+    ssl_pool = images.loc[ssl_rows, ["id", "split", "batch", "content_hash"]]
+
+    io.write_parquet(out / "images.parquet", images)
+    io.write_parquet(out / "ssl_pool.parquet", ssl_pool)
+    io.write_parquet(out / "eval_labels.parquet", eval_labels)
+    io.write_parquet(out / "manifest.parquet", manifest)
+    io.write_json(out / "classes.json", {"classes": listing.classes})
+    io.write_parquet(out / "quarantine.parquet", quarantine)
+    io.write_parquet(out / "duplicates.parquet", duplicates)
+
+    train_counts = _class_counts(manifest, listing.classes, "train")
+    present = [c for c in train_counts.values() if c > 0]
+    metrics = {
+        "source": str(source),
+        "layout": listing.layout,
+        "listed": n_listed,
+        "images": len(manifest),
+        "by_split": {s: int((manifest["split"] == s).sum()) for s in SPLIT_ORDER},
+        "pool_batches": int(manifest.loc[manifest["split"] == "pool", "batch"].nunique()),
+        "classes": len(listing.classes),
+        "class_counts": {s: _class_counts(manifest, listing.classes, s) for s in ("train", "test")},
+        "imbalance_ratio": round(max(present) / min(present), 3) if present else None,
+        "rare_classes": sum(c < params.min_class_count for c in train_counts.values()),
+        "quarantined": len(quarantine),
+        "quarantine": {r: int((quarantine["reason"] == r).sum()) for r in REASONS},
+        "duplicates": dup_stats,
+        "decode": decode_stats,
+    }
+    assert metrics["images"] + metrics["quarantined"] == n_listed, "an image was lost without a trace"
+    log.info("%d images kept, %d quarantined, %d decoded, %d from the cache", len(manifest), len(quarantine),
+             decode_stats["decoded"], decode_stats["cache_hits"])
+    return metrics
+
+
+# --- reports and tracking --------------------------------------------------------------------------
+
+
+def write_reports(metrics: dict, out: Path, reports: Path = REPORTS) -> list[Path]:
+    """metrics.json, class_counts.csv (the DVC plot), class_counts.png and dataset_card.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = metrics["class_counts"]
+    classes = list(counts["train"])
+    io.write_json(reports / "metrics.json", metrics)
+    io.write_csv(reports / "class_counts.csv",
+                 pd.DataFrame({"class": classes, "count": [counts["train"][c] for c in classes]}))
+
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(classes) + 1.5))
+    y = np.arange(len(classes))
+    ax.barh(y - 0.2, [counts["train"][c] for c in classes], height=0.4, label="train")
+    ax.barh(y + 0.2, [counts["test"][c] for c in classes], height=0.4, label="test")
+    ax.set_yticks(y, classes)
+    ax.invert_yaxis()
+    ax.set_xlabel("images")
+    ax.set_title(f"images per class (train imbalance ratio {metrics['imbalance_ratio']})")
+    ax.legend()
+    fig.tight_layout()
+    with io.atomic_path(reports / "class_counts.png", suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+    io.write_text(reports / "dataset_card.md", dataset_card(metrics, out))
+    return [reports / n for n in ("metrics.json", "class_counts.csv", "class_counts.png", "dataset_card.md")]
+
+
+def dataset_card(metrics: dict, out: Path) -> str:
+    """A human-readable summary of what was ingested and what was not."""
+    q = pd.read_parquet(out / "quarantine.parquet")
+    counts = metrics["class_counts"]
+    lines = [
+        "# Dataset card",
+        "",
+        (f"Source `{metrics['source']}` ({metrics['layout']} layout): {metrics['listed']} files listed, "
+         f"{metrics['images']} images kept, {metrics['quarantined']} quarantined."),
+        "",
+        "| split | images |", "|---|---|",
+        *(f"| {s} | {n} |" for s, n in metrics["by_split"].items()),
+        "",
+        f"## Classes ({metrics['classes']}; train imbalance ratio {metrics['imbalance_ratio']})",
+        "", "| class | train | test |", "|---|---|---|",
+        *(f"| {c} | {counts['train'][c]} | {counts['test'][c]} |" for c in counts["train"]),
+        "",
+        "## Quarantine", "", "| reason | files |", "|---|---|",
+        *(f"| {r} | {n} |" for r, n in metrics["quarantine"].items() if n),
+        "",
+    ]
+    if len(q):
+        lines += ["Examples:", ""]
+        lines += [f"- `{r.source_path}` ({r.split}): {r.reason}: {r.detail}"
+                  for r in q.groupby("reason").head(3).itertuples()]
+        lines.append("")
+    d = metrics["duplicates"]
+    lines += [
+        "## Duplicates", "",
+        f"- exact duplicates (same decoded pixels): {d['exact']} images in {d['exact_groups']} groups",
+        f"- near duplicates (perceptual hash): {d['near']} images in {d['near_groups']} groups",
+        f"- groups with conflicting labels: {d['conflicting_label_groups']}",
+        (f"- groups spanning train and test (leakage): {d['leakage_groups']} "
+         f"({d['leaked_test_images']} test images)"),
+        "",
+        ("Duplicates are kept and flagged in `manifest.parquet` (`exact_duplicate_of`, `near_duplicate_of`); "
+         "each group is listed in `duplicates.parquet`."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _metric_items(metrics: dict) -> dict[str, float]:
+    from sslvision.tracking import flatten
+
+    flat = flatten({k: v for k, v in metrics.items() if k not in ("source", "layout")})
+    return {re.sub(r"[^\w\-./ ]", "_", k): float(v) for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def ingest_cli(source: str | os.PathLike | None, out: str | os.PathLike, params: str | os.PathLike) -> dict:
+    """Ingest as the stage does: params from ``params``, outputs in ``out``, reports in ``reports/ingest``,
+    one MLflow run with the params, the metrics, the dataset card and the plots."""
+    import mlflow
+
+    from sslvision import tracking
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    p = load_section("ingest", IngestParams, params)
+    src = check_source(source if source is not None else p.source)  # before opening an MLflow run
+    pool = Path(p.pool) if p.pool else None
+    out = Path(out)
+    run_params = {**p.model_dump(), "source": str(src), "out": str(out)}
+    with tracking.stage_run("ingest", run_params):
+        metrics = run_ingest(p, src, out, pool)
+        paths = write_reports(metrics, out)
+        mlflow.log_metrics(_metric_items(metrics))
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path="ingest")
+        mlflow.log_artifact(str(out / "classes.json"), artifact_path="ingest")
+    return metrics
+
