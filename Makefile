@@ -31,6 +31,7 @@ install: $(STAMP)
 
 demo: install
 	@[ -f $(DEMO)/scenario.json ] || $(BIN)/sslvision demo-data --out $(DEMO)
+	@mkdir -p data/pool
 	$(BIN)/dvc repro
 
 test: install
