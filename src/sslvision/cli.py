@@ -100,7 +100,8 @@ def sweep_temperature(
     The same sweep through DVC experiments: `dvc exp run --queue -S pretrain.temperature=0.05` (one per
     value), then `dvc queue start` and `dvc exp show`.
     """
-    from sslvision.pretrain import NonFiniteLossError, sweep_temperature as sweep
+    from sslvision.pretrain import NonFiniteLossError
+    from sslvision.pretrain import sweep_temperature as sweep
 
     try:
         temps = [float(v) for v in values.split(",") if v.strip()]
@@ -111,6 +112,33 @@ def sweep_temperature(
 
 
 # --- audit -----------------------------------------------------------------------------------------
+@app.command("audit")
+def audit(
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with an `audit` section."),
+    policy: str | None = typer.Option(None, "--policy", help="Override audit.policy (drop|relabel|keep)."),
+    truth: Path | None = typer.Option(
+        None, "--truth", help="A scenario truth.parquet: also score the detection (precision/recall/F1/AUROC)."),
+    ingested: Path = typer.Option(Path("data/ingested"), "--ingested", help="Ingested data directory."),
+    embeddings: Path = typer.Option(Path("data/embeddings"), "--embeddings", help="Embeddings directory."),
+) -> None:
+    """Find wrong labels, near-duplicates and outliers with the SSL embeddings; write the cleaned manifest,
+    label_issues.parquet and a gallery of the top flagged images (reports/audit/gallery.png)."""
+    from sslvision.audit import audit_cli
+
+    overrides = {k: v for k, v in {"policy": policy, "truth": str(truth) if truth else None}.items()
+                 if v is not None}
+    try:
+        m = audit_cli(params=params, ingested=ingested, embeddings=embeddings, overrides=overrides)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(err)
+    line = (f"{m['n_label_issues']} label issues in {m['n_audited']} labelled images (estimated noise rate "
+            f"{m['noise_rate_estimated']:.3f}), {m['n_outliers']} outliers, {m['n_conflicting_duplicates']} "
+            f"conflicting duplicates; actions {m['actions']}")
+    if "truth" in m:
+        t = m["truth"]
+        line += f"\nagainst the truth: precision {t['precision']:.3f}, recall {t['recall']:.3f}, F1 {t['f1']:.3f}, " \
+                f"AUROC {t['auroc']:.3f}"
+    typer.echo(line)
 
 
 # --- drift-eval ------------------------------------------------------------------------------------
@@ -158,6 +186,69 @@ def synthesize(
         typer.echo(f"{name:16s} real {m['real']:5d}  made {m['made']:5d}  kept {m['kept']:5d}  "
                    f"Fréchet {m['frechet']:.3f}  precision {m['precision']:.2f}  recall {m['recall']:.2f}")
     typer.echo(f"{'total':16s} made {metrics['made']} kept {metrics['kept']} ({metrics['generator']})")
+
+
+# --- finetune / promote / rollback ----------------------------------------------------------------
+@app.command("finetune")
+def finetune(
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `finetune` section."),
+) -> None:
+    """Train the classifier on the SSL encoder, evaluate it on the test split, register it as
+    `challenger` and (finetune.registry.auto_promote) run the gated promotion."""
+    from sslvision.finetune import finetune_cli
+
+    try:
+        m = finetune_cli(params)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(err)
+    for key in ("accuracy", "balanced_accuracy", "worst_class_recall", "macro_f1", "ece"):
+        typer.echo(f"{key:20s} {m[key]:.4f}")
+    typer.echo(f"{'worst class':20s} {m['worst_class']}")
+    typer.echo(f"{'promotion':20s} {_decision_line(m['promotion'])}")
+
+
+def _decision_line(d: dict) -> str:
+    line = f"{d['decision']}"
+    if d.get("champion") is not None:
+        line += f" (champion: version {d['champion']})"
+    if d.get("reason"):
+        line += f": {d['reason']}"
+    for metric, why in (d.get("failed") or {}).items():
+        line += f"\n  failed {metric}: {why}"
+    return line
+
+
+@app.command("promote")
+def promote(
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `finetune` section "
+                                "(registry.model_name, promotion thresholds)."),
+) -> None:
+    """Gated promotion: evaluate `challenger` and `champion` on the golden set (the test split) with MLflow,
+    check the thresholds; if all pass, `champion` moves and the former one stays reachable as `previous`.
+    Exits with 1 when the challenger is refused (the failed thresholds are printed)."""
+    from sslvision.registry import RegistryError, promote_cli
+
+    try:
+        decision = promote_cli(params)
+    except (RegistryError, ValueError, FileNotFoundError, OSError) as err:
+        _fail(err)
+    typer.echo(_decision_line(decision))
+    if decision["decision"] == "refused":
+        raise typer.Exit(code=1)
+
+
+@app.command("rollback")
+def rollback(
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `finetune` section."),
+) -> None:
+    """Move `champion` back to the `previous` version (the champion before the last promotion)."""
+    from sslvision.registry import RegistryError, rollback_cli
+
+    try:
+        decision = rollback_cli(params)
+    except (RegistryError, ValueError, FileNotFoundError, OSError) as err:
+        _fail(err)
+    typer.echo(_decision_line(decision))
 
 
 # --- run (the train flow) --------------------------------------------------------------------------

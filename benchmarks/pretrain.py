@@ -1,0 +1,256 @@
+"""SimCLR pretraining: this stage against lightly's SimCLR recipe, same machine, backbone, batch, budget.
+
+Both sides train a ResNet-18 adapted to 28x28 (3x3 stride-1 stem, no max-pool, 1 input channel) with
+SimCLR on the 60,000 Fashion-MNIST training images, for the same wall-clock budget, at the same batch
+size and with the same number of DataLoader workers, each in its own process:
+
+- sslvision: ``sslvision.pretrain.train`` (timm ResNet-18, uint8 memory-mapped array, albumentations
+  views made in workers, AdamW + cosine schedule), params otherwise from ``params.yaml`` defaults;
+- lightly: its recipe: torchvision ResNet-18 (same stem change), ``SimCLRProjectionHead``,
+  ``NTXentLoss``, ``SimCLRTransform`` (single-channel normalisation) on torchvision's ``FashionMNIST``
+  dataset (PIL images), SGD (lr 0.06 x batch/256, momentum 0.9, weight decay 5e-4), as in lightly's
+  examples.
+
+Measured: training throughput (images/s, an image counted once for its two views; wall clock of the
+training loop), peak RSS (process + DataLoader workers, sampled every 0.2 s), and the accuracy of
+the frozen features on a stratified subset of the Fashion-MNIST test set (``--eval-images``; all 10,000
+when a GPU makes embedding cheap): weighted kNN (k=200, T=0.1) and a
+linear probe, by 2-fold cross-validation over the test set (the stage's protocol: one half is the
+kNN bank / probe training set, the other half is scored, then swapped). Raw-pixel kNN is reported
+with the same protocol and with the classic protocol (bank = the 60,000 training images).
+
+    .venv/bin/python benchmarks/pretrain.py --budget-s 150 --batch-size 128
+
+Needs the ``bench`` extra (``pip install -e .[bench]``) for lightly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import report  # noqa: E402
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class PeakRSS:
+    """Peak resident memory of this process plus its children (DataLoader workers)."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rss = self.proc.memory_info().rss + sum(c.memory_info().rss for c in self.proc.children(recursive=True))
+            except Exception:  # a worker exiting between the listing and the read
+                rss = 0
+            self.peak = max(self.peak, rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def eval_subset(test_y: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n / 10`` test images of each class (all 10,000 when ``n >= 10000``)."""
+    per_class = n // 10
+    return np.sort(np.concatenate([np.flatnonzero(test_y == c)[:per_class] for c in range(10)]))
+
+
+def fmnist_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sslvision.idx import read_idx
+
+    return (read_idx(FMNIST / "train-images-idx3-ubyte.gz"), read_idx(FMNIST / "train-labels-idx1-ubyte.gz"),
+            read_idx(FMNIST / "t10k-images-idx3-ubyte.gz"), read_idx(FMNIST / "t10k-labels-idx1-ubyte.gz"))
+
+
+def run_ours(args: argparse.Namespace, work: Path) -> dict:
+    import torch
+
+    from sslvision.models import embed
+    from sslvision.pretrain import PretrainParams, train
+
+    train_x, _, test_x, test_y = fmnist_arrays()
+    test_x = test_x[eval_subset(test_y, args.eval_images)]
+    path = work / "train_images.npy"
+    np.save(path, train_x[..., None])
+    p = PretrainParams.model_validate({
+        "method": "simclr", "backbone": "resnet18", "backbone_args": {}, "stem_stride": 1,
+        "batch_size": args.batch_size, "temperature": args.temperature, "epochs": 100, "steps_per_epoch": 0,
+        "workers": args.workers, "checkpoint_every": 10**9, "checkpoint_dir": str(work / "ckpt"), "seed": 0})
+    torch.set_num_threads(args.threads)
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        images_seen = []
+
+        def budget(step: int, loss: float) -> bool:
+            images_seen.append(step * args.batch_size)
+            return time.perf_counter() - start > args.budget_s
+
+        result = train(p, path, np.arange(len(train_x)), on_step=budget, progress=True)
+        wall = time.perf_counter() - start
+    feats = embed(result.encoder, test_x[..., None], 512)
+    np.save(work / "ours_test.npy", feats)
+    return {"images": images_seen[-1], "train_s": wall, "img_s": images_seen[-1] / wall, "steps": result.steps,
+            "model_img_s": result.throughput["model_img_s"], "peak_rss_mib": rss.peak / 2**20}
+
+
+def run_lightly(args: argparse.Namespace, work: Path) -> dict:
+    import torch
+    import torchvision
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+    from torch import nn
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    root = work / "tv"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in FMNIST.glob("*-ubyte.gz"):  # torchvision's dataset reads the decompressed IDX files
+        target = raw / f.name.removesuffix(".gz")
+        if not target.exists():
+            target.write_bytes(gzip.decompress(f.read_bytes()))
+    # lightly's defaults, at 28 px and with single-channel normalisation
+    transform = SimCLRTransform(input_size=28, normalize={"mean": [0.5], "std": [0.5]})
+    dataset = torchvision.datasets.FashionMNIST(str(root), train=True, download=False, transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, persistent_workers=args.workers > 0)
+    backbone = torchvision.models.resnet18()
+    backbone.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    backbone.maxpool = nn.Identity()
+    backbone.fc = nn.Identity()
+    head = SimCLRProjectionHead(512, 512, 128)
+    model = nn.Sequential(backbone, head)
+    criterion = NTXentLoss(temperature=args.temperature)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * args.batch_size / 256, momentum=0.9,
+                                weight_decay=5e-4)
+    images, steps = 0, 0
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        done = False
+        while not done:
+            for (x0, x1), _ in loader:
+                loss = criterion(model(x0), model(x1))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                images += len(x0)
+                steps += 1
+                if steps % 10 == 0:
+                    print(f"lightly step {steps} loss {loss.item():.4f}", flush=True)
+                if time.perf_counter() - start > args.budget_s:
+                    done = True
+                    break
+        wall = time.perf_counter() - start
+    backbone.eval()
+    _, _, test_x, test_y = fmnist_arrays()
+    test_x = test_x[eval_subset(test_y, args.eval_images)]
+    with torch.no_grad():
+        x = torch.from_numpy(test_x).float().div(255).sub(0.5).div(0.5)[:, None]
+        feats = torch.cat([backbone(x[i:i + 512]) for i in range(0, len(x), 512)]).numpy()
+    np.save(work / "lightly_test.npy", feats)
+    return {"images": images, "train_s": wall, "img_s": images / wall, "steps": steps,
+            "peak_rss_mib": rss.peak / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget-s", type=float, default=150.0, help="training wall-clock budget per system")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.2)
+    ap.add_argument("--eval-images", type=int, default=2000,
+                    help="stratified test subset embedded for kNN / linear probe (10000 = all)")
+    ap.add_argument("--only", choices=["ours", "lightly"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.only:  # a child process: one system, results as JSON on the last stdout line
+        out = (run_ours if args.only == "ours" else run_lightly)(args, args.work)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+
+    from sslvision.pretrain import evaluate
+
+    _, train_y, test_x, test_y = fmnist_arrays()
+    subset = eval_subset(test_y, args.eval_images)
+    test_y = test_y.astype(np.int64)
+    rows: list[dict] = []
+    setting = (f"ResNet-18 28x28, batch {args.batch_size}, {args.budget_s:.0f} s budget, {args.workers} worker, "
+               f"eval on {len(subset)} test images")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results = {}
+        for system in ("ours", "lightly"):
+            cmd = [sys.executable, __file__, "--only", system, "--work", str(work), "--budget-s", str(args.budget_s),
+                   "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+                   "--threads", str(args.threads), "--temperature", str(args.temperature),
+                   "--eval-images", str(args.eval_images)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{system} failed:\n{proc.stderr[-3000:]}")
+            results[system] = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+            print(system, results[system], flush=True)
+        for system, name in (("ours", "sslvision"), ("lightly", "lightly")):
+            r = results[system]
+            scores = evaluate(np.load(work / f"{system}_test.npy"), test_y[subset], 10)
+            rows += [
+                {"system": name, "metric": "train throughput", "value": r["img_s"], "unit": "img/s", "setting": setting},
+                {"system": name, "metric": "images seen", "value": r["images"], "unit": "images", "setting": setting},
+                {"system": name, "metric": "peak RSS", "value": r["peak_rss_mib"], "unit": "MiB", "setting": setting},
+                {"system": name, "metric": "kNN accuracy (test, 2-fold)", "value": scores["knn_accuracy"],
+                 "unit": "fraction", "setting": setting},
+                {"system": name, "metric": "linear probe accuracy (test, 2-fold)",
+                 "value": scores["linear_probe_accuracy"], "unit": "fraction", "setting": setting},
+            ]
+    raw = test_x.reshape(len(test_x), -1).astype(np.float32)
+    raw_scores = evaluate(raw[subset], test_y[subset], 10)
+    from sslvision.pretrain import knn_predict
+
+    train_raw = fmnist_arrays()[0].reshape(60000, -1).astype(np.float32)
+    classic = float((knn_predict(train_raw, train_y, raw, 10, 200, 0.1) == test_y).mean())
+    from sklearn.neighbors import KNeighborsClassifier  # the usual raw-pixel reference (~85.5%)
+
+    plain = float(KNeighborsClassifier(n_neighbors=5).fit(train_raw, train_y).score(raw, test_y))
+    rows += [
+        {"system": "raw pixels", "metric": "kNN accuracy (test, 2-fold)", "value": raw_scores["knn_accuracy"],
+         "unit": "fraction", "setting": "784-d pixels"},
+        {"system": "raw pixels", "metric": "linear probe accuracy (test, 2-fold)",
+         "value": raw_scores["linear_probe_accuracy"], "unit": "fraction", "setting": "784-d pixels"},
+        {"system": "raw pixels", "metric": "kNN accuracy (bank = 60k train)", "value": classic, "unit": "fraction",
+         "setting": "784-d pixels"},
+        {"system": "raw pixels", "metric": "kNN accuracy (bank = 60k train, k=5 euclidean)", "value": plain,
+         "unit": "fraction", "setting": "784-d pixels"},
+        {"system": "sslvision / lightly", "metric": "throughput ratio",
+         "value": results["ours"]["img_s"] / results["lightly"]["img_s"], "unit": "x", "setting": setting},
+    ]
+    report("pretrain", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""DVC stage ``pretrain``: self-supervised pretraining on the ingested images (never their labels).
+
+Reads ``data/ingested/images.npy``, ``images.parquet`` and ``eval_labels.parquet`` (clean test labels,
+for evaluation only, rows chosen by ``ssl_pool.parquet``); writes ``models/encoder/``, ``reports/pretrain/``
+(metrics, per-epoch history, dvclive plots) and one MLflow run. Resumes from
+``pretrain.checkpoint_dir`` when a checkpoint of the same params is there.
+
+Run from the project root: ``dvc repro pretrain``, or on N processes
+``torchrun --nproc_per_node=N stages/pretrain.py``. All logic is in ``sslvision.pretrain``.
+"""
+
+import sys
+
+from sslvision.params import params_path
+from sslvision.pretrain import NonFiniteLossError, pretrain_cli
+
+if __name__ == "__main__":
+    try:
+        pretrain_cli(params=params_path())
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+        sys.exit(f"pretrain: error: {err}")
