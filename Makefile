@@ -9,6 +9,9 @@ STAMP := $(VENV)/.sslvision-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO := data/demo
 
+# dvc.yaml's stage commands call `python`: the venv's, whether or not it is activated.
+export PATH := $(abspath $(BIN)):$(PATH)
+
 .PHONY: install demo test bench lint clean-data
 
 # Installs only what is missing: an existing venv is reused and pip leaves a satisfying torch alone.

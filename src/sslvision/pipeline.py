@@ -68,10 +68,21 @@ def pipeline_lock(root: str | os.PathLike = ".", wait_s: float = 0) -> Iterator[
         lock.release()
 
 
+def python_first_on_path() -> None:
+    """Stage commands in dvc.yaml call ``python``: make it this interpreter (the project's venv)."""
+    import sys
+
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
 def reproduce_stage(stage: str, force: bool = False, root: str | os.PathLike = ".") -> bool:
     """Reproduce one stage (not its upstream); return True when DVC actually ran it."""
     from dvc.repo import Repo
 
+    python_first_on_path()
     with Repo(str(root)) as repo:
         ran = repo.reproduce(stage, single_item=True, force=force)
     return bool(ran)
