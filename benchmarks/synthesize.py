@@ -1,0 +1,256 @@
+"""Does rare-class synthesis help the tail? A linear probe on the SSL embeddings, trained with no
+synthetic data, with the ``augment`` baseline and with each learned generator, at equal compute.
+
+Inputs: the outputs of a pipeline run under ``--root`` (``data/audit/manifest_clean.parquet``,
+``data/ingested/``, ``models/encoder/``, ``data/embeddings/``, as ``dvc repro audit`` leaves them), or,
+when they are absent, the demo scenario built here under ``--work`` with the libraries:
+``sslvision.demo.build_scenario`` (params.yaml ``demo`` defaults: Fashion-MNIST, long tail of ratio
+100, 20% asymmetric label noise; no production batches), ``sslvision.ingest.run_ingest``,
+``sslvision.pretrain.run_stage`` (params.yaml ``pretrain``; ``--epochs`` / ``--steps-per-epoch``
+override it) and ``sslvision.audit.run_audit`` (params.yaml ``audit``).
+
+Each system: ``sslvision.synthesize.synthesize`` with params.yaml's ``synthesize`` section and the
+generator named (``none``: no synthesis), then a linear probe (standardised embeddings -> softmax) on
+real + kept synthetic embeddings, trained for the same number of steps and batch size whatever the
+training-set size (equal compute), averaged over ``--probe-seeds`` seeds. Evaluation: the clean,
+balanced ``test`` split. Reported: recall of each of the 3 rarest classes (clean train counts) and their
+mean, balanced accuracy, and the fidelity metrics of the synthetic set (per tail class: kept, Fréchet
+distance, k-NN precision/recall in SSL space). Reference row ``none (class-balanced sampler)``: no
+synthesis, every class drawn equally often (what rebalancing alone gives).
+
+Target (issue 5): the best generator adds >= 5 points of mean tail recall over ``none`` and beats ``augment``.
+
+    nice -n 10 .venv/bin/python benchmarks/synthesize.py            # reuses ./data when a dvc repro made it
+    .venv/bin/python benchmarks/synthesize.py --generators augment --probe-seeds 1   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import report  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("benchmarks.synthesize")
+
+
+@dataclass
+class Inputs:
+    manifest: Path
+    ingested: Path
+    encoder: Path
+    embeddings: Path
+    origin: str
+
+
+def find_or_build(root: Path, work: Path, epochs: int | None, steps_per_epoch: int | None) -> Inputs:
+    """The pipeline outputs under ``root``, or the demo scenario built (once) under ``work``."""
+    have = Inputs(root / "data/audit/manifest_clean.parquet", root / "data/ingested", root / "models/encoder",
+                  root / "data/embeddings", f"pipeline outputs under {root}")
+    if all(p.exists() for p in (have.manifest, have.ingested / "images.npy", have.encoder / "config.json",
+                                have.embeddings / "embeddings.npy")):
+        return have
+    from sslvision.audit import AuditParams, run_audit
+    from sslvision.data import Ingested, load_embeddings
+    from sslvision.demo import DemoParams, build_scenario
+    from sslvision.ingest import IngestParams, run_ingest
+    from sslvision.params import load_section
+    from sslvision.pretrain import PretrainParams, run_stage
+
+    built = Inputs(work / "manifest_clean.parquet", work / "ingested", work / "encoder", work / "embeddings",
+                   f"demo scenario built in {work}")
+    if built.manifest.exists():
+        return built
+    log.info("building the demo scenario in %s (scenario, ingest, pretrain, audit; finished steps are reused)", work)
+    params = REPO / "params.yaml"
+    if not (work / "raw/scenario.json").exists():
+        demo = load_section("demo", DemoParams, params,
+                            overrides={"clean_batches": 0, "corruptions": [], "severities": [1]})
+        build_scenario(work / "raw", demo, progress=False)
+    if not (built.ingested / "manifest.parquet").exists():
+        run_ingest(IngestParams(workers=1, cache_dir=str(work / "cache")), work / "raw/images", built.ingested, None)
+    if not (built.embeddings / "embeddings.npy").exists():
+        over = {"checkpoint_dir": str(work / "checkpoints")}
+        if epochs:
+            over["epochs"] = epochs
+        if steps_per_epoch:
+            over["steps_per_epoch"] = steps_per_epoch
+        run_stage(load_section("pretrain", PretrainParams, params, overrides=over), built.ingested, built.encoder,
+                  built.embeddings, work / "reports_pretrain")
+    ing = Ingested.load(built.ingested)
+    _, clean, _ = run_audit(load_section("audit", AuditParams, params), ing.manifest,
+                            load_embeddings(built.embeddings), ing.classes)
+    clean.to_parquet(built.manifest, index=False)
+    return built
+
+
+def test_split(inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and clean labels of the ``test`` split."""
+    from sslvision.data import load_embeddings
+
+    images = pd.read_parquet(inputs.ingested / "images.parquet")
+    labels = pd.read_parquet(inputs.ingested / "eval_labels.parquet")
+    test = images[images["split"] == "test"].merge(labels[["id", "label"]], on="id").sort_values("index")
+    emb = load_embeddings(inputs.embeddings)
+    return np.asarray(emb[test["index"].to_numpy()], dtype=np.float32), test["label"].to_numpy().astype(np.int64)
+
+
+def linear_probe(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, num_classes: int, mean: np.ndarray,
+                 std: np.ndarray, steps: int, batch_size: int, seed: int, balanced: bool = False) -> np.ndarray:
+    """Test predictions of a softmax probe trained ``steps`` steps of ``batch_size`` samples (equal compute)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    xt = torch.from_numpy((x - mean) / std)
+    yt = torch.from_numpy(y)
+    head = torch.nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    weights = torch.from_numpy(1.0 / counts[y] if balanced else np.ones(len(y)))
+    for _ in range(steps):
+        idx = torch.multinomial(weights, batch_size, replacement=True, generator=g)
+        loss = torch.nn.functional.cross_entropy(head(xt[idx]), yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        return head(torch.from_numpy((x_test - mean) / std)).argmax(1).numpy()
+
+
+def recalls(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.array([(y_pred[y_true == c] == c).mean() for c in range(num_classes)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", type=Path, default=REPO, help="project root whose data/ and models/ to reuse")
+    ap.add_argument("--work", type=Path, default=None, help="where to build the demo pipeline when --root has none")
+    ap.add_argument("--generators", nargs="+", default=["augment", "mae_inpaint", "feature_interp"])
+    ap.add_argument("--epochs", type=int, default=None, help="pretrain epochs when building (default: params.yaml)")
+    ap.add_argument("--steps-per-epoch", type=int, default=None, help="pretrain steps per epoch when building")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    ap.add_argument("--probe-steps", type=int, default=2000)
+    ap.add_argument("--probe-batch", type=int, default=256)
+    ap.add_argument("--probe-seeds", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a synthesize param for every generator, e.g. --set filter.min_confidence=0.3")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+
+    from sslvision.models import load_encoder
+    from sslvision.params import load_section
+    from sslvision.synthesize import SynthesizeParams, load_pretrain_decoder, load_real, synthesize
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="synth-bench-"))
+    inputs = find_or_build(args.root, work, args.epochs, args.steps_per_epoch)
+    log.info("inputs: %s", inputs.origin)
+    real = load_real(inputs.manifest, inputs.ingested, inputs.embeddings)
+    encoder = load_encoder(inputs.encoder)
+    decoder, norm_pix = load_pretrain_decoder(inputs.encoder)
+    x_test, y_test = test_split(inputs)
+    k = len(real.classes)
+    counts = np.bincount(real.labels, minlength=k)
+    tail = [int(c) for c in np.argsort(counts, kind="stable")[:3]]
+    tail_names = [real.classes[c] for c in tail]
+    mean, std = real.embeddings.mean(0), real.embeddings.std(0) + 1e-6
+    overrides: dict = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        node = overrides
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = json.loads(value)
+
+    rows: list[dict] = []
+    summary: dict[str, dict] = {}
+    systems = [("none", None, False), ("none (class-balanced sampler)", None, True)]
+    systems += [(g, g, False) for g in args.generators]
+    for system, generator, balanced in systems:
+        x, y, extra_rows, seconds = real.embeddings, real.labels, [], 0.0
+        if generator:
+            p = load_section("synthesize", SynthesizeParams, REPO / "params.yaml",
+                             overrides={**overrides, "generator": generator})
+            t0 = time.perf_counter()
+            result = synthesize(real, encoder, p, decoder, norm_pix)
+            seconds = time.perf_counter() - t0
+            x = np.concatenate([real.embeddings, result.embeddings])
+            y = np.concatenate([real.labels, result.manifest["label"].to_numpy()])
+            m = result.metrics
+            extra_rows += [{"system": system, "metric": "synthetic kept (all classes)", "value": m["kept"],
+                            "unit": "images"},
+                           {"system": system, "metric": "filter accept rate", "value": m["accept_rate"], "unit": ""},
+                           {"system": system, "metric": "synthesis time", "value": seconds, "unit": "s"},
+                           {"system": system, "metric": "Fréchet distance (all synthesised classes)",
+                            "value": m["all_frechet"], "unit": ""},
+                           {"system": system, "metric": "k-NN precision (all)", "value": m["all_precision"], "unit": ""},
+                           {"system": system, "metric": "k-NN recall (all)", "value": m["all_recall"], "unit": ""}]
+            for name in tail_names:
+                c = m["classes"].get(name)
+                if c is None:
+                    continue
+                extra_rows += [{"system": system, "metric": f"kept/{name}", "value": c["kept"], "unit": "images"},
+                               {"system": system, "metric": f"Fréchet/{name}", "value": c["frechet"], "unit": ""},
+                               {"system": system, "metric": f"k-NN precision/{name}", "value": c["precision"],
+                                "unit": ""},
+                               {"system": system, "metric": f"k-NN recall/{name}", "value": c["recall"], "unit": ""}]
+            grid = REPO / "benchmarks/results" / f"synthesize_grid_{generator}.png"
+            _save_grid(result, real, p, grid)
+        rec = np.mean([recalls(y_test, linear_probe(x, y, x_test, k, mean, std, args.probe_steps, args.probe_batch,
+                                                    seed, balanced), k) for seed in range(args.probe_seeds)], axis=0)
+        tail_mean = float(rec[tail].mean())
+        summary[system] = {"tail_recall": tail_mean, "balanced_accuracy": float(rec.mean())}
+        log.info("%s: tail recall %.1f%%, balanced accuracy %.1f%%", system, 100 * tail_mean, 100 * rec.mean())
+        rows += [{"system": system, "metric": f"recall/{real.classes[c]}", "value": round(100 * float(rec[c]), 2),
+                  "unit": "%"} for c in tail]
+        rows += [{"system": system, "metric": "mean tail recall (3 rarest)", "value": round(100 * tail_mean, 2),
+                  "unit": "%"},
+                 {"system": system, "metric": "balanced accuracy", "value": round(100 * float(rec.mean()), 2),
+                  "unit": "%"}]
+        rows += extra_rows
+
+    gens = [g for g in args.generators if g != "augment" and g in summary]
+    best = max(gens, key=lambda g: summary[g]["tail_recall"]) if gens else None
+    verdict = None
+    if best:
+        gain = 100 * (summary[best]["tail_recall"] - summary["none"]["tail_recall"])
+        beats = "augment" not in summary or summary[best]["tail_recall"] > summary["augment"]["tail_recall"]
+        verdict = {"best_generator": best, "tail_recall_gain_points": round(gain, 2),
+                   "beats_augment": bool(beats), "target_met": bool(gain >= 5 and beats)}
+        rows.append({"system": best, "metric": "tail recall gain over none", "value": round(gain, 2), "unit": "points"})
+    report("synthesize", rows, extra={
+        "inputs": inputs.origin, "tail_classes": tail_names,
+        "real_train_counts": {n: int(c) for n, c in zip(real.classes, counts, strict=True)},
+        "probe": {"steps": args.probe_steps, "batch_size": args.probe_batch, "seeds": args.probe_seeds},
+        "overrides": overrides, "verdict": verdict,
+        "encoder": json.loads((inputs.encoder / "config.json").read_text()).get("method", "?"),
+    })
+
+
+def _save_grid(result, real, params, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from sslvision.synthesize import sample_grid
+
+    fig = sample_grid(result, real, params.grid_columns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
