@@ -1,0 +1,304 @@
+"""Drift checks on synthetic embeddings and probabilities: the MMD test's size and power, prior shift,
+ATC, label noise, and which stage each degradation is attributed to."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslvision.drift import (
+    DriftParams,
+    Reference,
+    atc_estimate,
+    atc_threshold,
+    evaluate_batch,
+    mmd_permutation_test,
+    prediction_shift,
+    read_batch,
+    to_json,
+)
+from sslvision.trigger import decide
+
+torch.set_num_threads(1)
+
+MEANS = np.array([[3.0, 0, 0, 0, 0, 0], [0, 3.0, 0, 0, 0, 0], [0, 0, 3.0, 0, 0, 0]])
+PRIOR = np.array([0.6, 0.3, 0.1])
+PARAMS = DriftParams(permutations=200, alpha=0.01, rare_class_share=0.1, rare_min_count=5)
+
+
+def sample(n, rng, prior=PRIOR, offset=0.0):
+    """Embeddings of a 3-class Gaussian mixture, their labels, and a fixed classifier's probabilities."""
+    y = rng.choice(len(prior), size=n, p=prior)
+    x = MEANS[y] + rng.normal(size=(n, MEANS.shape[1])) + offset
+    return x.astype(np.float32), y, softmax_probs(x)
+
+
+def softmax_probs(x, temperature=1.0):
+    logits = -((x[:, None, :] - MEANS[None]) ** 2).sum(-1) / 2 / temperature
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    rng = np.random.default_rng(0)
+    x, _, probs = sample(300, rng)
+    calib_y = np.repeat(np.arange(3), 100)
+    calib_x = MEANS[calib_y] + rng.normal(size=(300, MEANS.shape[1]))
+    return Reference(embeddings=x, probs=probs, calib_probs=softmax_probs(calib_x), calib_labels=calib_y,
+                     train_counts=np.array([1000, 500, 50]), classes=["a", "b", "c"])
+
+
+def _naive_mmd2(x, y, bandwidth):
+    def k(u, v):
+        return np.exp(-((u[:, None] - v[None]) ** 2).sum(-1) / (2 * bandwidth**2))
+
+    kxx, kyy = k(x, x), k(y, y)
+    np.fill_diagonal(kxx, 0)
+    np.fill_diagonal(kyy, 0)
+    m, n = len(x), len(y)
+    return kxx.sum() / (m * (m - 1)) + kyy.sum() / (n * (n - 1)) - 2 * k(x, y).mean()
+
+
+def test_mmd_statistic_is_the_unbiased_estimator():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 5)), rng.normal(size=(25, 5)) + 0.3
+    r = mmd_permutation_test(x, y, permutations=50)
+    assert r.statistic == pytest.approx(_naive_mmd2(x, y, r.bandwidth), rel=1e-9)
+    assert len(r.null) == 50 and 1 / 51 <= r.p_value <= 1
+
+
+def test_mmd_pvalues_are_calibrated_on_same_distribution_and_small_under_shift():
+    null_p, shifted_p = [], []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        x, y = rng.normal(size=(200, 8)), rng.normal(size=(100, 8))
+        null_p.append(mmd_permutation_test(x, y, permutations=200, seed=seed).p_value)
+        shifted_p.append(mmd_permutation_test(x, y + 0.5, permutations=200, seed=seed).p_value)
+    # under the null the p-value is uniform: mean near 1/2, few below 0.05
+    assert 0.3 < np.mean(null_p) < 0.7, null_p
+    assert sum(p < 0.05 for p in null_p) <= 2, null_p
+    assert max(shifted_p) < 0.01, shifted_p
+
+
+def test_mmd_rejects_bad_input():
+    with pytest.raises(ValueError, match="dimension"):
+        mmd_permutation_test(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="identical"):
+        mmd_permutation_test(np.ones((5, 3)), np.ones((5, 3)))
+
+
+def test_prior_shift_is_detected_and_same_prior_is_not():
+    rng = np.random.default_rng(0)
+    prior = np.array([0.6, 0.3, 0.1])
+    pvalues = []
+    for _ in range(20):
+        reference = np.bincount(rng.choice(3, size=600, p=prior), minlength=3)
+        pvalues.append(prediction_shift(reference, rng.choice(3, size=300, p=prior))["pvalue"])
+    assert sum(pv < 0.05 for pv in pvalues) <= 3 and np.mean(pvalues) > 0.3, pvalues
+    shifted = prediction_shift(reference, rng.choice(3, size=300, p=[0.1, 0.1, 0.8]))
+    assert shifted["tv"] == pytest.approx(0.7, abs=0.08) and shifted["pvalue"] < 1e-6
+    assert shifted["batch"].sum() == pytest.approx(1.0) and shifted["reference"].sum() == pytest.approx(1.0)
+
+
+def test_atc_estimates_accuracy_under_shift():
+    """Calibrated on a labeled source sample, ATC estimates the accuracy of a harder, unlabeled target
+    sample (a covariate shift: classes overlap more, p(y|x) unchanged)."""
+    rng = np.random.default_rng(0)
+
+    def draw(n, separation):
+        x = separation * MEANS[rng.integers(0, 3, n)] + rng.normal(size=(n, MEANS.shape[1]))
+        p = softmax_probs(x)
+        y = (rng.random(n)[:, None] > p.cumsum(1)).sum(1)  # labels drawn from the posterior
+        return p.max(1), p.argmax(1) == y
+
+    conf_s, correct_s = draw(3000, 0.6)
+    t = atc_threshold(conf_s, correct_s)
+    assert atc_estimate(conf_s, t) == pytest.approx(correct_s.mean(), abs=0.005)
+    conf_t, correct_t = draw(3000, 0.4)
+    assert correct_t.mean() < correct_s.mean() - 0.04  # the target really is harder
+    assert atc_estimate(conf_t, t) == pytest.approx(correct_t.mean(), abs=0.02)
+
+
+def _scenario(name, rng):
+    """(embeddings, probs, labels) of a batch that degrades in one way."""
+    x, y, probs = sample(200, rng)
+    labels = None
+    if name == "drifted":
+        x, _, probs = sample(200, rng, offset=1.0)
+    elif name == "noisy_labels":
+        labels = y.copy()
+        flip = rng.random(len(y)) < 0.4
+        labels[flip] = (y[flip] + rng.integers(1, 3, flip.sum())) % 3
+    elif name == "rare_recall":  # the classifier misses the rare class on in-distribution images
+        labels = y
+        rare = y == 2
+        probs = probs.copy()
+        probs[rare] = [0.3, 0.45, 0.25]
+    elif name == "accuracy":  # same images and predictions, far less confident
+        probs = softmax_probs(x, temperature=8.0)
+    elif name == "clean_labeled":
+        labels = y
+    return x, probs, labels
+
+
+@pytest.mark.parametrize("name,metric,stage", [
+    ("clean", None, None),
+    ("clean_labeled", None, None),
+    ("drifted", "embedding_mmd_pvalue", "pretrain"),
+    ("noisy_labels", "label_noise_rate", "audit"),
+    ("rare_recall", "tail_class_recall_drop", "synthesize"),
+    ("accuracy", "accuracy", "finetune"),
+])
+def test_each_degradation_is_owned_by_its_stage(reference, name, metric, stage):
+    x, probs, labels = _scenario(name, np.random.default_rng(3))
+    result = evaluate_batch(reference, x, probs, labels, PARAMS)
+    metrics = result["metrics"]
+    assert set(metrics) == {"embedding_mmd_pvalue", "label_noise_rate", "tail_class_recall_drop", "accuracy",
+                            "prediction_shift_pvalue"}
+    for m in metrics.values():
+        assert set(m) == {"value", "threshold", "direction", "stage", "failed"}
+        assert m["direction"] in ("max", "min")
+    if metric is None:
+        assert result["failed"] == []
+    else:
+        assert metrics[metric]["failed"] and metrics[metric]["stage"] == stage
+    assert decide(metrics).stage == stage
+    if labels is None:
+        assert metrics["label_noise_rate"]["value"] is None and not metrics["label_noise_rate"]["failed"]
+    if name == "rare_recall":
+        assert not metrics["embedding_mmd_pvalue"]["failed"]
+        assert result["recall"]["worst_rare_class"] == "c"
+    if name == "noisy_labels":
+        assert result["label_noise"]["estimate"] == pytest.approx(0.4, abs=0.1)
+
+
+def test_prior_shift_batch_fails_prediction_shift(reference):
+    x, _, probs = sample(200, np.random.default_rng(4), prior=np.array([0.1, 0.1, 0.8]))
+    result = evaluate_batch(reference, x, probs, None, PARAMS)
+    m = result["metrics"]["prediction_shift_pvalue"]
+    assert m["failed"] and m["value"] < 1e-6 and m["stage"] == "finetune"
+    assert result["prediction_shift"]["tv"] > 0.5
+    assert result["prediction_shift"]["per_class_shift"]["c"] > 0.5
+
+
+def test_result_is_json_serialisable(reference):
+    import json
+
+    x, probs, labels = _scenario("clean_labeled", np.random.default_rng(5))
+    out = json.loads(json.dumps(to_json(evaluate_batch(reference, x, probs, labels, PARAMS))))
+    assert out["input_drift"]["alpha"] == 0.01 and "null" not in out["input_drift"]
+    assert out["accuracy"]["source"] == "labels"
+
+
+def _png(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
+
+
+def test_read_batch_labels_from_class_directories(tmp_path):
+    batch = tmp_path / "batch"
+    _png(batch / "x0.png", 10)
+    _png(batch / "b" / "x1.png", 20)
+    _png(batch / "a" / "x2.png", 30)
+    (batch / "broken.png").write_bytes(b"not an image")
+    (batch / "batch.json").write_text("{}")
+    images, labels = read_batch(batch, ["a", "b"], channels=1, size=4)
+    assert images.shape == (3, 4, 4, 1) and images.dtype == np.uint8
+    assert sorted(zip(labels.tolist(), images[:, 0, 0, 0].tolist(), strict=True)) == [(-1, 10), (0, 30), (1, 20)]
+    _png(batch / "zebra" / "x3.png", 40)
+    with pytest.raises(ValueError, match="zebra.*not a class"):
+        read_batch(batch, ["a", "b"], channels=1, size=4)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_batch(tmp_path / "missing", ["a"], 1, 4)
+
+
+# --- the stage, end to end on a tiny project -------------------------------------------------------
+
+
+def _tiny_project(root):
+    """Ingested Fashion-MNIST images, their embeddings, a tiny encoder and a logistic-regression head
+    trained as finetune trains (never on its validation rows nor on the rows the audit dropped)."""
+    import pandas as pd
+    import yaml
+    from sklearn.linear_model import LogisticRegression
+
+    from sslvision.data import Ingested
+    from sslvision.drift import classifier_reference_rows
+    from sslvision.finetune import Classifier, FinetuneParams, save_classifier, train_val_rows
+    from sslvision.models import embed, load_encoder
+    from tests.finetune_project import CLASSES, make_project
+
+    make_project(root, head=100, ratio=10, test_per_class=20)
+    data = Ingested.load(root / "data/ingested")
+    encoder = load_encoder(root / "models/encoder")
+    features = embed(encoder, np.asarray(data.images))
+    (root / "data/embeddings").mkdir(parents=True)
+    np.save(root / "data/embeddings/embeddings.npy", features)
+    audited = root / "data/audit/manifest_clean.parquet"
+    pd.read_parquet(audited).iloc[30:].to_parquet(audited, index=False)  # the audit dropped 30 rows
+    finetune = FinetuneParams(manifest=str(audited))
+    held_out, counts = classifier_reference_rows(finetune, data.manifest)
+    train, val = train_val_rows(finetune)
+    dropped = set(data.split("train")["index"][:30])
+    assert not set(held_out) & set(train["index"]) and set(val["index"]) <= set(held_out)
+    assert len(set(held_out) & dropped) == 3 and counts.sum() == len(data.split("train")) - 30
+    head = LogisticRegression(max_iter=500).fit(features[train["index"]], train["label"])
+    classifier = Classifier(encoder, CLASSES)
+    with torch.no_grad():
+        classifier.head.weight.copy_(torch.from_numpy(head.coef_))
+        classifier.head.bias.copy_(torch.from_numpy(head.intercept_))
+    save_classifier(root / "models/classifier", classifier)
+    (root / "params.yaml").write_text(yaml.safe_dump({"drift_eval": {
+        "reference_size": 300, "calibration_size": 200, "permutations": 200, "batch_size": 128}}))
+
+
+def _write_batch(directory, images):
+    directory.mkdir(parents=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(directory / f"img_{i:04d}.png")
+
+
+def test_stage_writes_trigger_json_plots_and_an_mlflow_run(workdir):
+    import json
+    import re
+
+    import mlflow
+    from typer.testing import CliRunner
+
+    from sslvision.cli import app
+    from sslvision.drift import drift_eval_cli
+    from sslvision.tracking import setup
+    from tests.finetune_project import fmnist, long_tail_indices
+
+    _tiny_project(workdir)
+    data = fmnist()
+    offset = 30000  # images the project never used, with the same long-tailed class prior
+    unseen = offset + long_tail_indices(data["train_labels"][offset:], 40, 10)
+    clean = data["train_images"][unseen]
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 60, clean.shape), 0, 255).astype(np.uint8)
+    _write_batch(workdir / "incoming/clean", clean)
+    _write_batch(workdir / "incoming/noisy", noisy)
+
+    clean_result = drift_eval_cli(workdir / "incoming/clean", "params.yaml", "reports/clean")
+    cli = CliRunner().invoke(app, ["drift-eval", str(workdir / "incoming/noisy"), "--out", "reports/noisy"])
+    assert cli.exit_code == 0, cli.output
+    assert re.search(r"embedding_mmd_pvalue .* pretrain +FAILED", cli.output)
+    noisy_result = json.loads((workdir / "reports/noisy/trigger.json").read_text())
+    assert not clean_result["metrics"]["embedding_mmd_pvalue"]["failed"]
+    assert noisy_result["metrics"]["embedding_mmd_pvalue"]["failed"]
+    assert noisy_result["input_drift"]["statistic"] > noisy_result["input_drift"]["critical_value"]
+
+    assert noisy_result["batch"].endswith("noisy") and noisy_result["n_images"] == len(noisy)
+    assert noisy_result["metrics"]["embedding_mmd_pvalue"]["stage"] == "pretrain"
+    assert noisy_result["accuracy"]["source"] == "atc" and 0 <= noisy_result["accuracy"]["value"] <= 1
+    for name in ("mmd.png", "prediction_shift.png", "prediction_shift.csv", "embeddings_pca.png"):
+        assert (workdir / "reports/noisy" / name).stat().st_size > 0
+
+    setup()
+    runs = mlflow.search_runs(filter_string="tags.`sslvision.stage` = 'drift_eval'")
+    assert len(runs) == 2
+    assert sorted(runs["tags.sslvision.drift.failed"]) == sorted(
+        ",".join(r["failed"]) or "none" for r in (clean_result, noisy_result))
+    assert sorted(runs["metrics.embedding_mmd_pvalue"]) == sorted(
+        r["metrics"]["embedding_mmd_pvalue"]["value"] for r in (clean_result, noisy_result))
