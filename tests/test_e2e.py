@@ -29,6 +29,8 @@ TINY = {
                  "embed_batch_size": 128, "knn_k": 10, "proj_hidden_dim": 64, "proj_dim": 32,
                  "backbone_args": {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}},
     "audit": {"folds": 3, "knn_k": 5, "consensus_k": 5, "min_examples_per_class": 2, "gallery_size": 8},
+    "synthesize": {"max_per_class": 20, "batch_size": 64, "grid_columns": 4,
+                   "mae_inpaint": {"steps": 5, "width": 8, "batch_size": 16}},
 }
 
 
