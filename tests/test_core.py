@@ -83,3 +83,14 @@ def test_stage_run_lands_in_sqlite_store(workdir):
     df = pd.DataFrame([{"x": 1}])
     io.write_parquet(workdir / "t.parquet", df)
     assert pd.read_parquet(workdir / "t.parquet").equals(df)
+
+
+def test_default_store_follows_the_working_directory(tmp_path, monkeypatch):
+    import mlflow
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        with tracking.stage_run("unit"):
+            mlflow.log_metric("m", 1.0)
+        assert (tmp_path / name / "mlflow.db").exists(), "mlflow's exported URI must not pin the first store"

@@ -18,20 +18,34 @@ EXPERIMENT = os.environ.get("SSLVISION_EXPERIMENT", "sslvision")
 PARENT_ENV = "SSLVISION_PARENT_RUN_ID"
 
 
+_DEFAULT_MARK = "_SSLVISION_DEFAULT_TRACKING_URI"
+
+
+def _user_uri() -> str | None:
+    """The user's ``MLFLOW_TRACKING_URI``; ``mlflow.set_tracking_uri`` exports that variable too, so a
+    value equal to the default this module set is not the user's."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return env if env and env != os.environ.get(_DEFAULT_MARK) else None
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return _user_uri() or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def setup(experiment: str | None = None) -> str:
     """Point MLflow at the configured store and make sure the experiment exists; return its id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    user = _user_uri()
+    if not user:
+        os.environ[_DEFAULT_MARK] = uri
+    mlflow.set_tracking_uri(uri)
     name = experiment or EXPERIMENT
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
         location = None
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        if not user:
             location = Path("mlartifacts").resolve().as_uri()
         try:
             return mlflow.create_experiment(name, artifact_location=location)
