@@ -1,0 +1,118 @@
+"""Fine-tune ablation ladder on the demo scenario.
+
+Each rung adds one part of the pipeline to the one before:
+
+1. ``scratch + CE, raw labels``: supervised from random init (the pretrain encoder's architecture +
+   timm's head, full training, flips/shifts), cross-entropy on the labels as given
+   (``data/ingested/manifest.parquet``): what a user does without this project;
+2. ``+ SSL init``: the pretrained encoder (``models/encoder``), linear probe, still CE on raw labels;
+3. ``+ audit``: train on the audited manifest (``data/audit/manifest_clean.parquet``);
+4. ``+ synthetic``: add synthesize's kept images (``data/synthetic``);
+5. ``+ long-tail loss``: logit-adjusted loss (without synthetic images when synthesize has not run);
+6. ``+ temperature calibration``: a temperature fitted on the validation split.
+
+Compute: the baseline gets ``--epochs`` full passes of full training; rungs 2-6 are linear probes on the
+frozen encoder (its features computed once, then ``finetune.epochs`` cheap passes of the head), so
+each uses less compute than the baseline (their seconds are reported). ``--full-finetune`` adds a
+rung with rung 5's data and loss as a full fine-tune (layer-wise lr decay) for exactly the baseline's
+epochs: the equal-compute comparison. Rungs whose upstream output is missing are skipped and listed.
+Metrics on the clean, balanced test split: balanced accuracy, worst-class recall, ECE; plus seconds.
+
+    python benchmarks/finetune.py [--root PROJECT] [--epochs 3] [--full-finetune] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import report  # noqa: E402
+
+
+def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | None]]:
+    """(name, overrides of the finetune params, missing input or None) for every rung."""
+    off = {"registry": {"enabled": False}}
+    raw = {"manifest": "data/ingested/manifest.parquet", "synthetic_weight": 0.0, "loss": "ce", "calibrate": False,
+           "sampler": "random", "drw_epoch": -1, "label_smoothing": 0.0}
+    full = {"mode": "finetune", "epochs": epochs, "patience": epochs, "lr": 2e-3}
+    probe = {"mode": "linear_probe", "init": "ssl"}
+    clean = Path(p.manifest)
+    synthetic = Path(p.synthetic) / "manifest.parquet"
+    weight = p.synthetic_weight or 1.0
+    no_audit = None if clean.exists() else f"{clean} missing (audit stage not run)"
+    no_synthetic = no_audit or (None if synthetic.exists() else f"{synthetic} missing (synthesize stage not run)")
+    # the last rungs build on whatever exists: with synthetic images when synthesize has run
+    best = {"manifest": p.manifest, "synthetic_weight": 0.0 if no_synthetic else weight, "loss": "logit_adjusted",
+            "tau": 1.0}
+    rungs = [
+        ("scratch + CE, raw labels", {**off, **raw, **full, "init": "scratch", "layer_decay": 1.0}, None),
+        ("+ SSL init (linear probe)", {**off, **raw, **probe}, None),
+        ("+ audit", {**off, **raw, **probe, "manifest": p.manifest}, no_audit),
+        ("+ synthetic", {**off, **raw, **probe, "manifest": p.manifest, "synthetic_weight": weight}, no_synthetic),
+        ("+ long-tail loss (logit-adjusted)", {**off, **raw, **probe, **best}, no_audit),
+        ("+ temperature calibration", {**off, **raw, **probe, **best, "calibrate": True}, no_audit),
+    ]
+    if full_finetune:
+        rungs.append(("long-tail loss, full fine-tune (equal compute)", {**off, **raw, **full, **best, "init": "ssl",
+                                                                         "lr": 1e-3}, no_audit))
+    return rungs
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=".", help="project root with params.yaml and the stage outputs")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of the full-training rungs")
+    ap.add_argument("--full-finetune", action="store_true", help="add the equal-compute full fine-tune rung")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python " + " ".join(["benchmarks/finetune.py", *(argv if argv is not None else sys.argv[1:])])
+    os.chdir(args.root)
+
+    from sslvision.finetune import FinetuneParams, load_params, run_finetune
+
+    base = load_params()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows, skipped = [], []
+    for name, overrides, missing in ladder(base, args.epochs, args.full_finetune):
+        if missing:
+            skipped.append(f"{name}: {missing}")
+            logging.warning("skipping %s: %s", name, missing)
+            continue
+        merged = {**base.model_dump(), **overrides}
+        merged["registry"] = {**base.registry.model_dump(), **overrides["registry"]}
+        p = FinetuneParams.model_validate(merged)
+        t0 = time.perf_counter()
+        _, data, result, m, _ = run_finetune(p)
+        seconds = time.perf_counter() - t0
+        setting = (f"{p.mode}, init {p.init}, {p.epochs} epochs, loss {p.loss}, calibrate {p.calibrate}, "
+                   f"{m['train_images']} train images ({m['synthetic_images']} synthetic)")
+        for metric, value, unit in (("balanced_accuracy", m["balanced_accuracy"], "fraction"),
+                                    ("worst_class_recall", m["worst_class_recall"], "fraction"),
+                                    ("ece", m["ece"], "fraction"),
+                                    ("seconds", seconds, "s")):
+            rows.append({"system": name, "metric": metric, "value": round(float(value), 4), "unit": unit,
+                         "setting": setting})
+        logging.info("%s: balanced accuracy %.4f, worst class %s %.4f, ECE %.4f (%.0f s)", name,
+                     m["balanced_accuracy"], m["worst_class"], m["worst_class_recall"], m["ece"], seconds)
+    bacc = {r["system"]: r["value"] for r in rows if r["metric"] == "balanced_accuracy"}
+    names = [n for n, *_ in ladder(base, args.epochs, args.full_finetune) if n in bacc]
+    extra = {"skipped": skipped, "epochs": args.epochs, "test_images": len(data.test) if rows else 0}
+    if len(names) >= 2 and names[0].startswith("scratch"):
+        best = max(names[1:], key=bacc.get)
+        extra["gain_over_scratch_points"] = round(100 * (bacc[best] - bacc[names[0]]), 2)
+        extra["best"] = best
+    report("finetune", rows, command=command, extra=extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,752 @@
+"""Fine-tuning: the SSL encoder plus a classification head, trained for a long-tailed, noisy world.
+
+The classifier is the pretrained :class:`~sslvision.models.Encoder` with timm's own head
+(``reset_classifier``), trained either as a **linear probe** (encoder frozen; its features are
+computed once, so an epoch costs almost nothing) or as a **full fine-tune** with layer-wise learning
+rate decay (timm's ``layer_decay`` parameter groups: the stem learns ``layer_decay**depth`` times
+slower than the head, which keeps the SSL features the labels cannot improve).
+
+Inputs (the contract in :mod:`sslvision.data`): the encoder in ``models/encoder/``, the train rows of
+the audited manifest ``data/audit/manifest_clean.parquet`` (split ``train``), the images in
+``data/ingested/``, and the kept synthetic images in ``data/synthetic/`` (optional: absent or empty
+means none; their loss weight is ``synthetic_weight``). Validation is a stratified share of the *real*
+train rows (synthetic images never validate). The clean, balanced ``test`` split is the evaluation set.
+
+Long-tail methods (``loss``, ``sampler``, ``drw_epoch``):
+
+- ``logit_adjusted`` (Menon et al., 2021): cross-entropy on ``logits + tau * log(prior)``; the
+  prediction uses the raw logits, so the classifier is Bayes-optimal for the *balanced* error.
+- ``balanced_softmax`` (Ren et al., 2020): the same with ``tau = 1`` (the softmax of the training
+  label distribution); kept under its own name because it is what the literature compares.
+- ``ldam`` (Cao et al., 2019): a cosine head (``scale * cos``) and a per-class margin
+  ``m_j ∝ n_j^(-1/4)`` (largest ``ldam_max_margin``) subtracted from the true-class logit, so rare
+  classes get a wider margin. ``drw_epoch`` adds the deferred re-weighting of LDAM-DRW: from that epoch
+  each class is weighted by ``(1 - beta) / (1 - beta^n_j)`` (the "effective number", Cui et al., 2019).
+- ``sampler: class_balanced`` draws every class equally often. The prior the loss corrects for is the
+  label distribution of the batches, which that sampler makes uniform (the logit adjustment then
+  vanishes instead of correcting twice).
+
+After training, a single temperature is fitted on the validation logits (Guo et al., 2017). The
+validation split is long-tailed while a prior-corrected classifier models the balanced distribution,
+so the fit adds the log-prior change (:func:`calibration_shift`) to the logits, as the validation
+distribution would; the temperature then calibrates the balanced probabilities the model outputs.
+
+On disk (``models/classifier/``): ``classifier.safetensors`` and ``config.json`` (encoder config,
+classes, head kind, temperature): :func:`load_classifier` rebuilds it; no pickles anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sslvision.data import Ingested
+from sslvision.io import atomic_path, write_csv, write_json
+from sslvision.models import Encoder, EncoderConfig, embed, load_encoder, to_input
+from sslvision.params import Section, load_section
+
+log = logging.getLogger(__name__)
+
+REPORTS = Path("reports/finetune")
+
+
+# --- params --------------------------------------------------------------------------------------
+
+class RegistryParams(Section):
+    enabled: bool = True
+    model_name: str = Field("sslvision-classifier", min_length=1)
+    auto_promote: bool = True
+
+
+class PromotionParams(Section):
+    min_balanced_accuracy: float = Field(0.5, ge=0, le=1)
+    max_ece: float = Field(0.1, gt=0, le=1)
+    min_improvement: float = Field(0.005, gt=0, le=1)
+    worst_class_tolerance: float = Field(0.0, ge=0, le=1)
+    golden_per_class: int = Field(0, ge=0)
+
+
+class FinetuneParams(Section):
+    encoder: str = "models/encoder"
+    ingested: str = "data/ingested"
+    manifest: str = "data/audit/manifest_clean.parquet"
+    synthetic: str = "data/synthetic"
+    splits: list[str] = Field(default_factory=lambda: ["train", "pool"], min_length=1)
+    synthetic_weight: float = Field(1.0, ge=0)
+    out: str = "models/classifier"
+    init: Literal["ssl", "scratch"] = "ssl"
+    mode: Literal["linear_probe", "finetune"] = "linear_probe"
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    warmup_epochs: int = Field(1, ge=0)
+    augment: bool = True
+    loss: Literal["ce", "logit_adjusted", "balanced_softmax", "ldam"] = "logit_adjusted"
+    tau: float = Field(1.0, ge=0)
+    ldam_max_margin: float = Field(0.5, gt=0)
+    ldam_scale: float = Field(30.0, gt=0)
+    drw_epoch: int = -1
+    drw_beta: float = Field(0.9999, ge=0, lt=1)
+    sampler: Literal["random", "class_balanced"] = "random"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(5, ge=1)
+    calibrate: bool = False
+    eval_batch_size: int = Field(512, ge=1)
+    threads: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    registry: RegistryParams = RegistryParams()
+    promotion: PromotionParams = PromotionParams()
+
+    @model_validator(mode="after")
+    def _scratch_needs_training(self) -> FinetuneParams:
+        if self.init == "scratch" and self.mode == "linear_probe":
+            raise ValueError("init: scratch trains a random encoder, so it needs mode: finetune")
+        return self
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    """Images (uint8 ``(N, H, W, C)``, in memory), labels and per-sample loss weights."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+    synthetic: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def of(cls, images: np.ndarray, labels: np.ndarray, weight: float = 1.0, synthetic: bool = False) -> Split:
+        n = len(labels)
+        return cls(np.ascontiguousarray(images), np.array(labels, dtype=np.int64),
+                   np.full(n, weight, dtype=np.float32), np.full(n, synthetic))
+
+    def take(self, idx: np.ndarray) -> Split:
+        return Split(self.images[idx], self.labels[idx], self.weights[idx], self.synthetic[idx])
+
+    def concat(self, other: Split) -> Split:
+        return Split(np.concatenate([self.images, other.images]), np.concatenate([self.labels, other.labels]),
+                     np.concatenate([self.weights, other.weights]), np.concatenate([self.synthetic, other.synthetic]))
+
+
+@dataclass
+class FinetuneData:
+    train: Split
+    val: Split
+    test: Split
+    classes: list[str]
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with ``fraction`` of every class in val (at least one image of each class
+    that has two or more; a class with a single image stays in train, which needs it more)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = 0 if len(idx) < 2 else min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def load_synthetic(directory: str | Path, shape: tuple[int, ...], num_classes: int, weight: float) -> Split | None:
+    """The kept synthetic images, or None when the directory is absent or empty (no synthetic data)."""
+    directory = Path(directory)
+    npy, manifest = directory / "images.npy", directory / "manifest.parquet"
+    if not npy.exists() and not manifest.exists():
+        return None
+    for path in (npy, manifest):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing while {directory} has the other half of the synthetic set")
+    df = pd.read_parquet(manifest)
+    if len(df) == 0:
+        return None
+    images = np.load(npy, mmap_mode="r")
+    if images.shape[1:] != shape:
+        raise ValueError(f"{npy}: images are {images.shape[1:]}, the ingested images are {shape}")
+    if int(df["index"].max()) >= len(images):
+        raise ValueError(f"{manifest}: refers to row {int(df['index'].max())} but {npy} has {len(images)}")
+    labels = df["label"].to_numpy(np.int64)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{manifest}: labels must be in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+    return Split.of(images[df["index"].to_numpy()], labels, weight, synthetic=True)
+
+
+def train_val_rows(p: FinetuneParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows of ``p.manifest`` the classifier trains on and those held out for validation: the
+    labelled rows of ``p.splits`` (``pool`` holds labelled production batches that joined the data),
+    split per class by :func:`stratified_split`. Other stages that need the held-out rows call this."""
+    manifest = Path(p.manifest)
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest}: missing; run the audit stage first (dvc repro audit)")
+    df = pd.read_parquet(manifest)
+    missing = {"index", "split", "label"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{manifest}: lacks column(s) {sorted(missing)}")
+    df = df[df["split"].isin(p.splits) & (df["label"] >= 0)]
+    if len(df) == 0:
+        raise ValueError(f"{manifest}: no labelled rows in splits {p.splits}")
+    tr, va = stratified_split(df["label"].to_numpy(np.int64), p.val_fraction, p.seed)
+    return df.iloc[tr], df.iloc[va]
+
+
+def load_data(p: FinetuneParams) -> FinetuneData:
+    """Train (real minus validation, plus synthetic), validation (real) and test splits."""
+    ing = Ingested.load(p.ingested)
+    train_df, val_df = train_val_rows(p)
+    num_classes = len(ing.classes)
+    top = int(max(train_df["label"].max(), val_df["label"].max() if len(val_df) else 0))
+    if top >= num_classes:
+        raise ValueError(f"{p.manifest}: label {top} but {p.ingested}/classes.json has {num_classes} classes")
+    train = Split.of(ing.images[train_df["index"].to_numpy()], train_df["label"].to_numpy())
+    val = Split.of(ing.images[val_df["index"].to_numpy()], val_df["label"].to_numpy())
+    synthetic = load_synthetic(p.synthetic, ing.images.shape[1:], num_classes, p.synthetic_weight)
+    if synthetic is not None and p.synthetic_weight > 0:
+        train = train.concat(synthetic)
+    test_df = ing.split("test")
+    test_df = test_df[test_df["label"] >= 0]
+    if len(test_df) == 0:
+        raise ValueError(f"{p.ingested}/manifest.parquet: no labelled test rows to evaluate on")
+    test = Split.of(ing.images[test_df["index"].to_numpy()], test_df["label"].to_numpy())
+    log.info("train %d images (%d synthetic), validation %d, test %d", len(train), int(train.synthetic.sum()),
+             len(val), len(test))
+    return FinetuneData(train=train, val=val, test=test, classes=list(ing.classes))
+
+
+# --- the classifier ------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """An encoder with timm's classification head (``reset_classifier``).
+
+    ``head="cosine"`` (LDAM) reads the same timm head as a cosine classifier, ``scale * cos(f, w_j)``.
+    ``temperature`` divides the logits in :meth:`predict_proba` (fitted by :func:`fit_temperature`).
+    """
+
+    def __init__(self, encoder: Encoder, classes: list[str], head: Literal["linear", "cosine"] = "linear",
+                 scale: float = 30.0, temperature: float = 1.0):
+        super().__init__()
+        self.encoder = encoder
+        self.classes = list(classes)
+        self.head_kind = head
+        self.scale = scale
+        self.temperature = temperature
+        encoder.backbone.reset_classifier(len(classes))
+
+    @property
+    def head(self) -> nn.Module:
+        return self.encoder.backbone.get_classifier()
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        if self.head_kind == "cosine":
+            return self.scale * F.linear(F.normalize(features, dim=1), F.normalize(self.head.weight, dim=1))
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.encoder(x))
+
+    @torch.no_grad()
+    def logits(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Uncalibrated logits of uint8 ``(N, H, W, C)`` images."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        out = [self(to_input(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device)))
+               .float().cpu().numpy() for s in range(0, len(images), batch_size)]
+        self.train(was_training)
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Calibrated class probabilities of uint8 ``(N, H, W, C)`` images."""
+        return softmax(self.logits(images, batch_size), self.temperature)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, dim=1).numpy()
+
+
+def build_classifier(p: FinetuneParams, classes: list[str]) -> Classifier:
+    """The SSL encoder (or, ``init: scratch``, the same architecture freshly initialised) with a head."""
+    encoder = load_encoder(p.encoder)
+    if p.init == "scratch":
+        torch.manual_seed(p.seed)
+        encoder = Encoder(encoder.config)
+    head = "cosine" if p.loss == "ldam" else "linear"
+    return Classifier(encoder, classes, head=head, scale=p.ldam_scale)
+
+
+def save_classifier(directory: str | Path, classifier: Classifier, extra: dict[str, Any] | None = None) -> None:
+    """``classifier.safetensors`` + ``config.json``, written atomically."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in classifier.state_dict().items()}
+    config = {
+        "encoder": asdict(classifier.encoder.config),
+        "classes": classifier.classes,
+        "head": classifier.head_kind,
+        "scale": classifier.scale,
+        "temperature": classifier.temperature,
+        **(extra or {}),
+    }
+    with atomic_path(directory) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(state, tmp / "classifier.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_classifier(directory: str | Path) -> Classifier:
+    """Rebuild a classifier saved by :func:`save_classifier` (eval mode)."""
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run the finetune stage first (dvc repro finetune)")
+    try:
+        config = json.loads(path.read_text())
+        classifier = Classifier(Encoder(EncoderConfig(**config["encoder"])), config["classes"], head=config["head"],
+                                scale=config["scale"], temperature=config["temperature"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a classifier config: {err}") from err
+    classifier.load_state_dict(load_file(directory / "classifier.safetensors"))
+    return classifier.eval()
+
+
+# --- long-tail losses ----------------------------------------------------------------------------
+
+def ldam_margins(class_counts: torch.Tensor, max_margin: float) -> torch.Tensor:
+    """LDAM margins ``m_j ∝ n_j^(-1/4)``, the rarest class getting ``max_margin``."""
+    m = class_counts.clamp_min(1.0).pow(-0.25)
+    return m * (max_margin / m.max())
+
+
+def drw_weights(class_counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Class weights from the effective number of samples, ``(1 - beta) / (1 - beta^n)``, mean 1."""
+    w = (1.0 - beta) / (1.0 - torch.pow(beta, class_counts.clamp_min(1.0)))
+    return w * (len(w) / w.sum())
+
+
+class LongTailLoss(nn.Module):
+    """Cross-entropy with the long-tail corrections of the module docstring.
+
+    ``class_counts`` are the (weighted) training counts per class; ``balanced_sampling`` says the
+    batches are drawn class-balanced (the label prior the loss sees is then uniform).
+    """
+
+    def __init__(self, kind: str, class_counts: np.ndarray | torch.Tensor, *, tau: float = 1.0,
+                 label_smoothing: float = 0.0, ldam_max_margin: float = 0.5, ldam_scale: float = 30.0,
+                 drw_epoch: int = -1, drw_beta: float = 0.9999, balanced_sampling: bool = False):
+        super().__init__()
+        if kind not in ("ce", "logit_adjusted", "balanced_softmax", "ldam"):
+            raise ValueError(f"unknown loss {kind!r}: use ce, logit_adjusted, balanced_softmax or ldam")
+        counts = torch.as_tensor(class_counts, dtype=torch.float32).clamp_min(1.0)
+        self.kind = kind
+        self.label_smoothing = label_smoothing
+        self.drw_epoch = drw_epoch
+        prior = torch.full_like(counts, 1.0 / len(counts)) if balanced_sampling else counts / counts.sum()
+        shift = {"logit_adjusted": tau, "balanced_softmax": 1.0}.get(kind, 0.0)
+        self.register_buffer("logit_shift", shift * prior.log())
+        self.register_buffer("margins", ldam_scale * ldam_margins(counts, ldam_max_margin) if kind == "ldam"
+                             else torch.zeros_like(counts))
+        self.register_buffer("drw", drw_weights(counts, drw_beta))
+
+    def class_weights(self, epoch: int) -> torch.Tensor:
+        if 0 <= self.drw_epoch <= epoch:
+            return self.drw
+        return torch.ones_like(self.drw)
+
+    def adjusted_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The logits the cross-entropy sees in training (prediction always uses the raw ones)."""
+        margin = F.one_hot(target, logits.shape[1]) * self.margins
+        return logits + self.logit_shift - margin
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None,
+                epoch: int = 0) -> torch.Tensor:
+        per_sample = F.cross_entropy(self.adjusted_logits(logits, target), target, reduction="none",
+                                     label_smoothing=self.label_smoothing)
+        w = self.class_weights(epoch)[target]
+        if sample_weight is not None:
+            w = w * sample_weight
+        return (per_sample * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def class_counts(labels: np.ndarray, weights: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(labels, weights=weights, minlength=num_classes).astype(np.float64)
+
+
+# --- calibration and metrics ---------------------------------------------------------------------
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, prior_shift: np.ndarray | None = None) -> float:
+    """The temperature ``T`` minimising the validation NLL of ``softmax(logits / T + prior_shift)``.
+
+    ``prior_shift`` turns the model's probabilities into the validation set's when the two class priors
+    differ (see :func:`calibration_shift`); the fitted ``T`` then calibrates ``softmax(logits / T)``.
+    """
+    x = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    shift = torch.zeros(x.shape[1], dtype=torch.float64) if prior_shift is None else torch.as_tensor(
+        prior_shift, dtype=torch.float64)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x / log_t.exp() + shift, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def calibration_shift(p: FinetuneParams, train_counts: np.ndarray, val_labels: np.ndarray) -> np.ndarray:
+    """``log pi_val - log pi_model``: the log-prior change from the distribution the raw logits model to
+    the validation split's. Cross-entropy (and LDAM) logits model the training prior; logit adjustment
+    with ``tau`` models ``pi_train^(1 - tau)``; balanced softmax and class-balanced sampling model a
+    uniform prior (the balanced test distribution). Without this, a long-tailed validation split would
+    fit the temperature of a balanced classifier to the wrong prior."""
+    k = len(train_counts)
+    log_train = np.log(np.maximum(train_counts, 1.0) / np.maximum(train_counts, 1.0).sum())
+    val = np.maximum(np.bincount(val_labels, minlength=k).astype(float), 1.0)
+    tau = 1.0 if p.sampler == "class_balanced" or p.loss == "balanced_softmax" else (
+        p.tau if p.loss == "logit_adjusted" else 0.0)
+    return np.log(val / val.sum()) - (1.0 - tau) * log_train
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE: the share-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if len(confidence) == 0:
+        return 0.0
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    gap = np.abs(np.bincount(which, weights=correct - confidence, minlength=bins))
+    return float(gap.sum() / len(confidence))
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class and worst-class recall, macro-F1, ECE, confusion matrix."""
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    pred = probs.argmax(1)
+    k = len(classes)
+    cm = confusion_matrix(labels, pred, labels=list(range(k)))
+    support = cm.sum(1)
+    present = support > 0
+    recall = np.where(present, cm.diagonal() / np.maximum(support, 1), np.nan)
+    worst = int(np.nanargmin(recall))
+    return {
+        "accuracy": float((pred == labels).mean()),
+        "balanced_accuracy": float(np.nanmean(recall)),
+        "worst_class_recall": float(recall[worst]),
+        "worst_class": classes[worst],
+        "macro_f1": float(f1_score(labels, pred, labels=np.flatnonzero(present), average="macro", zero_division=0)),
+        "ece": expected_calibration_error(probs.max(1), pred == labels),
+        "per_class_recall": {c: (None if np.isnan(r) else float(r)) for c, r in zip(classes, recall, strict=True)},
+        "confusion_matrix": cm.tolist(),
+        "n": int(len(labels)),
+    }
+
+
+# --- training ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_balanced_accuracy: float = 0.0
+    temperature: float = 1.0
+    seconds: float = 0.0
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random horizontal flip and a random shift of up to ``pad`` pixels, per image (normalised input)."""
+    b, c, h, w = x.shape
+    dev = x.device
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    xp = F.pad(x, (pad, pad, pad, pad), value=-1.0)  # -1 = black after to_input's normalisation
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    return xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+              rows, cols]
+
+
+def balanced_accuracy(labels: np.ndarray, logits: np.ndarray) -> float:
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(labels, logits.argmax(1)))
+
+
+def _batches(n: int, batch_size: int, sampler_weights: torch.Tensor | None, generator: torch.Generator) -> list[torch.Tensor]:
+    if sampler_weights is None:
+        order = torch.randperm(n, generator=generator)
+    else:
+        from torch.utils.data import WeightedRandomSampler
+
+        order = torch.tensor(list(WeightedRandomSampler(sampler_weights, n, replacement=True, generator=generator)))
+    return [order[s:s + batch_size] for s in range(0, n, batch_size) if len(order[s:s + batch_size]) > 1]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("finetune.device: cuda requested but torch sees no CUDA device (use auto or cpu)")
+    return torch.device(name)
+
+
+def make_optimizer(p: FinetuneParams, classifier: Classifier) -> torch.optim.Optimizer:
+    """AdamW on the head (linear probe) or on the whole network with layer-wise lr decay (timm's
+    parameter groups: group ``i`` of ``L`` gets ``lr_scale = layer_decay ** (L - i)``, applied by timm's scheduler)."""
+    import timm.optim
+
+    if p.mode == "linear_probe":
+        return timm.optim.create_optimizer_v2(classifier.head, opt="adamw", lr=p.lr, weight_decay=p.weight_decay)
+    return timm.optim.create_optimizer_v2(classifier.encoder.backbone, opt="adamw", lr=p.lr,
+                                          weight_decay=p.weight_decay, layer_decay=p.layer_decay)
+
+
+def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetuneParams,
+                     on_epoch: Any = None) -> TrainResult:
+    """Train, keep the epoch with the best validation balanced accuracy, then fit the temperature.
+
+    ``on_epoch(epoch, metrics)`` is called after every epoch (the stage logs to MLflow with it).
+    """
+    import timm.scheduler
+
+    t0 = time.perf_counter()
+    torch.manual_seed(p.seed)
+    generator = torch.Generator().manual_seed(p.seed)
+    device = resolve_device(p.device)
+    classifier.to(device)
+    k = len(data.classes)
+    train, val = data.train, data.val
+    counts = class_counts(train.labels, train.weights, k)
+    criterion = LongTailLoss(p.loss, counts, tau=p.tau, label_smoothing=p.label_smoothing,
+                             ldam_max_margin=p.ldam_max_margin, ldam_scale=p.ldam_scale, drw_epoch=p.drw_epoch,
+                             drw_beta=p.drw_beta, balanced_sampling=p.sampler == "class_balanced").to(device)
+    if p.mode == "linear_probe":
+        # The encoder is frozen: its features are computed once and the head trains on them.
+        classifier.encoder.eval()
+        x_train = torch.from_numpy(embed(classifier.encoder, train.images, p.eval_batch_size, device, progress=True))
+        x_val = torch.from_numpy(embed(classifier.encoder, val.images, p.eval_batch_size, device))
+        trained: nn.Module = classifier.head
+
+        def forward(xb: torch.Tensor) -> torch.Tensor:
+            return classifier.logits_from_features(xb)
+    else:
+        x_train, x_val = torch.from_numpy(train.images), torch.from_numpy(val.images)
+        trained = classifier.encoder.backbone
+
+        def forward(xb: torch.Tensor) -> torch.Tensor:
+            x = to_input(xb)
+            if p.augment and classifier.training:
+                x = augment_batch(x, generator)
+            return classifier(x)
+
+    optimizer = make_optimizer(p, classifier)
+    y_train = torch.from_numpy(train.labels)
+    w_train = torch.from_numpy(train.weights)
+    sampler_weights = None
+    if p.sampler == "class_balanced":
+        per_class = torch.as_tensor(1.0 / np.maximum(np.bincount(train.labels, minlength=k), 1))
+        sampler_weights = per_class[y_train] * w_train
+    steps = max(len(_batches(len(train), p.batch_size, None, torch.Generator())), 1)
+    scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched="cosine", num_epochs=p.epochs,
+                                                      warmup_epochs=p.warmup_epochs, warmup_lr=p.lr * 0.01,
+                                                      min_lr=p.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps)
+    result = TrainResult()
+    best_state = copy.deepcopy(trained.state_dict())
+    stale = 0
+    update = 0
+    for epoch in range(p.epochs):
+        trained.train()
+        if p.mode == "finetune":
+            classifier.train()
+        total, seen = 0.0, 0
+        for idx in _batches(len(train), p.batch_size, sampler_weights, generator):
+            loss = criterion(forward(x_train[idx].to(device)), y_train[idx].to(device), w_train[idx].to(device), epoch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at epoch {epoch}: lower finetune.lr (now {p.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            update += 1
+            scheduler.step_update(update)
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        classifier.eval()
+        val_logits = _val_logits(classifier, forward, x_val, p.eval_batch_size)
+        val_bacc = balanced_accuracy(val.labels, val_logits)
+        row = {"epoch": epoch, "train_loss": total / max(seen, 1), "val_balanced_accuracy": val_bacc,
+               "lr": max(g["lr"] for g in optimizer.param_groups)}
+        result.history.append(row)
+        log.info("epoch %d/%d  loss %.4f  val balanced accuracy %.4f", epoch + 1, p.epochs, row["train_loss"], val_bacc)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if epoch == 0 or val_bacc > result.best_val_balanced_accuracy:
+            result.best_epoch, result.best_val_balanced_accuracy = epoch, val_bacc
+            best_state = copy.deepcopy(trained.state_dict())
+            stale = 0
+        else:
+            stale += 1
+            if stale >= p.patience:
+                log.info("early stop: no better validation balanced accuracy for %d epochs", p.patience)
+                break
+    trained.load_state_dict(best_state)
+    classifier.eval()
+    if p.calibrate and len(val):
+        classifier.temperature = fit_temperature(_val_logits(classifier, forward, x_val, p.eval_batch_size), val.labels,
+                                                 calibration_shift(p, counts, val.labels))
+    result.temperature = classifier.temperature
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@torch.no_grad()
+def _val_logits(classifier: Classifier, forward: Any, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    device = next(classifier.parameters()).device
+    out = [forward(x[s:s + batch_size].to(device)).float().cpu().numpy() for s in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, len(classifier.classes)), np.float32)
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+def write_reports(metrics: dict[str, Any], history: list[dict[str, float]], labels: np.ndarray, probs: np.ndarray,
+                  classes: list[str], out: str | Path = REPORTS) -> dict[str, Any]:
+    """``metrics.json``, DVC plot data (predictions for the confusion matrix, per-class recall,
+    training history, reliability) and the PNG figures. Returns the matplotlib figures by file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    out = Path(out)
+    write_json(out / "metrics.json", metrics)
+    pred = probs.argmax(1)
+    names = np.asarray(classes, dtype=object)
+    write_csv(out / "predictions.csv", pd.DataFrame({"actual": names[labels], "predicted": names[pred]}))
+    write_csv(out / "per_class_recall.csv", pd.DataFrame(
+        {"class": classes, "recall": [metrics["per_class_recall"][c] for c in classes]}))
+    write_csv(out / "history.csv", pd.DataFrame(history))
+    reliability = reliability_table(probs.max(1), pred == labels)
+    write_csv(out / "reliability.csv", reliability)
+
+    figures: dict[str, Any] = {}
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ConfusionMatrixDisplay(np.asarray(metrics["confusion_matrix"]), display_labels=classes).plot(
+        ax=ax, xticks_rotation=45, colorbar=False, values_format="d")
+    ax.set_title(f"test: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
+                 f"worst class {metrics['worst_class']} {metrics['worst_class_recall']:.3f}")
+    fig.tight_layout()
+    figures["confusion_matrix.png"] = fig
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.bar(reliability["confidence"], reliability["accuracy"], width=1 / len(reliability), alpha=0.7, edgecolor="k")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability (ECE {metrics['ece']:.3f})")
+    fig.tight_layout()
+    figures["reliability.png"] = fig
+    for name, fig in figures.items():
+        with atomic_path(out / name, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    return figures
+
+
+def reliability_table(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> pd.DataFrame:
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    acc = np.bincount(which, weights=correct.astype(float), minlength=bins) / np.maximum(count, 1)
+    return pd.DataFrame({"bin": np.arange(bins), "confidence": (np.arange(bins) + 0.5) / bins,
+                         "accuracy": acc, "count": count})
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+def run_finetune(p: FinetuneParams, on_epoch: Any = None) -> tuple[Classifier, FinetuneData, TrainResult, dict, np.ndarray]:
+    """Load, train, calibrate and evaluate on the test split; return (classifier, data, result, metrics, probs)."""
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    data = load_data(p)
+    classifier = build_classifier(p, data.classes)
+    result = train_classifier(classifier, data, p, on_epoch=on_epoch)
+    probs = classifier.predict_proba(data.test.images, p.eval_batch_size)
+    metrics = classification_metrics(data.test.labels, probs, data.classes)
+    metrics.update(best_epoch=result.best_epoch, val_balanced_accuracy=result.best_val_balanced_accuracy,
+                   temperature=result.temperature, train_images=len(data.train),
+                   synthetic_images=int(data.train.synthetic.sum()), train_seconds=result.seconds)
+    return classifier, data, result, metrics, probs
+
+
+def finetune_cli(params: str | Path | None = None) -> dict[str, Any]:
+    """The stage: train, write ``models/classifier`` and ``reports/finetune``, log to MLflow, register
+    the model as ``challenger`` and (``registry.auto_promote``) run the gated promotion."""
+    import mlflow
+
+    from sslvision import registry, tracking
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    p = load_section("finetune", FinetuneParams, params)
+    with tracking.stage_run("finetune", p.model_dump()):
+        classifier, data, result, metrics, probs = run_finetune(
+            p, on_epoch=lambda epoch, row: mlflow.log_metrics({f"train/{k}": v for k, v in row.items()}, step=epoch))
+        save_classifier(p.out, classifier, extra={"metrics": {k: metrics[k] for k in (
+            "accuracy", "balanced_accuracy", "worst_class_recall", "ece")}})
+        figures = write_reports(metrics, result.history, data.test.labels, probs, data.classes)
+        mlflow.log_metrics(scalar_metrics(metrics))
+        for name, fig in figures.items():
+            mlflow.log_figure(fig, f"finetune/{name}")
+        mlflow.log_artifact(str(REPORTS / "metrics.json"), artifact_path="finetune")
+        version = None
+        if p.registry.enabled:
+            version = registry.log_and_register(p.out, p.registry.model_name, data.test.images[:4])
+            metrics["registered_version"] = int(version)
+    if version is None or not p.registry.auto_promote:
+        decision = {"decision": "not_run", "reason": "finetune.registry.enabled or auto_promote is false"}
+    else:
+        decision = registry.promote_cli(p)
+    write_json(REPORTS / "promotion.json", decision)
+    metrics["promotion"] = decision
+    return metrics
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out.update({f"recall/{c}": float(r) for c, r in metrics["per_class_recall"].items() if r is not None})
+    return out
+
+
+def golden_set(p: FinetuneParams) -> tuple[np.ndarray, np.ndarray]:
+    """The promotion set: the clean, balanced test split (``golden_per_class`` > 0 keeps that many
+    images per class, the first ones in manifest order, so every run compares on the same images)."""
+    ing = Ingested.load(p.ingested)
+    df = ing.split("test")
+    df = df[df["label"] >= 0]
+    if p.promotion.golden_per_class:
+        df = df.groupby("label", sort=False).head(p.promotion.golden_per_class)
+    if len(df) == 0:
+        raise ValueError(f"{p.ingested}/manifest.parquet: no labelled test rows for the golden set")
+    return np.ascontiguousarray(ing.images[df["index"].to_numpy()]), df["label"].to_numpy(np.int64)
+
+
+def load_params(params: str | Path | None = None) -> FinetuneParams:
+    return load_section("finetune", FinetuneParams, params)

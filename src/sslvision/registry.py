@@ -1,0 +1,334 @@
+"""The MLflow model registry: log the classifier without pickles, register it, promote it only when
+it is really better, roll back.
+
+**Logging.** The classifier is logged as an MLflow pyfunc *defined in code* ("models from code"):
+``python_model`` is the file :data:`PYFUNC_CODE` (MLflow stores the file itself, never a pickled
+object) and the model's only artifacts are ``classifier.safetensors`` + ``config.json``; the
+``sslvision`` sources go with it (``code_paths``), so the logged model loads wherever its pip
+requirements are installed. Input: a uint8 tensor ``(N, H*W*C)`` of flattened images (one row per
+image, the ingest layout); output: a frame with ``prediction`` (class index), ``confidence`` (the
+calibrated top probability) and ``prob_<k>`` per class. Signature and input example are logged.
+
+**Aliases**, never deprecated stages: a freshly registered version becomes ``challenger``; a
+promotion moves ``champion`` to it and keeps the former champion as ``previous``; :func:`rollback`
+moves ``champion`` back to ``previous``.
+
+**Gated promotion** (:func:`promote`). The challenger and the current champion are evaluated on the
+same golden set with :func:`mlflow.models.evaluate` (custom metrics: balanced accuracy, worst-class
+recall, ECE, accuracy, macro-F1) and each threshold is checked with
+:func:`mlflow.validate_evaluation_results`:
+
+- ``balanced_accuracy`` >= ``min_balanced_accuracy`` and (when a champion exists) >= the champion's
+  + ``min_improvement``;
+- ``worst_class_recall`` >= the champion's minus ``worst_class_tolerance`` (MLflow's relative checks
+  only express strict improvements, so "not worse" is an absolute threshold taken from the champion's
+  evaluation on the same set);
+- ``ece`` <= ``max_ece``.
+
+With no champion (the first model) only the absolute thresholds apply. A refusal lists every failed
+threshold. Aliases move only after every check passed, in an order where each intermediate state is
+a valid registry: ``previous`` first (the champion is still in place), then ``champion``, then the
+``challenger`` alias is removed. A crash between two moves leaves a registry that serves a validated
+champion, and running ``promote`` (or ``rollback``) again completes the interrupted move.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_classifier.py")
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+# mlflow.models.evaluate names a custom metric's aggregate "<metric>/<aggregate>".
+BALANCED_ACCURACY, WORST_CLASS_RECALL, ECE = "balanced_accuracy/score", "worst_class_recall/score", "ece/score"
+
+
+class RegistryError(RuntimeError):
+    """The registry is not in a state that allows the requested move (no challenger, nothing to roll back...)."""
+
+
+# --- the pyfunc model ----------------------------------------------------------------------------
+
+def predict_frame(classifier: Any, model_input: Any, batch_size: int = 512) -> pd.DataFrame:
+    """The pyfunc output for flattened uint8 images ``(N, H*W*C)`` (array or frame)."""
+    cfg = classifier.encoder.config
+    x = np.asarray(model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input)
+    size = cfg.img_size * cfg.img_size * cfg.in_chans
+    if x.ndim != 2 or x.shape[1] != size:
+        raise ValueError(f"expected flattened {cfg.img_size}x{cfg.img_size}x{cfg.in_chans} uint8 images "
+                         f"(N, {size}), got shape {x.shape}")
+    images = x.astype(np.uint8, copy=False).reshape(len(x), cfg.img_size, cfg.img_size, cfg.in_chans)
+    probs = classifier.predict_proba(images, batch_size)
+    frame = pd.DataFrame({"prediction": probs.argmax(1).astype(np.int64), "confidence": probs.max(1)})
+    for k in range(probs.shape[1]):
+        frame[f"prob_{k}"] = probs[:, k]
+    return frame
+
+
+def flatten(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(images).reshape(len(images), -1)
+
+
+def log_and_register(classifier_dir: str | Path, name: str, example_images: np.ndarray) -> str:
+    """Log the classifier in the active run, register it under ``name`` and alias it ``challenger``.
+
+    Returns the new version.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    import sslvision
+    from sslvision.finetune import load_classifier
+
+    classifier = load_classifier(classifier_dir)
+    example = flatten(example_images)
+    signature = infer_signature(example, predict_frame(classifier, example))
+    info = mlflow.pyfunc.log_model(
+        name="classifier",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"classifier": str(Path(classifier_dir).resolve())},
+        code_paths=[str(Path(sslvision.__file__).parent)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=_requirements(),
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    log.info("registered %s version %s as %s", name, version, CHALLENGER)
+    return version
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "timm", "safetensors", "numpy", "pandas", "mlflow")]
+
+
+# --- evaluation on the golden set ----------------------------------------------------------------
+
+def _metric_value(x: float) -> Any:
+    from mlflow.metrics import MetricValue
+
+    return MetricValue(aggregate_results={"score": float(x)})
+
+
+def _per_class_recall(predictions: pd.Series, targets: pd.Series) -> np.ndarray:
+    from sklearn.metrics import recall_score
+
+    labels = np.unique(np.asarray(targets))
+    return recall_score(np.asarray(targets), np.asarray(predictions), labels=labels, average=None, zero_division=0)
+
+
+def _balanced_accuracy(predictions: pd.Series, targets: pd.Series) -> Any:
+    return _metric_value(_per_class_recall(predictions, targets).mean())
+
+
+def _worst_class_recall(predictions: pd.Series, targets: pd.Series) -> Any:
+    return _metric_value(_per_class_recall(predictions, targets).min())
+
+
+def _accuracy(predictions: pd.Series, targets: pd.Series) -> Any:
+    return _metric_value(np.mean(np.asarray(predictions) == np.asarray(targets)))
+
+
+def _macro_f1(predictions: pd.Series, targets: pd.Series) -> Any:
+    from sklearn.metrics import f1_score
+
+    labels = np.unique(np.asarray(targets))
+    return _metric_value(f1_score(np.asarray(targets), np.asarray(predictions), labels=labels, average="macro",
+                                  zero_division=0))
+
+
+def _ece(predictions: pd.Series, targets: pd.Series, confidence: pd.Series) -> Any:
+    from sslvision.finetune import expected_calibration_error
+
+    correct = np.asarray(predictions) == np.asarray(targets)
+    return _metric_value(expected_calibration_error(np.asarray(confidence), correct))
+
+
+def golden_frame(images: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    flat = flatten(images)
+    frame = pd.DataFrame(flat, columns=[f"px{i}" for i in range(flat.shape[1])])
+    frame["label"] = np.asarray(labels, dtype=np.int64)
+    return frame
+
+
+def evaluate_version(name: str, version: str, golden: pd.DataFrame) -> Any:
+    """``mlflow.models.evaluate`` of one registered version on the golden frame (in a nested run)."""
+    import mlflow
+    from mlflow.models import make_metric
+
+    metrics = [
+        make_metric(eval_fn=_balanced_accuracy, greater_is_better=True, name="balanced_accuracy"),
+        make_metric(eval_fn=_worst_class_recall, greater_is_better=True, name="worst_class_recall"),
+        make_metric(eval_fn=_ece, greater_is_better=False, name="ece"),
+        make_metric(eval_fn=_accuracy, greater_is_better=True, name="accuracy"),
+        make_metric(eval_fn=_macro_f1, greater_is_better=True, name="macro_f1"),
+    ]
+    with mlflow.start_run(run_name=f"evaluate {name} v{version}", nested=True):
+        mlflow.set_tag("sslvision.model_version", version)
+        return mlflow.models.evaluate(model=f"models:/{name}/{version}", data=golden, targets="label",
+                                      predictions="prediction", model_type=None, evaluators=["default"],
+                                      extra_metrics=metrics)
+
+
+def thresholds(promotion: Any, champion_metrics: dict[str, float] | None) -> dict[str, Any]:
+    """The ``MetricThreshold`` of every check (``promotion``: the ``finetune.promotion`` params)."""
+    from mlflow.models import MetricThreshold
+
+    out = {
+        BALANCED_ACCURACY: MetricThreshold(
+            threshold=promotion.min_balanced_accuracy, greater_is_better=True,
+            min_absolute_change=promotion.min_improvement if champion_metrics is not None else None),
+        ECE: MetricThreshold(threshold=promotion.max_ece, greater_is_better=False),
+    }
+    if champion_metrics is not None:
+        out[WORST_CLASS_RECALL] = MetricThreshold(
+            threshold=champion_metrics[WORST_CLASS_RECALL] - promotion.worst_class_tolerance, greater_is_better=True)
+    return out
+
+
+def check(limits: dict[str, Any], candidate: Any, baseline: Any | None) -> dict[str, str]:
+    """Every failed threshold with MLflow's explanation ({} when all pass)."""
+    import mlflow
+    from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    failed = {}
+    for metric, limit in limits.items():
+        try:
+            mlflow.validate_evaluation_results({metric: limit}, candidate, baseline)
+        except ModelValidationFailedException as err:
+            failed[metric.split("/")[0]] = err.message
+    return failed
+
+
+# --- alias moves ---------------------------------------------------------------------------------
+
+def alias_version(client: Any, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        # Only "no such alias/model" means absent: any other error (store unreachable...) must not
+        # look like "no champion", which would promote on the absolute thresholds alone.
+        if err.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise
+
+
+def promote(name: str, golden_images: np.ndarray, golden_labels: np.ndarray, promotion: Any) -> dict[str, Any]:
+    """Evaluate ``challenger`` (and ``champion``), validate, and move the aliases only if every check passes.
+
+    Must run inside an MLflow run (the evaluations are nested under it). Returns the decision:
+    ``decision`` (``promoted`` | ``refused`` | ``unchanged``), the versions, the metrics of both, and
+    ``failed`` (threshold name -> reason) on a refusal.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    challenger = alias_version(client, name, CHALLENGER)
+    champion = alias_version(client, name, CHAMPION)
+    decision: dict[str, Any] = {"model": name, "challenger": challenger, "champion_before": champion}
+    if challenger is None:  # nothing new since the last decision (e.g. the stage promoted it already)
+        return {**decision, "decision": "unchanged", "champion": champion,
+                "reason": f"model {name!r} has no {CHALLENGER!r} version (run the finetune stage)"}
+    if challenger == champion:  # promoted already (or an interrupted promotion: finish it)
+        client.delete_registered_model_alias(name, CHALLENGER)
+        return {**decision, "decision": "unchanged", "champion": champion,
+                "reason": f"version {challenger} is already the champion"}
+    golden = golden_frame(golden_images, golden_labels)
+    candidate = evaluate_version(name, challenger, golden)
+    baseline = evaluate_version(name, champion, golden) if champion is not None else None
+    limits = thresholds(promotion, baseline.metrics if baseline is not None else None)
+    failed = check(limits, candidate, baseline)
+    decision.update(
+        challenger_metrics=_short(candidate.metrics),
+        champion_metrics=_short(baseline.metrics) if baseline is not None else None,
+        thresholds={k.split("/")[0]: str(v) for k, v in limits.items()},
+        golden_size=len(golden),
+    )
+    if failed:
+        log.warning("promotion of %s v%s refused: %s", name, challenger, "; ".join(failed))
+        client.set_model_version_tag(name, challenger, "sslvision.promotion", "refused: " + ", ".join(failed))
+        return {**decision, "decision": "refused", "champion": champion, "failed": failed}
+    if champion is not None:
+        client.set_registered_model_alias(name, PREVIOUS, champion)
+    client.set_registered_model_alias(name, CHAMPION, challenger)
+    client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_model_version_tag(name, challenger, "sslvision.promotion",
+                                 f"promoted {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    log.info("promoted %s v%s to %s (previous: %s)", name, challenger, CHAMPION, champion)
+    return {**decision, "decision": "promoted", "champion": challenger, "previous": champion}
+
+
+def rollback(name: str) -> dict[str, Any]:
+    """Move ``champion`` back to ``previous`` (then drop ``previous``; the demoted version is tagged)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    champion = alias_version(client, name, CHAMPION)
+    previous = alias_version(client, name, PREVIOUS)
+    if previous is None:
+        raise RegistryError(f"model {name!r} has no {PREVIOUS!r} version to roll back to")
+    if previous == champion:  # an interrupted rollback (or promotion): only the stale alias is left
+        client.delete_registered_model_alias(name, PREVIOUS)
+        return {"model": name, "decision": "unchanged", "champion": champion,
+                "reason": f"version {champion} is already the champion"}
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    if champion is not None:
+        client.set_model_version_tag(name, champion, "sslvision.promotion", "rolled back")
+    client.delete_registered_model_alias(name, PREVIOUS)
+    log.info("rolled %s back from v%s to v%s", name, champion, previous)
+    return {"model": name, "decision": "rolled_back", "champion": previous, "demoted": champion}
+
+
+def _short(metrics: dict[str, float]) -> dict[str, float]:
+    return {k.split("/")[0]: float(v) for k, v in metrics.items() if k.endswith("/score")}
+
+
+# --- entry points (CLI, stage) -------------------------------------------------------------------
+
+def _finetune_params(params: Any) -> Any:
+    from sslvision.finetune import FinetuneParams, load_params
+
+    return params if isinstance(params, FinetuneParams) else load_params(params)
+
+
+def promote_cli(params: Any = None, golden: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """Gated promotion in its own MLflow run. ``params``: the params file (or its parsed ``finetune``
+    section); the golden set is the test split (``finetune.promotion.golden_per_class``) unless given."""
+    import mlflow
+
+    from sslvision import tracking
+    from sslvision.finetune import golden_set
+
+    p = _finetune_params(params)
+    images, labels = golden if golden is not None else golden_set(p)
+    with tracking.stage_run("promote", {"model_name": p.registry.model_name, **p.promotion.model_dump()}):
+        decision = promote(p.registry.model_name, images, labels, p.promotion)
+        mlflow.set_tag("sslvision.decision", decision["decision"])
+        mlflow.log_dict(json.loads(json.dumps(decision, default=str)), "promotion.json")
+    return decision
+
+
+def rollback_cli(params: Any = None) -> dict[str, Any]:
+    import mlflow
+
+    from sslvision import tracking
+
+    p = _finetune_params(params)
+    with tracking.stage_run("rollback", {"model_name": p.registry.model_name}):
+        decision = rollback(p.registry.model_name)
+        mlflow.log_dict(decision, "rollback.json")
+    return decision

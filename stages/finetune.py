@@ -1,0 +1,20 @@
+"""DVC stage ``finetune``: train the classifier on the SSL encoder (params: ``finetune``), write
+``models/classifier/`` and ``reports/finetune/``, log to MLflow, register the model as ``challenger``
+and run the gated promotion (``finetune.registry``).
+
+Run from the project root (``dvc repro finetune``). All logic is in ``sslvision.finetune`` and
+``sslvision.registry``.
+"""
+
+import sys
+
+from sslvision.finetune import finetune_cli
+from sslvision.params import ParamsError, params_path
+
+if __name__ == "__main__":
+    try:
+        m = finetune_cli(params_path())
+    except (ParamsError, ValueError, FileNotFoundError) as err:
+        sys.exit(f"finetune: error: {err}")
+    print(f"finetune: test balanced accuracy {m['balanced_accuracy']:.4f}, worst class {m['worst_class']} "
+          f"{m['worst_class_recall']:.4f}, ECE {m['ece']:.4f}; promotion: {m['promotion']['decision']}")

@@ -1,0 +1,223 @@
+"""Fine-tune stage: long-tail losses (unit level), calibration, metrics, the stage end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslvision.finetune import (
+    Classifier,
+    FinetuneParams,
+    LongTailLoss,
+    calibration_shift,
+    classification_metrics,
+    drw_weights,
+    expected_calibration_error,
+    fit_temperature,
+    ldam_margins,
+    load_classifier,
+    make_optimizer,
+    save_classifier,
+    stratified_split,
+)
+from sslvision.params import ParamsError, load_section
+from tests.finetune_project import CLASSES, TINY_ENCODER, make_project
+
+torch.set_num_threads(1)
+COUNTS = np.array([500, 250, 120, 60, 30, 15, 8, 4, 2, 1], dtype=float)
+
+
+def _fit_bias(kind: str, **kw) -> np.ndarray:
+    """The class probabilities a bias-only model reaches with this loss on long-tailed labels."""
+    labels = torch.from_numpy(np.repeat(np.arange(10), COUNTS.astype(int)))
+    loss_fn = LongTailLoss(kind, COUNTS, **kw)
+    bias = torch.zeros(10, requires_grad=True)
+    opt = torch.optim.LBFGS([bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(bias.expand(len(labels), 10), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.softmax(bias.detach(), 0).numpy()
+
+
+def test_cross_entropy_learns_the_long_tailed_prior():
+    np.testing.assert_allclose(_fit_bias("ce"), COUNTS / COUNTS.sum(), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["logit_adjusted", "balanced_softmax"])
+def test_prior_corrected_losses_learn_a_balanced_classifier(kind):
+    # The raw logits (what predicts) of a bias-only model become uniform: no class is favoured for being frequent.
+    np.testing.assert_allclose(_fit_bias(kind), np.full(10, 0.1), atol=1e-3)
+
+
+def test_logit_adjustment_tau_interpolates_and_balanced_sampling_removes_it():
+    half = _fit_bias("logit_adjusted", tau=0.5)
+    prior = COUNTS / COUNTS.sum()
+    np.testing.assert_allclose(half, np.sqrt(prior) / np.sqrt(prior).sum(), atol=1e-3)
+    # batches drawn class-balanced already show a uniform prior: the adjustment must vanish (no double correction)
+    logits, target = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    la = LongTailLoss("logit_adjusted", COUNTS, balanced_sampling=True)
+    assert torch.allclose(la(logits, target), F.cross_entropy(logits, target))
+
+
+def test_ldam_gives_rare_classes_larger_margins():
+    m = ldam_margins(torch.tensor(COUNTS, dtype=torch.float32), max_margin=0.5)
+    assert m[-1] == pytest.approx(0.5) and torch.all(m[1:] >= m[:-1])
+    assert m[0] == pytest.approx(0.5 * (500 / 1) ** -0.25)
+    loss = LongTailLoss("ldam", COUNTS, ldam_max_margin=0.5, ldam_scale=10.0)
+    logits = torch.zeros(2, 10)
+    target = torch.tensor([0, 9])
+    per = [float(loss(logits[i:i + 1], target[i:i + 1])) for i in range(2)]
+    ce = float(F.cross_entropy(logits[:1], target[:1]))
+    assert ce < per[0] < per[1]  # every class has a margin, the rare one the largest
+    adjusted = loss.adjusted_logits(logits, target)
+    assert adjusted[1, 9] == pytest.approx(-10.0 * 0.5) and adjusted[1, :9].abs().sum() == 0
+
+
+def test_deferred_reweighting_starts_at_its_epoch():
+    w = drw_weights(torch.tensor(COUNTS, dtype=torch.float32), beta=0.999)
+    assert w.mean() == pytest.approx(1.0) and torch.all(w[1:] >= w[:-1])
+    loss = LongTailLoss("ldam", COUNTS, drw_epoch=3, drw_beta=0.999)
+    assert torch.equal(loss.class_weights(2), torch.ones(10))
+    assert torch.allclose(loss.class_weights(3), w)
+
+
+def test_sample_weights_and_label_smoothing():
+    logits, target = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    loss = LongTailLoss("ce", COUNTS, label_smoothing=0.1)
+    assert torch.allclose(loss(logits, target), F.cross_entropy(logits, target, label_smoothing=0.1))
+    w = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(loss(logits, target, w), F.cross_entropy(logits[:3], target[:3], label_smoothing=0.1))
+
+
+def test_temperature_scaling_undoes_overconfidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 5)) * 2
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    assert fit_temperature(z * 3, labels) == pytest.approx(3.0, rel=0.1)
+
+
+def test_temperature_of_a_balanced_classifier_is_fitted_on_long_tailed_validation_data():
+    """A prior-corrected model outputs balanced probabilities: on a long-tailed validation split its
+    temperature is fitted with the prior change added (calibration_shift), and comes out right."""
+    rng = np.random.default_rng(0)
+    prior = COUNTS / COUNTS.sum()
+    labels = rng.choice(10, size=20000, p=prior)  # a long-tailed validation split ...
+    x = rng.normal(size=(len(labels), 10))
+    x[np.arange(len(labels)), labels] += 2.0  # ... of class-conditional Gaussians, x | y ~ N(2 e_y, I)
+    z = 2.0 * x  # log p(x | y) up to a constant: the calibrated logits of the balanced posterior
+    params = FinetuneParams(loss="logit_adjusted", tau=1.0)
+    shift = calibration_shift(params, COUNTS, labels)
+    assert fit_temperature(z, labels, shift) == pytest.approx(1.0, rel=0.05)
+    # the shift is the validation log prior for balanced models, ~0 for cross-entropy on the same prior
+    log_val = np.log(np.bincount(labels, minlength=10) / len(labels))
+    np.testing.assert_allclose(shift, log_val)
+    balanced_sampling = FinetuneParams(loss="ce", sampler="class_balanced")
+    np.testing.assert_allclose(calibration_shift(balanced_sampling, COUNTS, labels), log_val)
+    ce = calibration_shift(FinetuneParams(loss="ce"), np.bincount(labels, minlength=10), labels)
+    np.testing.assert_allclose(ce - ce.mean(), 0, atol=1e-9)
+
+
+def test_expected_calibration_error():
+    assert expected_calibration_error(np.full(100, 0.9), np.arange(100) < 50) == pytest.approx(0.4)
+    assert expected_calibration_error(np.full(100, 0.75), np.arange(100) < 75) == pytest.approx(0.0)
+
+
+def test_classification_metrics():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.eye(3)[[0, 0, 1, 0, 2, 2]] * 0.9 + 0.1 / 3
+    m = classification_metrics(labels, probs, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert m["worst_class"] == "b" and m["worst_class_recall"] == pytest.approx(0.5)
+    assert m["per_class_recall"] == {"a": 1.0, "b": 0.5, "c": 1.0}
+    assert m["confusion_matrix"] == [[2, 0, 0], [1, 1, 0], [0, 0, 2]]
+
+
+def test_stratified_split_keeps_every_class_and_singletons_in_train():
+    labels = np.array([0] * 50 + [1] * 10 + [2])
+    tr, va = stratified_split(labels, 0.2, seed=0)
+    assert sorted(np.concatenate([tr, va])) == list(range(len(labels)))
+    assert np.bincount(labels[va], minlength=3).tolist() == [10, 2, 0]
+
+
+def test_layer_decay_gives_early_layers_smaller_learning_rates():
+    from sslvision.models import Encoder
+
+    clf = Classifier(Encoder(TINY_ENCODER), CLASSES)
+    p = FinetuneParams(mode="finetune", layer_decay=0.5)
+    opt = make_optimizer(p, clf)
+    scale = {id(t): g["lr_scale"] for g in opt.param_groups for t in g["params"]}
+    backbone = clf.encoder.backbone
+    stem = scale[id(next(backbone.conv1.parameters()))]
+    head = scale[id(clf.head.weight)]
+    assert head == pytest.approx(1.0) and stem < scale[id(next(backbone.layer4.parameters()))] < head
+
+
+def test_save_load_round_trip(tmp_path):
+    from sslvision.models import Encoder
+
+    torch.manual_seed(0)
+    clf = Classifier(Encoder(TINY_ENCODER), CLASSES, head="cosine", scale=16.0, temperature=1.7).eval()
+    save_classifier(tmp_path / "clf", clf)
+    assert not list((tmp_path / "clf").glob("*.pkl"))
+    back = load_classifier(tmp_path / "clf")
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    np.testing.assert_allclose(back.predict_proba(images), clf.predict_proba(images), rtol=1e-6)
+    assert back.temperature == 1.7 and back.head_kind == "cosine"
+
+
+def test_bad_params_name_the_key(tmp_path):
+    (tmp_path / "params.yaml").write_text("finetune:\n  loss: focal\n")
+    with pytest.raises(ParamsError, match="finetune.loss"):
+        load_section("finetune", FinetuneParams, tmp_path / "params.yaml")
+
+
+def test_stage_linear_probe_end_to_end(workdir, monkeypatch):
+    """The stage on tiny real data with synthetic images: outputs, reports, MLflow run, and the long-tail
+    loss beating plain cross-entropy on balanced accuracy."""
+    import mlflow
+
+    from sslvision.finetune import finetune_cli, load_params, run_finetune
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # a store of this test's own (see test_registry)
+    params = make_project(workdir, synthetic_per_class=5)
+    metrics = finetune_cli(params)
+    report = json.loads((workdir / "reports/finetune/metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "worst_class_recall", "macro_f1", "ece", "per_class_recall",
+                "confusion_matrix"):
+        assert key in report
+    assert report["synthetic_images"] == 50 and report["balanced_accuracy"] > 0.4
+    for name in ("predictions.csv", "per_class_recall.csv", "history.csv", "reliability.csv",
+                 "confusion_matrix.png", "reliability.png"):
+        assert (workdir / "reports/finetune" / name).stat().st_size > 0
+    assert len(pd.read_csv(workdir / "reports/finetune/predictions.csv")) == 300
+    clf = load_classifier(workdir / "models/classifier")
+    assert clf.temperature == pytest.approx(metrics["temperature"])
+    runs = mlflow.search_runs(experiment_names=["sslvision"])
+    assert runs["metrics.balanced_accuracy"].iloc[0] == pytest.approx(metrics["balanced_accuracy"])
+
+    ce = run_finetune(load_params(params).model_copy(update={"loss": "ce", "calibrate": False}))[3]
+    assert metrics["balanced_accuracy"] > ce["balanced_accuracy"]
+
+
+def test_full_finetune_with_ldam_drw_and_balanced_sampling(workdir):
+    from sslvision.finetune import load_params, run_finetune
+
+    params = make_project(workdir, head=40, ratio=5, test_per_class=5)
+    p = load_params(params).model_copy(update={
+        "mode": "finetune", "epochs": 2, "loss": "ldam", "drw_epoch": 1, "sampler": "class_balanced", "lr": 1e-3})
+    clf, data, result, metrics, probs = run_finetune(p)
+    assert len(result.history) == 2 and np.isfinite(result.history[-1]["train_loss"])
+    assert clf.head_kind == "cosine" and probs.shape == (50, 10)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
