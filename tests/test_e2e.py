@@ -31,6 +31,9 @@ TINY = {
     "audit": {"folds": 3, "knn_k": 5, "consensus_k": 5, "min_examples_per_class": 2, "gallery_size": 8},
     "synthesize": {"max_per_class": 20, "batch_size": 64, "grid_columns": 4,
                    "mae_inpaint": {"steps": 5, "width": 8, "batch_size": 16}},
+    "finetune": {"epochs": 2, "batch_size": 64, "eval_batch_size": 128, "threads": 1, "patience": 2,
+                 "promotion": {"min_balanced_accuracy": 0.0, "max_ece": 1.0}},
+    "drift_eval": {"permutations": 200, "batch_size": 64, "reference_size": 200, "calibration_size": 100},
 }
 
 
@@ -72,7 +75,8 @@ def test_pipeline_runs_then_is_up_to_date(project):
     ran = train(root=str(project))
     assert all(ran.values()), ran
     for out in ("data/ingested/images.npy", "models/encoder/config.json", "data/embeddings/embeddings.npy",
-                "data/audit/manifest_clean.parquet", "reports/audit/gallery.png"):
+                "data/audit/manifest_clean.parquet", "reports/audit/gallery.png", "data/synthetic/images.npy",
+                "models/classifier/config.json", "reports/drift/trigger.json"):
         assert (project / out).exists(), out
     assert not any(train(root=str(project)).values())
 
@@ -89,3 +93,28 @@ def test_a_label_change_reruns_audit_but_never_pretrain(project):
     assert not ran["pretrain"], "a label change must not re-run pretraining"
     after = {s: stage_runs(project, s) for s in before}
     assert after == {"ingest": before["ingest"] + 1, "pretrain": before["pretrain"], "audit": before["audit"] + 1}
+
+
+def test_monitor_a_noisier_labeled_batch_reruns_from_audit_not_pretrain(project):
+    from pipelines.monitor import monitor
+
+    before = stage_runs(project, "pretrain")
+    (outcome,) = monitor(batch=str(project / "data/demo/incoming/noisy_labels"), root=str(project))
+    decision = outcome["decision"]
+    assert decision["stage"] == "audit", decision["reasons"]
+    assert outcome["joined_pool"] and (project / "data/pool/noisy_labels").is_dir()
+    ran = outcome["ran"]
+    assert ran["ingest"] and ran["embed"] and ran["audit"] and ran["finetune"]
+    assert not ran["pretrain"] and stage_runs(project, "pretrain") == before
+    assert (project / "reports/monitor/noisy_labels/decision.json").exists()
+
+
+def test_monitor_a_drifted_batch_reruns_from_pretrain(project):
+    from pipelines.monitor import monitor
+
+    before = stage_runs(project, "pretrain")
+    (outcome,) = monitor(batch=str(project / "data/demo/incoming/gaussian_noise_s5"), root=str(project))
+    assert outcome["decision"]["stage"] == "pretrain", outcome["decision"]["reasons"]
+    assert outcome["ran"]["pretrain"] and outcome["ran"]["finetune"]
+    assert stage_runs(project, "pretrain") == before + 1
+    assert "promotion" in outcome
