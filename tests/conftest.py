@@ -12,6 +12,14 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
+@pytest.fixture(autouse=True)
+def _own_mlflow_store(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; one test's store must not leak into the next
+    test's stage subprocesses."""
+    for name in ("MLFLOW_TRACKING_URI", "_SSLVISION_DEFAULT_TRACKING_URI", "SSLVISION_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A scratch project directory as the working directory (MLflow's SQLite store lands here)."""

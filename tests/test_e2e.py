@@ -62,11 +62,11 @@ def project(tmp_path_factory, prefect_harness):
 
 
 def stage_runs(root: Path, stage: str) -> int:
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["sslvision"], filter_string=f"tags.`sslvision.stage` = '{stage}'")
-    return len(runs)
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sslvision")
+    return len(client.search_runs([exp.experiment_id], filter_string=f"tags.`sslvision.stage` = '{stage}'"))
 
 
 def test_pipeline_runs_then_is_up_to_date(project):
