@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger, task
 
 from pipelines.train import promote_challenger, train
 from sslvision import pipeline, tracking, trigger
+from sslvision.ingest import IngestParams
 from sslvision.io import write_json
 from sslvision.params import Section, load_section, params_path
 
@@ -83,7 +84,7 @@ def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = No
     os.chdir(root_path)
     try:
         p = load_section("monitor", MonitorParams)
-        pool = Path(load_section_raw("ingest").get("pool", "data/pool"))
+        pool = Path(load_section("ingest", IngestParams).pool)
         retrain = p.retrain if retrain is None else retrain
         promote = p.promote if promote is None else promote
         batches = [batch_path] if batch_path else pending_batches(p)
@@ -117,12 +118,6 @@ def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = No
         return outcomes
     finally:
         os.chdir(cwd)
-
-
-def load_section_raw(name: str) -> dict[str, Any]:
-    from sslvision.params import read_params
-
-    return read_params().get(name) or {}
 
 
 def main(argv: list[str] | None = None) -> None:
