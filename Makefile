@@ -1,5 +1,5 @@
 # sslvision: the two commands of the README, and what they need.
-#   make demo   set up everything, build the Fashion-MNIST demo scenario, run the pipeline (dvc repro)
+#   make demo   set up everything, build the Fashion-MNIST demo scenario, run the pipeline, report
 #   make test   set up everything and run the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -22,6 +22,13 @@ $(STAMP): pyproject.toml
 	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
 	  else echo ">> Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; \
 	fi
+	@# tests/test_report.py renders the HTML report in headless Chromium (driven by Playwright)
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo ">> installing chromium"; \
+	    (apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)); \
+	  else echo ">> chromium is missing (tests/test_report.py skips): run 'sudo apt-get install chromium'"; fi; \
+	fi
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q -e ".[dev]"
@@ -32,16 +39,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The pipeline runs as the Prefect `train` flow (ephemeral Prefect: a task per DVC stage, progress per
+# stage, one MLflow parent run); then the HTML report and the summary with the wall time.
 demo: install
-	@[ -f $(DEMO)/scenario.json ] || $(BIN)/sslvision demo-data --out $(DEMO)
-	@mkdir -p data/pool
-	$(BIN)/dvc repro
+	@start=$$(date +%s); set -e; \
+	[ -f $(DEMO)/scenario.json ] || $(BIN)/sslvision demo-data --out $(DEMO); \
+	mkdir -p data/pool; \
+	$(BIN)/sslvision run --no-summary; \
+	$(BIN)/sslvision report; \
+	$(BIN)/sslvision summary; \
+	echo "make demo: $$(( $$(date +%s) - start )) s wall time after install"
 
 test: install
 	$(BIN)/python -m pytest -q -x --durations=15
 
+# Every benchmark and one comparison table (benchmarks/results/summary.json); the peers are an extra.
 bench: install
-	@for b in benchmarks/[a-z]*.py; do echo ">> $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/run_all.py --readme
 
 lint: install
 	$(BIN)/ruff check src stages pipelines tests benchmarks

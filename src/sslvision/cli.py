@@ -22,8 +22,10 @@ app = typer.Typer(
 
 def _fail(err: Exception) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {err}")
+    # soft_wrap: a long path stays on one line; escape: "[...]" in a message is text, not markup
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}")
     raise typer.Exit(code=2)
 
 
@@ -258,6 +260,7 @@ def run(
         None, "--from", help="Force this stage and everything downstream of it (default: what is out of date)."),
     root: Path = typer.Option(Path("."), "--root", help="Project root (where dvc.yaml is)."),
     wait: float = typer.Option(600, "--wait", help="Seconds to wait for another run to finish before refusing."),
+    summary: bool = typer.Option(True, "--summary/--no-summary", help="Print the key metrics at the end."),
 ) -> None:
     """Run the pipeline as the Prefect `train` flow: DVC stages as tasks, one MLflow parent run."""
     from pipelines.train import train
@@ -269,6 +272,22 @@ def run(
         _fail(err)
     for stage, did in ran.items():
         typer.echo(f"{stage:12s} {'ran' if did else 'up to date'}")
+    if summary:
+        _print_summary(root)
+
+
+def _print_summary(root: Path) -> None:
+    from sslvision.summary import latest_pipeline_seconds, render
+
+    report = root / "reports" / "index.html"
+    typer.echo(render(root, latest_pipeline_seconds(root), str(report) if report.exists() else None))
+
+
+@app.command("summary")
+def summary_cmd(root: Path = typer.Option(Path("."), "--root", help="Project root (where dvc.yaml is).")) -> None:
+    """Key metrics of every stage, the latest pipeline run's stage times, where the report is, and how to
+    open the MLflow and Prefect UIs."""
+    _print_summary(root)
 
 
 # --- monitor / serve (the monitor flow and the deployments) ----------------------------------------
@@ -306,9 +325,42 @@ def serve() -> None:
 
     from pipelines.deployments import build_deployments
     from pipelines.monitor import MonitorParams
-    from sslvision.params import load_section
+    from sslvision.params import ParamsError, load_section
 
-    prefect_serve(*build_deployments(load_section("monitor", MonitorParams).cron))
+    try:
+        cron = load_section("monitor", MonitorParams).cron
+    except ParamsError as err:
+        _fail(err)
+    prefect_serve(*build_deployments(cron))
+
+
+# --- report ----------------------------------------------------------------------------------------
+@app.command("report")
+def report(
+    out: Path = typer.Option(Path("reports/index.html"), "--out", help="HTML file to write."),
+    log_mlflow: bool = typer.Option(True, "--log-mlflow/--no-log-mlflow",
+                                    help="Also log the page as the artifact of an MLflow run named `report`."),
+) -> None:
+    """One self-contained HTML page (images embedded, no scripts) from the latest run: dataset card,
+    quarantine, SSL curves, label issues, synthetic images, per-class metrics, drift, trigger decisions
+    and promotion history. Run it from the project root; a stage not run yet shows as "not run yet"."""
+    from sslvision.io import OutputError
+    from sslvision.report import build_report, log_report
+
+    try:
+        result = build_report(out)
+    except (OutputError, OSError) as err:
+        _fail(err)
+    typer.echo(f"report: {result.path.resolve()} ({len(result.ran)} of {result.total} sections have data)")
+    typer.echo(f"open it: {result.path.resolve().as_uri()}")
+    if log_mlflow:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run_id = log_report(result.path)
+        except (MlflowException, OSError) as err:
+            _fail(err)
+        typer.echo(f"logged to MLflow: artifact {result.path.name} of run {run_id} (run name `report`)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,183 @@
+"""Every benchmark, one after the other, then one comparison table: sslvision against each peer, same
+machine, same run. Writes ``benchmarks/results/summary.json`` (the usual ``{"machine", "command",
+"rows"}`` format; each row also names its ``benchmark`` and, when it came from an earlier run, says
+so) and, with ``--readme``, rewrites the results table of README.md between its markers.
+
+    .venv/bin/python benchmarks/run_all.py                  # all of them (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/run_all.py --only drift finetune
+    .venv/bin/python benchmarks/run_all.py --summary-only --readme   # table from the committed results
+
+synthesize, finetune, drift and retrain reuse the demo pipeline's outputs (``make demo`` first); ingest,
+pretrain and audit build their own data. A benchmark that fails is reported and the others still run;
+the exit status is non-zero when any failed. Each one's own ``results/NAME.json`` keeps its full table;
+the summary keeps the headline rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from _common import RESULTS, machine, report  # noqa: E402
+
+# name -> arguments of the run that produced the committed results (the settings the README quotes)
+BENCHMARKS: dict[str, list[str]] = {
+    "ingest": [],
+    "pretrain": ["--budget-s", "150", "--batch-size", "128"],
+    "audit": ["--epochs", "4"],
+    "synthesize": ["--generators", "augment", "mae_inpaint", "feature_interp"],
+    "finetune": ["--epochs", "3"],
+    "drift": [],
+    "retrain": [],
+}
+NEEDS_DEMO = {"synthesize", "finetune", "drift", "retrain"}
+
+Row = dict
+Pick = Callable[[list[Row]], list[Row]]
+
+
+def _head(rows: list[Row], ours: Callable[[str], bool], metrics: dict[str, str],
+          systems: Callable[[str], bool] = lambda s: True, by_setting: bool = False) -> list[Row]:
+    """Headline rows: ``metrics`` maps a benchmark's metric name to the summary's (peers' variants of one
+    measurement may be named differently); ``ours`` tells sslvision's systems from the peers'."""
+    out = []
+    for r in rows:
+        if r["metric"] in metrics and systems(r["system"]):
+            out.append({"metric": metrics[r["metric"]], "system": r["system"], "value": r["value"], "unit": r["unit"],
+                        "setting": r.get("setting", "") if by_setting else "", "ours": ours(r["system"])})
+    return out
+
+
+def _startswith(*prefixes: str) -> Callable[[str], bool]:
+    return lambda s: s.startswith(prefixes)
+
+
+# what each benchmark contributes to the comparison table
+HEADLINES: dict[str, Pick] = {
+    "ingest": lambda rows: _head(rows, _startswith("sslvision", "read ingested"), {
+        "read back as float32": "reading the images back",
+        "throughput, 60,000 PNGs": "throughput, 60,000 PNGs",
+        "throughput, 60,000 PNGs (one epoch)": "throughput, 60,000 PNGs",
+        "peak RSS, 60,000 images, main + workers": "peak RSS, 60,000 images"}),
+    "pretrain": lambda rows: _head(rows, _startswith("sslvision"), {
+        "train throughput": "SimCLR ResNet-18 train throughput (same budget)",
+        "linear probe accuracy (test, 2-fold)": "linear probe accuracy"}, lambda s: "/" not in s),
+    "audit": lambda rows: _head(rows, _startswith("sslvision"), {"f1": "label-error F1"},
+                                lambda s: "ablation" not in s, by_setting=True),
+    "synthesize": lambda rows: _head(rows, lambda s: s in ("mae_inpaint", "feature_interp"),
+                                     {"mean tail recall (3 rarest)": "mean tail-class recall (3 rarest)"}),
+    "finetune": lambda rows: _head(rows, _startswith("+", "long-tail"), {"balanced_accuracy": "balanced accuracy"}),
+    "drift": lambda rows: _head(rows, _startswith("sslvision"), {"false-positive rate": "false-positive rate",
+                                                                 "power, severity >= 2": "power, severity >= 2"},
+                                by_setting=True),
+    "retrain": lambda rows: _head(rows, lambda s: True, {"wall time": "wall time"}, by_setting=True),
+}
+
+
+def run_one(name: str, extra: list[str]) -> tuple[bool, float]:
+    cmd = [sys.executable, str(HERE / f"{name}.py"), *BENCHMARKS[name], *extra]
+    print(f"\n>> {name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    ok = subprocess.run(cmd, cwd=REPO).returncode == 0
+    return ok, time.perf_counter() - t0
+
+
+def summarize(ran: dict[str, tuple[bool, float]]) -> tuple[list[Row], dict[str, str]]:
+    """The headline rows of every benchmark's latest results, and the machine each ran on."""
+    out: list[Row] = []
+    machines: dict[str, str] = {}
+    for name, pick in HEADLINES.items():
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            out.append({"benchmark": name, "system": "-", "metric": "not run yet", "value": None, "unit": "",
+                        "setting": "", "ours": False})
+            continue
+        res = json.loads(path.read_text())
+        machines[name] = res["machine"]
+        fresh = name in ran and ran[name][0]
+        for r in pick(res["rows"]):
+            out.append({"benchmark": name, **r, "run": "this run" if fresh else "earlier run"})
+    for name, (ok, seconds) in ran.items():
+        out.append({"benchmark": name, "system": "run_all", "metric": "benchmark wall time" if ok else "FAILED",
+                    "value": round(seconds, 1), "unit": "s", "setting": "", "ours": False})
+    return out, machines
+
+
+def readme_table(rows: list[Row]) -> str:
+    """Markdown: one line per (benchmark, metric, setting), sslvision's systems first, the peers after."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r["system"] == "run_all" or r["value"] is None:
+            continue
+        groups.setdefault((r["benchmark"], r["metric"], r.get("setting", "")), []).append(r)
+
+    def fmt(r: Row) -> str:
+        v = r["value"]
+        if isinstance(v, float):
+            v = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+        unit = {"fraction": "", "images/s": "img/s"}.get(r["unit"], r["unit"])
+        unit = "" if unit.startswith("share of") else unit
+        return f"{r['system']}: **{v}** {unit}".rstrip()
+
+    lines = ["| benchmark | metric | sslvision | peers / baselines |", "|---|---|---|---|"]
+    for (bench, metric, setting), rs in groups.items():
+        label = f"{metric} ({setting})" if setting else metric
+        ours = "<br>".join(fmt(r) for r in rs if r["ours"])
+        theirs = "<br>".join(fmt(r) for r in rs if not r["ours"])
+        lines.append(f"| {bench} | {label} | {ours} | {theirs} |")
+    return "\n".join(lines)
+
+
+def update_readme(rows: list[Row], machines: dict[str, str]) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme}: markers {start} / {end} not found; add them where the table belongs")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    where = sorted(set(machines.values())) or [machine()]
+    body = (f"\nMachine: {'; '.join(where)}. Generated by `python benchmarks/run_all.py --readme` from "
+            "`benchmarks/results/*.json` (each file names its machine and command).\n\n" + readme_table(rows) + "\n")
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(head + start + body + end + tail)
+    tmp.replace(readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these benchmarks")
+    ap.add_argument("--skip", nargs="+", choices=list(BENCHMARKS), default=[], help="do not run these")
+    ap.add_argument("--summary-only", action="store_true", help="run nothing; summarise the existing results")
+    ap.add_argument("--readme", action="store_true", help="rewrite README.md's benchmark table")
+    args = ap.parse_args(argv)
+
+    names = [] if args.summary_only else [n for n in (args.only or BENCHMARKS) if n not in args.skip]
+    if NEEDS_DEMO & set(names) and not (REPO / "models" / "encoder").exists():
+        raise SystemExit(f"{sorted(NEEDS_DEMO & set(names))} reuse the demo pipeline's outputs and "
+                         f"{REPO / 'models' / 'encoder'} does not exist: run `make demo` first")
+    ran: dict[str, tuple[bool, float]] = {}
+    for name in names:
+        ran[name] = run_one(name, [])
+    rows, machines = summarize(ran)
+    report("summary", rows, command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+           extra={"machines": machines})
+    if args.readme:
+        update_readme(rows, machines)
+    failed = [n for n, (ok, _) in ran.items() if not ok]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
