@@ -290,6 +290,21 @@ def summary_cmd(root: Path = typer.Option(Path("."), "--root", help="Project roo
     _print_summary(root)
 
 
+# --- profile (named params overrides, e.g. the GPU profile) ------------------------------------------
+@app.command("profile")
+def profile(path: Path = typer.Argument(..., help="Profile file, e.g. profiles/gpu.yaml.")) -> None:
+    """Validate a params profile against every stage and print it as `dvc exp run` flags:
+    `dvc exp run $(sslvision profile profiles/gpu.yaml)`."""
+    from sslvision.params import ParamsError
+    from sslvision.profiles import dvc_set_params, load_profile
+
+    try:
+        overrides = load_profile(path)
+    except ParamsError as err:
+        _fail(err)
+    typer.echo(" ".join(dvc_set_params(overrides)))
+
+
 # --- monitor / serve (the monitor flow and the deployments) ----------------------------------------
 @app.command("monitor")
 def monitor_cmd(
