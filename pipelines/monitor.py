@@ -73,8 +73,13 @@ def _emit(decision: trigger.Decision) -> None:
 
 @flow(name="monitor", log_prints=True)
 def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = None,
-            promote: bool | None = None) -> list[dict[str, Any]]:
-    """Evaluate one batch (or every pending inbox batch) and act on the trigger's decision."""
+            promote: bool | None = None, wait_s: float = 600) -> list[dict[str, Any]]:
+    """Evaluate one batch (or every pending inbox batch) and act on the trigger's decision.
+
+    Each batch is handled under the project lock (``wait_s``: how long to wait for it), from its
+    evaluation to the promotion: no pipeline run sees the pool change half-way (DVC would record a
+    pool its ingest never read), and a second monitor run that waited finds the batch processed and
+    leaves it. A batch is marked processed only once everything it triggered has finished."""
     import mlflow
 
     logger = get_run_logger()
@@ -88,32 +93,35 @@ def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = No
         retrain = p.retrain if retrain is None else retrain
         promote = p.promote if promote is None else promote
         batches = [batch_path] if batch_path else pending_batches(p)
-        order = pipeline.stage_order(root_path)
         outcomes = []
         for b in batches:
             reports = Path(p.reports) / b.name
-            result = evaluate_batch(b, reports)
-            decision = trigger.decide(result["metrics"], order, batch=b.name)
-            logger.info("batch %s: %s", b.name,
-                        f"degraded, re-run from {decision.stage}: " + "; ".join(decision.reasons)
-                        if decision.degraded else "healthy, nothing re-runs")
-            outcome: dict[str, Any] = {"decision": decision.to_dict()}
-            if decision.degraded:
-                _emit(decision)
-                joined = trigger.admit_batch(b, decision, pool)
-                outcome["joined_pool"] = str(joined) if joined else None
-                if retrain:
-                    outcome["ran"] = train(from_stage=decision.stage, root=str(root_path))
-                    if promote:
-                        outcome["promotion"] = promote_challenger(str(root_path))
-            write_json(reports / "decision.json", outcome)
-            exp_id = tracking.setup()
-            with mlflow.start_run(experiment_id=exp_id, run_name=f"monitor {b.name}",
-                                  tags={"sslvision.kind": "monitor", "sslvision.batch": b.name,
-                                        "sslvision.trigger.stage": decision.stage or "none"}):
-                mlflow.log_dict(outcome, "decision.json")
-                mlflow.log_metric("degraded", float(decision.degraded))
-            _mark_processed(p, b)
+            with pipeline.pipeline_lock(root_path, wait_s=wait_s):
+                if batch_path is None and b not in pending_batches(p):
+                    logger.info("batch %s: processed meanwhile by another monitor run", b.name)
+                    continue
+                result = evaluate_batch(b, reports)
+                decision = trigger.decide(result["metrics"], pipeline.stage_order(root_path), batch=b.name)
+                logger.info("batch %s: %s", b.name,
+                            f"degraded, re-run from {decision.stage}: " + "; ".join(decision.reasons)
+                            if decision.degraded else "healthy, nothing re-runs")
+                outcome: dict[str, Any] = {"decision": decision.to_dict()}
+                if decision.degraded:
+                    _emit(decision)
+                    joined = trigger.admit_batch(b, decision, pool)
+                    outcome["joined_pool"] = str(joined) if joined else None
+                    if retrain:
+                        outcome["ran"] = train(from_stage=decision.stage, root=str(root_path), lock=False)
+                        if promote:
+                            outcome["promotion"] = promote_challenger(str(root_path))
+                write_json(reports / "decision.json", outcome)
+                exp_id = tracking.setup()
+                with mlflow.start_run(experiment_id=exp_id, run_name=f"monitor {b.name}",
+                                      tags={"sslvision.kind": "monitor", "sslvision.batch": b.name,
+                                            "sslvision.trigger.stage": decision.stage or "none"}):
+                    mlflow.log_dict(outcome, "decision.json")
+                    mlflow.log_metric("degraded", float(decision.degraded))
+                _mark_processed(p, b)
             outcomes.append(outcome)
         return outcomes
     finally:

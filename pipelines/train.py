@@ -13,12 +13,18 @@ MLflow parent run and every stage's run is nested under it (see ``sslvision.trac
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from prefect import flow, get_run_logger, task
 
 from sslvision import pipeline, tracking
+
+T = TypeVar("T")
 
 
 def _transient(task, task_run, state) -> bool:
@@ -45,38 +51,58 @@ def run_stage(stage: str, force: bool, root: str) -> bool:
 
 @task
 def promote_challenger(root: str) -> dict:
-    """Gated promotion of the model the finetune stage registered as ``challenger``."""
+    """Gated promotion of the model the finetune stage just registered as ``challenger``.
+
+    With ``finetune.registry.auto_promote`` the stage ran the gate itself: its decision
+    (``reports/finetune/promotion.json``) is returned instead of evaluating the challenger twice (a
+    second gate would find no challenger after a promotion, and re-evaluate a refused one)."""
+    from sslvision.finetune import REPORTS, load_params
     from sslvision.params import params_path
     from sslvision.registry import promote_cli
 
-    return promote_cli(params=Path(root) / params_path().name)
+    p = load_params(Path(root) / params_path().name)
+    report = Path(root) / REPORTS / "promotion.json"
+    if p.registry.auto_promote and report.exists():
+        return json.loads(report.read_text())
+    return promote_cli(params=p)
+
+
+def _with_parent(run_id: str, fn: Callable[[], T]) -> T:
+    """Call ``fn`` with every stage run it opens nested under the MLflow run ``run_id``."""
+    os.environ[tracking.PARENT_ENV] = run_id
+    try:
+        return fn()
+    finally:
+        os.environ.pop(tracking.PARENT_ENV, None)
 
 
 @flow(name="train", log_prints=True)
 def train(from_stage: str | None = None, root: str = ".", wait_s: float = 600,
-          promote: bool = False) -> dict[str, bool]:
+          promote: bool = False, lock: bool = True) -> dict[str, bool]:
     """Reproduce the pipeline; with ``from_stage``, force that stage and everything downstream;
-    with ``promote``, offer the new challenger to gated promotion afterwards."""
+    with ``promote``, offer the new challenger to gated promotion afterwards. ``lock=False`` when the
+    caller already holds the project lock (``sslvision run`` takes it before the flow run starts)."""
     import mlflow
 
     root = str(Path(root).resolve())
-    order = pipeline.stage_order(root)
-    forced = set(pipeline.downstream_of(from_stage, root)) if from_stage else set()
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        with pipeline.pipeline_lock(root, wait_s=wait_s):
+        with pipeline.pipeline_lock(root, wait_s=wait_s) if lock else contextlib.nullcontext():
+            # Read the DAG only under the lock: another run may be rewriting dvc.lock meanwhile.
+            order = pipeline.stage_order(root)
+            forced = set(pipeline.downstream_of(from_stage, root)) if from_stage else set()
             exp_id = tracking.setup()
             with mlflow.start_run(experiment_id=exp_id, run_name=f"pipeline from {from_stage or 'start'}",
                                   tags={"sslvision.kind": "pipeline"}) as parent:
-                os.environ[tracking.PARENT_ENV] = parent.info.run_id
-                try:
-                    ran = {s: run_stage(s, s in forced, root) for s in order}
-                finally:
-                    os.environ.pop(tracking.PARENT_ENV, None)
+                ran = _with_parent(parent.info.run_id, lambda: {s: run_stage(s, s in forced, root) for s in order})
                 mlflow.log_dict({"from_stage": from_stage, "ran": ran}, "pipeline.json")
-                if promote and ran.get("finetune"):
-                    mlflow.log_dict(promote_challenger(root), "promotion.json")
+            if promote and ran.get("finetune"):
+                # After the parent run closed (the promotion opens its own run, which MLflow refuses
+                # while another is active), nested under it all the same; still under the lock.
+                promotion = _with_parent(parent.info.run_id, lambda: promote_challenger(root))
+                mlflow.MlflowClient().log_dict(parent.info.run_id, json.loads(json.dumps(promotion, default=str)),
+                                               "promotion.json")
     finally:
         os.chdir(cwd)
     return ran

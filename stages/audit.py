@@ -17,5 +17,5 @@ from sslvision.params import params_path
 if __name__ == "__main__":
     try:
         audit_cli(params=params_path())
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         sys.exit(f"audit: error: {err}")

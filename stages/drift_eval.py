@@ -13,6 +13,6 @@ from sslvision.params import params_path
 if __name__ == "__main__":
     try:
         result = drift_eval_cli(batch=None, params=params_path())
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         sys.exit(f"drift_eval: error: {err}")
     print("failed metrics:", ", ".join(result["failed"]) or "none")

@@ -13,6 +13,6 @@ if __name__ == "__main__":
     try:
         p = load_section("pretrain", PretrainParams, params_path())
         info = embed_ingested(batch_size=p.embed_batch_size, device=p.device)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         sys.exit(f"embed: error: {err}")
     print(f"embed: {info['rows']} images -> {info['dim']}-d embeddings ({info['embed_img_s']:.0f} img/s)")

@@ -2,8 +2,9 @@
 ``models/classifier/`` and ``reports/finetune/``, log to MLflow, register the model as ``challenger``
 and run the gated promotion (``finetune.registry``).
 
-Run from the project root (``dvc repro finetune``). All logic is in ``sslvision.finetune`` and
-``sslvision.registry``.
+Run from the project root (``dvc repro finetune``), or a full fine-tune (``finetune.mode: finetune``)
+on N processes: ``torchrun --nproc_per_node=N stages/finetune.py``. All logic is in
+``sslvision.finetune`` and ``sslvision.registry``.
 """
 
 import sys
@@ -14,7 +15,9 @@ from sslvision.params import ParamsError, params_path
 if __name__ == "__main__":
     try:
         m = finetune_cli(params_path())
-    except (ParamsError, ValueError, FileNotFoundError) as err:
+    except (ParamsError, ValueError, OSError) as err:
         sys.exit(f"finetune: error: {err}")
+    if m is None:  # a torchrun worker: rank 0 reports
+        sys.exit(0)
     print(f"finetune: test balanced accuracy {m['balanced_accuracy']:.4f}, worst class {m['worst_class']} "
           f"{m['worst_class_recall']:.4f}, ECE {m['ece']:.4f}; promotion: {m['promotion']['decision']}")

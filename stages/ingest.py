@@ -13,5 +13,5 @@ from sslvision.params import params_path
 if __name__ == "__main__":
     try:
         ingest_cli(source=None, out=Path("data/ingested"), params=params_path())
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         sys.exit(f"ingest: error: {err}")

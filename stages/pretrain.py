@@ -17,5 +17,5 @@ from sslvision.pretrain import NonFiniteLossError, pretrain_cli
 if __name__ == "__main__":
     try:
         pretrain_cli(params=params_path())
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+    except (ValueError, OSError, NonFiniteLossError) as err:
         sys.exit(f"pretrain: error: {err}")

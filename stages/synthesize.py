@@ -14,5 +14,5 @@ from sslvision.synthesize import synthesize_cli
 if __name__ == "__main__":
     try:
         synthesize_cli(params=params_path())
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         sys.exit(f"synthesize: error: {err}")

@@ -1,6 +1,12 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from tests import servers
 
 # Keep every test on the embedded defaults and off the user's stores.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -34,3 +40,26 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+class MlflowServer(NamedTuple):
+    url: str
+    database: Path
+    artifacts: Path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One ``mlflow server`` on loopback for the session: a SQLite database as the backend store,
+    artifacts proxied by the server into a directory. Starting one (fresh database, uvicorn) takes
+    20-100 s on a busy 2-core machine."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    server = MlflowServer(f"http://127.0.0.1:{servers.free_port()}", root / "mlflow.db", root / "artifacts")
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+           "--port", server.url.rsplit(":", 1)[1], "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{server.database}", "--artifacts-destination", str(server.artifacts)]
+    proc = servers.start(cmd, f"{server.url}/health", cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield server
+    finally:
+        servers.stop(proc)

@@ -216,18 +216,35 @@ def test_read_batch_labels_from_class_directories(tmp_path):
 # --- the stage, end to end on a tiny project -------------------------------------------------------
 
 
-def _tiny_project(root):
-    """Ingested Fashion-MNIST images, their embeddings, a tiny encoder and a logistic-regression head
-    trained as finetune trains (never on its validation rows nor on the rows the audit dropped)."""
-    import pandas as pd
-    import yaml
+def linear_classifier(encoder, features, labels):
+    """A classifier with a logistic-regression head on ``features`` (the encoder's embeddings), on its
+    own copy of ``encoder`` (the classifier's head lives in the encoder)."""
+    import copy
+
     from sklearn.linear_model import LogisticRegression
 
+    from sslvision.finetune import Classifier
+    from tests.finetune_project import CLASSES
+
+    head = LogisticRegression(max_iter=500).fit(features, labels)
+    classifier = Classifier(copy.deepcopy(encoder), CLASSES)
+    with torch.no_grad():
+        classifier.head.weight.copy_(torch.from_numpy(head.coef_))
+        classifier.head.bias.copy_(torch.from_numpy(head.intercept_))
+    return classifier
+
+
+def tiny_project(root):
+    """Ingested Fashion-MNIST images, their embeddings, a tiny encoder, an audit that dropped the first
+    30 train rows, and a logistic-regression head trained as finetune trains (on finetune's train rows
+    only: never on its validation rows nor on the rows the audit dropped). Returns the embeddings."""
+    import pandas as pd
+    import yaml
+
     from sslvision.data import Ingested
-    from sslvision.drift import classifier_reference_rows
-    from sslvision.finetune import Classifier, FinetuneParams, save_classifier, train_val_rows
+    from sslvision.finetune import FinetuneParams, save_classifier, train_val_rows
     from sslvision.models import embed, load_encoder
-    from tests.finetune_project import CLASSES, make_project
+    from tests.finetune_project import make_project
 
     make_project(root, head=100, ratio=10, test_per_class=20)
     data = Ingested.load(root / "data/ingested")
@@ -236,24 +253,59 @@ def _tiny_project(root):
     (root / "data/embeddings").mkdir(parents=True)
     np.save(root / "data/embeddings/embeddings.npy", features)
     audited = root / "data/audit/manifest_clean.parquet"
-    pd.read_parquet(audited).iloc[30:].to_parquet(audited, index=False)  # the audit dropped 30 rows
-    finetune = FinetuneParams(manifest=str(audited))
+    pd.read_parquet(audited).iloc[30:].to_parquet(audited, index=False)
+    train, _ = train_val_rows(FinetuneParams(manifest=str(audited)))
+    save_classifier(root / "models/classifier", linear_classifier(encoder, features[train["index"]], train["label"]))
+    (root / "params.yaml").write_text(yaml.safe_dump({"drift_eval": {
+        "reference_size": 300, "calibration_size": 200, "permutations": 200, "batch_size": 128}}))
+    return features
+
+
+def test_reference_rows_are_the_rows_finetune_held_out(workdir):
+    """The classifier reference (its predictions: prediction shift, reference accuracy) is computed on
+    finetune's own validation rows plus the same share of the rows the audit dropped, never on a row
+    finetune trained on; the training-row class counts are those of finetune's training labels."""
+    from sslvision.data import Ingested
+    from sslvision.drift import build_reference, classifier_reference_rows
+    from sslvision.finetune import FinetuneParams, load_classifier, load_data, train_val_rows
+
+    tiny_project(workdir)
+    data = Ingested.load(workdir / "data/ingested")
+    finetune = FinetuneParams()  # what the stage reads from params.yaml (no finetune section: the defaults)
     held_out, counts = classifier_reference_rows(finetune, data.manifest)
     train, val = train_val_rows(finetune)
     dropped = set(data.split("train")["index"][:30])
-    assert not set(held_out) & set(train["index"]) and set(val["index"]) <= set(held_out)
-    assert len(set(held_out) & dropped) == 3 and counts.sum() == len(data.split("train")) - 30
-    head = LogisticRegression(max_iter=500).fit(features[train["index"]], train["label"])
-    classifier = Classifier(encoder, CLASSES)
-    with torch.no_grad():
-        classifier.head.weight.copy_(torch.from_numpy(head.coef_))
-        classifier.head.bias.copy_(torch.from_numpy(head.intercept_))
-    save_classifier(root / "models/classifier", classifier)
-    (root / "params.yaml").write_text(yaml.safe_dump({"drift_eval": {
-        "reference_size": 300, "calibration_size": 200, "permutations": 200, "batch_size": 128}}))
+    assert set(held_out) - dropped == set(val["index"])  # exactly finetune's validation rows ...
+    assert len(set(held_out) & dropped) == 3  # ... plus val_fraction (0.1) of the 30 dropped rows
+    assert not set(held_out) & set(train["index"])
+    assert counts.tolist() == np.bincount(np.concatenate([train["label"], val["label"]]), minlength=10).tolist()
+    # finetune's data loader trains on train_val_rows' train rows and validates on its val rows
+    loaded = load_data(finetune)
+    np.testing.assert_array_equal(loaded.val.images, data.images[val["index"].to_numpy()])
+    np.testing.assert_array_equal(loaded.train.images, data.images[train["index"].to_numpy()])
+    # and the stage's reference predictions are the classifier's on exactly those rows
+    reference, *_ = build_reference(DriftParams(reference_size=300, calibration_size=200), "params.yaml")
+    expected = load_classifier("models/classifier").predict_proba(np.asarray(data.images[held_out]), 256)
+    np.testing.assert_allclose(reference.probs, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(reference.predicted_counts, np.bincount(expected.argmax(1), minlength=10))
 
 
-def _write_batch(directory, images):
+def unseen_images(offset=30000):
+    """Fashion-MNIST train images from ``offset`` on (the tiny project uses only earlier ones), with
+    the project's long-tailed class prior."""
+    from tests.finetune_project import fmnist, long_tail_indices
+
+    data = fmnist()
+    return data["train_images"][offset + long_tail_indices(data["train_labels"][offset:], 40, 10)]
+
+
+def with_noise(images, seed=0):
+    """Gaussian noise of std 60 (of 255): a corruption the embedding drift test must catch."""
+    noise = np.random.default_rng(seed).normal(0, 60, images.shape)
+    return np.clip(images + noise, 0, 255).astype(np.uint8)
+
+
+def write_batch(directory, images):
     directory.mkdir(parents=True)
     for i, im in enumerate(images):
         Image.fromarray(im).save(directory / f"img_{i:04d}.png")
@@ -269,16 +321,12 @@ def test_stage_writes_trigger_json_plots_and_an_mlflow_run(workdir):
     from sslvision.cli import app
     from sslvision.drift import drift_eval_cli
     from sslvision.tracking import setup
-    from tests.finetune_project import fmnist, long_tail_indices
 
-    _tiny_project(workdir)
-    data = fmnist()
-    offset = 30000  # images the project never used, with the same long-tailed class prior
-    unseen = offset + long_tail_indices(data["train_labels"][offset:], 40, 10)
-    clean = data["train_images"][unseen]
-    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 60, clean.shape), 0, 255).astype(np.uint8)
-    _write_batch(workdir / "incoming/clean", clean)
-    _write_batch(workdir / "incoming/noisy", noisy)
+    tiny_project(workdir)
+    clean = unseen_images()
+    noisy = with_noise(clean)
+    write_batch(workdir / "incoming/clean", clean)
+    write_batch(workdir / "incoming/noisy", noisy)
 
     clean_result = drift_eval_cli(workdir / "incoming/clean", "params.yaml", "reports/clean")
     cli = CliRunner().invoke(app, ["drift-eval", str(workdir / "incoming/noisy"), "--out", "reports/noisy"])

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -137,52 +132,20 @@ def test_interrupted_promotion_is_completed_by_running_it_again(trained, store):
     assert _aliases() == {"champion": v2, "previous": v1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow  # starting a server (fresh database, uvicorn) takes 20-100 s on a busy 2-core machine
-def test_against_a_real_mlflow_server(trained, tmp_path, monkeypatch):
+@pytest.mark.slow  # the session's mlflow server (conftest) takes 20-100 s to start on a busy 2-core machine
+def test_against_a_real_mlflow_server(trained, mlflow_server, tmp_path, monkeypatch):
     import mlflow
 
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start on {url} (exit code {server.poll()})")
-                time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        monkeypatch.chdir(tmp_path)
-        golden = trained["golden"]
-        version = _register(trained["strong"], golden)
-        assert _promote(golden)["decision"] == "promoted"
-        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-        expected = load_classifier(trained["strong"]).predict_proba(golden[0]).argmax(1)
-        np.testing.assert_array_equal(model.predict(registry.flatten(golden[0]))["prediction"].to_numpy(), expected)
-        assert _aliases() == {"champion": version}
-        assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.chdir(tmp_path)
+    golden = trained["golden"]
+    version = _register(trained["strong"], golden)
+    assert _promote(golden)["decision"] == "promoted"
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    expected = load_classifier(trained["strong"]).predict_proba(golden[0]).argmax(1)
+    np.testing.assert_array_equal(model.predict(registry.flatten(golden[0]))["prediction"].to_numpy(), expected)
+    assert _aliases() == {"champion": version}
+    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
 
 
 def test_cli_rollback_without_previous_names_the_problem(store):

@@ -264,10 +264,13 @@ def run(
 ) -> None:
     """Run the pipeline as the Prefect `train` flow: DVC stages as tasks, one MLflow parent run."""
     from pipelines.train import train
-    from sslvision.pipeline import PipelineBusy
+    from sslvision.pipeline import PipelineBusy, pipeline_lock
 
     try:
-        ran = train(from_stage=from_stage, root=str(root), wait_s=wait)
+        # Wait for the project (or be refused) before a flow run starts: a refusal is then one line,
+        # not a failed flow run and its traceback.
+        with pipeline_lock(root, wait_s=wait):
+            ran = train(from_stage=from_stage, root=str(root), lock=False)
     except (PipelineBusy, ValueError) as err:
         _fail(err)
     for stage, did in ran.items():

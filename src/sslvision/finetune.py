@@ -33,6 +33,12 @@ distribution would; the temperature then calibrates the balanced probabilities t
 
 On disk (``models/classifier/``): ``classifier.safetensors`` and ``config.json`` (encoder config,
 classes, head kind, temperature): :func:`load_classifier` rebuilds it; no pickles anywhere.
+
+Under ``torchrun --nproc_per_node=N stages/finetune.py`` a full fine-tune (``mode: finetune``) runs
+DistributedDataParallel (gloo on CPU, NCCL on GPU): ``batch_size`` stays the global batch, each
+process trains on its share of every batch, validation decisions are rank 0's, and only rank 0
+evaluates, writes ``models/classifier``/``reports/finetune`` and logs to MLflow. A linear probe trains
+a head on features computed once (seconds), so it refuses to run distributed.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,14 +55,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from sslvision.data import Ingested
 from sslvision.io import atomic_path, write_csv, write_json
-from sslvision.models import Encoder, EncoderConfig, embed, load_encoder, to_input
+from sslvision.models import Encoder, EncoderConfig, embed, load_encoder, load_weights, to_input
 from sslvision.params import Section, load_section
 
 log = logging.getLogger(__name__)
@@ -324,7 +332,7 @@ def load_classifier(directory: str | Path) -> Classifier:
                                 scale=config["scale"], temperature=config["temperature"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a classifier config: {err}") from err
-    classifier.load_state_dict(load_file(directory / "classifier.safetensors"))
+    load_weights(classifier, directory / "classifier.safetensors")
     return classifier.eval()
 
 
@@ -473,6 +481,7 @@ class TrainResult:
     best_val_balanced_accuracy: float = 0.0
     temperature: float = 1.0
     seconds: float = 0.0
+    world_size: int = 1
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -495,14 +504,15 @@ def balanced_accuracy(labels: np.ndarray, logits: np.ndarray) -> float:
     return float(balanced_accuracy_score(labels, logits.argmax(1)))
 
 
-def _batches(n: int, batch_size: int, sampler_weights: torch.Tensor | None, generator: torch.Generator) -> list[torch.Tensor]:
+def _batches(n: int, batch_size: int, sampler_weights: torch.Tensor | None, generator: torch.Generator,
+             min_size: int = 2) -> list[torch.Tensor]:
     if sampler_weights is None:
         order = torch.randperm(n, generator=generator)
     else:
         from torch.utils.data import WeightedRandomSampler
 
         order = torch.tensor(list(WeightedRandomSampler(sampler_weights, n, replacement=True, generator=generator)))
-    return [order[s:s + batch_size] for s in range(0, n, batch_size) if len(order[s:s + batch_size]) > 1]
+    return [order[s:s + batch_size] for s in range(0, n, batch_size) if len(order[s:s + batch_size]) >= min_size]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -511,6 +521,32 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("finetune.device: cuda requested but torch sees no CUDA device (use auto or cpu)")
     return torch.device(name)
+
+
+def join_process_group(p: FinetuneParams, device: torch.device) -> tuple[torch.device, int, int]:
+    """Under torchrun (``WORLD_SIZE`` > 1) join the process group; return (device, rank, world size)."""
+    from sslvision.pretrain import init_distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and p.mode == "linear_probe":
+        raise ValueError("finetune.mode: linear_probe trains a head on features computed once (seconds): run it "
+                         "in one process, without torchrun (mode: finetune runs distributed)")
+    if not init_distributed(device):
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def check_replicas_agree(model: nn.Module, device: torch.device) -> None:
+    """DDP keeps every process's weights identical; stop loudly if they are not (BatchNorm running
+    statistics stay per process and are not compared: rank 0's are the ones saved)."""
+    sums = torch.stack([t.detach().double().sum() for t in model.parameters()]).to(device)
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("finetune: the processes ended with different weights; DistributedDataParallel "
+                           "lost sync (every process must run the same number of steps)")
 
 
 def make_optimizer(p: FinetuneParams, classifier: Classifier) -> torch.optim.Optimizer:
@@ -535,7 +571,9 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
     t0 = time.perf_counter()
     torch.manual_seed(p.seed)
     generator = torch.Generator().manual_seed(p.seed)
-    device = resolve_device(p.device)
+    device, rank, world = join_process_group(p, resolve_device(p.device))
+    # every process draws the same batch order from `generator`; its augmentations are its own
+    augment_generator = generator if world == 1 else torch.Generator().manual_seed(p.seed + 1 + rank)
     classifier.to(device)
     k = len(data.classes)
     train, val = data.train, data.val
@@ -555,12 +593,17 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
     else:
         x_train, x_val = torch.from_numpy(train.images), torch.from_numpy(val.images)
         trained = classifier.encoder.backbone
+        net: nn.Module = classifier
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                classifier, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=classifier.head_kind == "cosine")  # the cosine head has an unused bias
 
         def forward(xb: torch.Tensor) -> torch.Tensor:
             x = to_input(xb)
             if p.augment and classifier.training:
-                x = augment_batch(x, generator)
-            return classifier(x)
+                x = augment_batch(x, augment_generator)
+            return (net if classifier.training else classifier)(x)  # evaluation is local, no collectives
 
     optimizer = make_optimizer(p, classifier)
     y_train = torch.from_numpy(train.labels)
@@ -569,7 +612,8 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
     if p.sampler == "class_balanced":
         per_class = torch.as_tensor(1.0 / np.maximum(np.bincount(train.labels, minlength=k), 1))
         sampler_weights = per_class[y_train] * w_train
-    steps = max(len(_batches(len(train), p.batch_size, None, torch.Generator())), 1)
+    min_size = 2 * world  # at least two images per process and batch
+    steps = max(len(_batches(len(train), p.batch_size, None, torch.Generator(), min_size)), 1)
     scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched="cosine", num_epochs=p.epochs,
                                                       warmup_epochs=p.warmup_epochs, warmup_lr=p.lr * 0.01,
                                                       min_lr=p.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps)
@@ -582,7 +626,8 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
         if p.mode == "finetune":
             classifier.train()
         total, seen = 0.0, 0
-        for idx in _batches(len(train), p.batch_size, sampler_weights, generator):
+        for idx in _batches(len(train), p.batch_size, sampler_weights, generator, min_size):
+            idx = idx[rank::world]  # this process's share of the global batch
             loss = criterion(forward(x_train[idx].to(device)), y_train[idx].to(device), w_train[idx].to(device), epoch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch}: lower finetune.lr (now {p.lr})")
@@ -596,10 +641,15 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
         classifier.eval()
         val_logits = _val_logits(classifier, forward, x_val, p.eval_batch_size)
         val_bacc = balanced_accuracy(val.labels, val_logits)
+        if world > 1:  # rank 0's score decides best epoch and early stop for all, or they would part ways
+            score = torch.tensor([val_bacc], dtype=torch.float64, device=device)
+            dist.broadcast(score, 0)
+            val_bacc = float(score.item())
         row = {"epoch": epoch, "train_loss": total / max(seen, 1), "val_balanced_accuracy": val_bacc,
                "lr": max(g["lr"] for g in optimizer.param_groups)}
         result.history.append(row)
-        log.info("epoch %d/%d  loss %.4f  val balanced accuracy %.4f", epoch + 1, p.epochs, row["train_loss"], val_bacc)
+        if rank == 0:
+            log.info("epoch %d/%d  loss %.4f  val balanced accuracy %.4f", epoch + 1, p.epochs, row["train_loss"], val_bacc)
         if on_epoch is not None:
             on_epoch(epoch, row)
         if epoch == 0 or val_bacc > result.best_val_balanced_accuracy:
@@ -613,11 +663,14 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
                 break
     trained.load_state_dict(best_state)
     classifier.eval()
+    if world > 1:
+        check_replicas_agree(classifier, device)
     if p.calibrate and len(val):
         classifier.temperature = fit_temperature(_val_logits(classifier, forward, x_val, p.eval_batch_size), val.labels,
                                                  calibration_shift(p, counts, val.labels))
     result.temperature = classifier.temperature
     result.seconds = time.perf_counter() - t0
+    result.world_size = world
     return result
 
 
@@ -692,13 +745,15 @@ def run_finetune(p: FinetuneParams, on_epoch: Any = None) -> tuple[Classifier, F
     metrics = classification_metrics(data.test.labels, probs, data.classes)
     metrics.update(best_epoch=result.best_epoch, val_balanced_accuracy=result.best_val_balanced_accuracy,
                    temperature=result.temperature, train_images=len(data.train),
-                   synthetic_images=int(data.train.synthetic.sum()), train_seconds=result.seconds)
+                   synthetic_images=int(data.train.synthetic.sum()), train_seconds=result.seconds,
+                   world_size=result.world_size)
     return classifier, data, result, metrics, probs
 
 
-def finetune_cli(params: str | Path | None = None) -> dict[str, Any]:
+def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
     """The stage: train, write ``models/classifier`` and ``reports/finetune``, log to MLflow, register
-    the model as ``challenger`` and (``registry.auto_promote``) run the gated promotion."""
+    the model as ``challenger`` and (``registry.auto_promote``) run the gated promotion. Under torchrun
+    the other processes only train alongside rank 0 and return None."""
     import mlflow
 
     from sslvision import registry, tracking
@@ -706,6 +761,12 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = load_section("finetune", FinetuneParams, params)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: train only; rank 0 evaluates, logs and writes
+        if p.threads:
+            torch.set_num_threads(p.threads)
+        data = load_data(p)
+        train_classifier(build_classifier(p, data.classes), data, p)
+        return None
     with tracking.stage_run("finetune", p.model_dump()):
         classifier, data, result, metrics, probs = run_finetune(
             p, on_epoch=lambda epoch, row: mlflow.log_metrics({f"train/{k}": v for k, v in row.items()}, step=epoch))

@@ -597,7 +597,7 @@ class DecodeCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             name = f"shard-{uuid.uuid4().hex[:12]}.npy"
             with io.atomic_path(self.dir / name, suffix=".npy") as tmp:
-                shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(new), *self.conv.shape))
+                shard = io.open_npy(tmp, (len(new), *self.conv.shape))
                 for start in range(0, len(new), 4096):
                     rows = [row for _, row, _ in new[start:start + 4096]]
                     shard[start:start + len(rows)] = images[rows]
@@ -636,9 +636,10 @@ def decode_all(items: list[Item], conv: Conversion, workers: int, chunk_size: in
     hits = 0
     chunks = [items[i:i + chunk_size] for i in range(0, n, chunk_size)]
     state = {"t0": time.perf_counter()}
-    partial = out_npy.with_name(f".{out_npy.name}.{uuid.uuid4().hex[:8]}.partial.npy")
+    partial = io.temp_sibling(out_npy, ".partial.npy")
     try:
-        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(max(n, 1), *conv.shape))
+        with io.writing(out_npy):
+            images = io.open_npy(partial, (max(n, 1), *conv.shape))
         done = 0
         decoded = _ordered_map(map(_tasks, chunks), conv, workers, cache.keys())
         for chunk, (pixels, results) in zip(chunks, decoded, strict=True):
@@ -675,10 +676,11 @@ def decode_all(items: list[Item], conv: Conversion, workers: int, chunk_size: in
             cache.add(new, images)
             if k == len(images):
                 del images
-                os.replace(partial, out_npy)
+                with io.writing(out_npy):
+                    os.replace(partial, out_npy)
             else:  # some files were refused: copy the kept rows into an array of the final length
                 with io.atomic_path(out_npy, suffix=".npy") as tmp:
-                    final = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(k, *conv.shape))
+                    final = io.open_npy(tmp, (k, *conv.shape))
                     for start in range(0, k, 8192):
                         final[start:start + 8192] = images[start:min(start + 8192, k)]
                     final.flush()
@@ -799,7 +801,7 @@ def run_ingest(params: IngestParams, source: str | os.PathLike, out: str | os.Pa
 
     conv = Conversion(params.channels, params.size, params.max_file_bytes, params.max_pixels)
     cache = DecodeCache(Path(params.cache_dir) if params.cache_dir else None, conv)
-    out.mkdir(parents=True, exist_ok=True)
+    io.make_dir(out)
     kept, refused, decode_stats = decode_all(listing.items, conv, params.workers, params.chunk_size,
                                              out / "images.npy", cache)
     quarantine = pd.DataFrame(listing.quarantine + refused, columns=["source_path", "split", "reason", "detail"])

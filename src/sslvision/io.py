@@ -2,14 +2,21 @@
 
 Every stage output is written to a temporary sibling first and moved into place with ``os.replace``,
 so a stage killed at any instant leaves either the old output or the new one, never half a file.
+Temporary siblings are hidden and named after the host and process that writes them
+(``.NAME.HOST-PID.XXXXXXXX.tmp``); the next write of the same output removes those of dead processes,
+so a killed stage leaves no garbage behind once it is re-run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,20 +25,96 @@ from typing import Any
 import pandas as pd
 
 
-class OutputError(RuntimeError):
-    """An output could not be written (unwritable directory, full disk, ...)."""
+class OutputError(OSError):
+    """An output could not be written (unwritable directory, full disk, ...); the message names the path.
+
+    An ``OSError``, so every ``except OSError`` of the CLI and the stage scripts reports it in one line.
+    """
 
 
 def _describe_os_error(path: Path, err: OSError) -> str:
-    import errno
-
     why = {
         errno.ENOSPC: "no space left on the device",
         errno.EACCES: "permission denied",
         errno.EROFS: "read-only file system",
         errno.EDQUOT: "disk quota exceeded",
+        errno.EFBIG: "file too large (the file size limit, ulimit -f, was reached)",
+        errno.ENOTDIR: "a parent of it is a file, not a directory",
+        errno.EEXIST: "it or a parent of it is a file, where a directory is needed",
     }.get(err.errno, err.strerror or str(err))
     return f"cannot write {path}: {why}"
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Report an ``OSError`` of the body (which writes ``path``) as an ``OutputError`` naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as err:
+        raise OutputError(_describe_os_error(Path(path), err)) from err
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; an ``OutputError`` naming ``path`` when it cannot be made."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(_describe_os_error(path, err)) from err
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def temp_sibling(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """Create an empty, hidden, unique file next to ``path`` and return its name; first remove the
+    temporary siblings of ``path`` that dead processes of this host left (a stage killed mid-write)."""
+    path = Path(path)
+    tag = f"{socket.gethostname()}-"
+    mine = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(tag)}(\d+)\.")
+    make_dir(path.parent)
+    try:
+        for old in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            m = mine.match(old.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}{os.getpid()}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise OutputError(_describe_os_error(path, err)) from err
+    return Path(tmp)
+
+
+def open_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any = "uint8") -> Any:
+    """A writable memory-mapped ``.npy`` at ``path`` whose disk blocks are reserved up front.
+
+    Writing through a memory map to a full disk kills the process with SIGBUS (no exception, no
+    message); reserving the blocks first turns that into an ``OSError`` (ENOSPC) before any work.
+    """
+    import numpy as np
+
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate") and array.nbytes:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate on this file system
+                del array
+                raise
+        finally:
+            os.close(fd)
+    return array
 
 
 @contextlib.contextmanager
@@ -41,14 +124,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     Works for files and for directories (whatever the body creates at the yielded path).
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:
-        raise OutputError(_describe_os_error(path, err)) from err
-    tmp_path = Path(tmp)
+    tmp_path = temp_sibling(path, suffix or ".tmp")
+    tmp_path.unlink()  # the body creates a file or a directory there
     try:
         yield tmp_path
         if path.is_dir() and not path.is_symlink() and tmp_path.is_dir():
@@ -59,6 +136,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_path, path)
+    except OutputError:
+        raise
     except OSError as err:
         raise OutputError(_describe_os_error(path, err)) from err
     finally:

@@ -234,12 +234,29 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON: {err}") from err
 
 
+def load_weights(module: nn.Module, path: Path) -> None:
+    """Load the safetensors file ``path`` into ``module``: tensors only, nothing is ever unpickled. A
+    file that is not safetensors (e.g. a pickled ``.pt`` renamed) or does not fit ``module`` is a
+    ``ValueError`` naming it."""
+    try:
+        state = load_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ValueError(f"{path}: not a safetensors weights file ({err})") from err
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: the weights do not fit the model its config.json describes "
+                         f"({str(err).splitlines()[0]})") from err
+
+
 def load_encoder(directory: str | Path) -> Encoder:
     """Rebuild the encoder from ``config.json`` and load its safetensors weights (eval mode)."""
     directory = Path(directory)
     config = _read_config(directory)
     encoder = Encoder(EncoderConfig(**config["encoder"]))
-    encoder.load_state_dict(load_file(directory / "encoder.safetensors"))
+    load_weights(encoder, directory / "encoder.safetensors")
     return encoder.eval()
 
 
@@ -252,7 +269,7 @@ def load_decoder(directory: str | Path) -> MAEDecoder:
     enc = EncoderConfig(**config["encoder"])
     decoder = MAEDecoder(config["dim"], (enc.img_size // enc.patch_size) ** 2, enc.patch_size, enc.in_chans,
                          DecoderConfig(**config["decoder"]))
-    decoder.load_state_dict(load_file(directory / "decoder.safetensors"))
+    load_weights(decoder, directory / "decoder.safetensors")
     return decoder.eval()
 
 

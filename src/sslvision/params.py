@@ -6,6 +6,7 @@ the problem (``params.yaml: ingest.size: Input should be greater than 0 (got -3)
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,7 +54,12 @@ def load_section(name: str, model: type[M], path: str | os.PathLike | None = Non
     ``overrides`` (already nested, e.g. ``{"size": 32}``) win over the file, for CLI flags and tests.
     """
     p = params_path(path)
-    raw = read_params(p).get(name, {})
+    data = read_params(p)
+    if name not in data:  # every key has a default, but a misspelt section name must not pass silently
+        near = difflib.get_close_matches(name, [str(k) for k in data], n=1, cutoff=0.8)
+        if near:
+            raise ParamsError(f"{p}: {name}: section missing; is {near[0]!r} a misspelling of it?")
+    raw = data.get(name, {})
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

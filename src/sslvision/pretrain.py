@@ -370,6 +370,20 @@ def _optimizer(model: nn.Module, p: PretrainParams) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=p.lr)
 
 
+def _read_checkpoint(path: Path) -> dict | None:
+    """The checkpoint's state, or None (with a warning) when it cannot be used: damaged, not a
+    checkpoint, or holding anything but tensors and plain values (``weights_only``: never unpickled)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        log.warning("%s: unreadable checkpoint (%s); starting from scratch", path, str(err).splitlines()[0])
+        return None
+    if not isinstance(state, dict):
+        log.warning("%s: not a pretrain checkpoint; starting from scratch", path)
+        return None
+    return state
+
+
 def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
           on_epoch: Callable[[dict[str, float]], None] | None = None,
           on_step: Callable[[int, float], bool | None] | None = None,
@@ -415,8 +429,8 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
     ckpt_path = Path(p.checkpoint_dir) / "last.pt"
     fingerprint = p.fingerprint()
     step, history, epoch_sums = 0, [], {"loss": 0.0, "n": 0}
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = _read_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if state is not None:
         if state.get("fingerprint") == fingerprint and state.get("world") == world:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

@@ -163,10 +163,29 @@ def golden_frame(images: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     return frame
 
 
+CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"
+
+
+def check_defined_in_code(uri: str) -> None:
+    """Refuse to load a model that is not a pyfunc defined in code, as :func:`log_and_register` logs
+    it: any other MLflow model (a pickled ``python_model``, a sklearn flavour, ...) is unpickled when
+    loaded, and a registry entry is not trusted that far. Reads only the ``MLmodel`` file."""
+    import mlflow
+
+    flavors = mlflow.models.get_model_info(uri).flavors
+    loader = flavors.get("python_function", {}).get("loader_module")
+    if loader != CODE_MODEL_LOADER or set(flavors) != {"python_function"}:
+        raise RegistryError(
+            f"{uri}: refusing to load it: its flavours {sorted(flavors)} (pyfunc loader {loader!r}) would "
+            f"unpickle data; sslvision only loads models logged from code ({CODE_MODEL_LOADER})")
+
+
 def evaluate_version(name: str, version: str, golden: pd.DataFrame) -> Any:
     """``mlflow.models.evaluate`` of one registered version on the golden frame (in a nested run)."""
     import mlflow
     from mlflow.models import make_metric
+
+    check_defined_in_code(f"models:/{name}/{version}")
 
     metrics = [
         make_metric(eval_fn=_balanced_accuracy, greater_is_better=True, name="balanced_accuracy"),
