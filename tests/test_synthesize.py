@@ -68,7 +68,7 @@ def real(resnet):
 
 
 def _params(**over) -> syn.SynthesizeParams:
-    base = {"oversample": 2.0, "batch_size": 64, "grid_columns": 4,
+    base = {"oversample": 2.0, "batch_size": 64, "grid_columns": 4, "cache_dir": "",
             "mae_inpaint": {"steps": 3, "batch_size": 8, "width": 8, "patch_size": 2},
             "feature_interp": {"steps": 3, "batch_size": 8, "width": 8},
             "filter": {"min_confidence": 0.0, "max_source_similarity": 2.0}}
@@ -124,6 +124,31 @@ def test_deterministic_for_a_seed(real, resnet):
         assert np.array_equal(a.images, b.images), generator
         pd.testing.assert_frame_equal(a.manifest, b.manifest)
         assert not np.array_equal(a.images, c.images), generator
+
+
+def test_decoder_cache_gives_the_same_images_and_survives_a_label_change(real, resnet, tmp_path):
+    import dataclasses
+
+    for generator in ("mae_inpaint", "feature_interp"):
+        cache = tmp_path / generator
+        p = _params(generator=generator, seed=5, cache_dir=str(cache))
+        trained = syn.synthesize(real, resnet, p)
+        assert trained.metrics["fit_decoder_cached"] == 0 and len(list(cache.glob("*.safetensors"))) == 1
+        cached = syn.synthesize(real, resnet, p)
+        assert cached.metrics["fit_decoder_cached"] == 1 and cached.metrics["fit_decoder_steps"] == 0
+        assert np.array_equal(trained.images, cached.images), generator
+        uncached = syn.synthesize(real, resnet, _params(generator=generator, seed=5))  # no cache at all
+        assert np.array_equal(trained.images, uncached.images), generator
+        labels = real.labels.copy()
+        labels[:3] = 1  # the audit relabels three images: the decoder is still valid
+        relabeled = syn.synthesize(dataclasses.replace(real, labels=labels), resnet, p)
+        assert relabeled.metrics["fit_decoder_cached"] == 1
+        other_seed = syn.synthesize(real, resnet, _params(generator=generator, seed=6, cache_dir=str(cache)))
+        assert other_seed.metrics["fit_decoder_cached"] == 0 and len(list(cache.glob("*.safetensors"))) == 2
+    p = _params(generator="feature_interp", seed=5, cache_dir=str(cache))
+    syn.DecoderCache(p, real, resnet, torch.device("cpu")).path.write_bytes(b"damaged")
+    again = syn.synthesize(real, resnet, p)  # a damaged entry is trained again, never an error
+    assert again.metrics["fit_decoder_cached"] == 0 and np.array_equal(again.images, trained.images)
 
 
 def test_filter_rejects_wrong_class_and_copies(real):

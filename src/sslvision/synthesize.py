@@ -47,10 +47,13 @@ class: real examples, then kept synthetic images).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -138,6 +141,7 @@ class SynthesizeParams(Section):
     device: str = "cpu"
     fidelity_k: int = Field(3, gt=0)
     grid_columns: int = Field(10, gt=0)
+    cache_dir: str = "checkpoints/synthesize"
     mae_inpaint: MAEInpaintParams = Field(default_factory=MAEInpaintParams)
     feature_interp: FeatureInterpParams = Field(default_factory=FeatureInterpParams)
     augment: AugmentParams = Field(default_factory=AugmentParams)
@@ -163,6 +167,11 @@ class RealSet:
     ids: np.ndarray  # str (N,)
     embeddings: np.ndarray  # float32 (N, D), rows aligned with images
     classes: list[str]
+    # what the learned generators' decoders train on: images (and their embeddings), never labels; every
+    # ingested train image, so a label change (audit, a labeled batch) leaves the decoders unchanged and
+    # their cache valid. None = the labeled images above.
+    fit_images: np.ndarray | None = None
+    fit_embeddings: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -175,6 +184,11 @@ class RealSet:
 
     def of_class(self, label: int) -> np.ndarray:
         return np.flatnonzero(self.labels == label)
+
+    def decoder_data(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.fit_images is None or self.fit_embeddings is None:
+            return self.images, self.embeddings
+        return self.fit_images, self.fit_embeddings
 
 
 def load_real(manifest: str | os.PathLike, ingested: str | os.PathLike,
@@ -197,9 +211,14 @@ def load_real(manifest: str | os.PathLike, ingested: str | os.PathLike,
         raise ValueError(f"{manifest}: label {int(rows.loc[bad, 'label'].iloc[0])} outside the "
                          f"{len(ing.classes)} classes of classes.json")
     idx = rows["index"].to_numpy()
+    images_table = pd.read_parquet(Path(ingested) / "images.parquet", columns=["index", "split"]) \
+        if (Path(ingested) / "images.parquet").exists() else None
+    fit = (np.sort(images_table.loc[images_table["split"] == "train", "index"].to_numpy())
+           if images_table is not None else idx)
     return RealSet(images=np.asarray(ing.images[idx]), labels=rows["label"].to_numpy().astype(np.int64),
                    ids=rows["id"].astype(str).to_numpy(), embeddings=np.asarray(emb[idx], dtype=np.float32),
-                   classes=list(ing.classes))
+                   classes=list(ing.classes), fit_images=np.asarray(ing.images[fit]),
+                   fit_embeddings=np.asarray(emb[fit], dtype=np.float32))
 
 
 # --- plan ------------------------------------------------------------------------------------------
@@ -387,6 +406,7 @@ class MAEInpaintGenerator:
         self.encoder: Encoder | None = None
         self.decoder: nn.Module | None = None
         self.mode = ""
+        self.load_cached: Callable[[nn.Module], bool] | None = None  # set by synthesize() (DecoderCache)
 
     @property
     def patch(self) -> int:
@@ -414,7 +434,10 @@ class MAEInpaintGenerator:
                 feat_dim = encoder.backbone.forward_features(torch.zeros(1, c, h, w, device=self.device)).shape[1]
             self.decoder, self.mode = ConvInpainter(feat_dim, c, p.width), "trained_conv_inpainter"
         self.decoder.to(self.device).train()
-        images = torch.from_numpy(real.images)
+        if self.load_cached is not None and self.load_cached(self.decoder):
+            self.decoder.eval()
+            return {"decoder_steps": 0.0, "decoder_cached": 1.0}
+        images = torch.from_numpy(real.decoder_data()[0])
 
         def loss_fn(rng: np.random.Generator) -> torch.Tensor:
             batch = images[rng.integers(len(images), size=p.batch_size)].to(self.device)
@@ -426,7 +449,8 @@ class MAEInpaintGenerator:
         losses = _train_loop(f"mae_inpaint {self.mode}", list(self.decoder.parameters()), p.steps, p.lr, loss_fn,
                              np.random.default_rng(seed))
         self.decoder.eval()
-        return {"decoder_steps": float(p.steps), "decoder_final_loss": float(np.mean(losses[-10:])) if losses else math.nan}
+        return {"decoder_steps": float(p.steps), "decoder_final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
+                "decoder_cached": 0.0}
 
     def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prediction, target and mask, all ``(B, C, H, W)`` (mask broadcastable), in input space."""
@@ -499,18 +523,23 @@ class FeatureInterpGenerator:
         self.device = device
         self.decoder: EmbeddingDecoder | None = None
         self.mean = self.std = np.zeros(0, dtype=np.float32)
+        self.load_cached: Callable[[nn.Module], bool] | None = None  # set by synthesize() (DecoderCache)
 
     def _standardise(self, z: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((z - self.mean) / self.std).astype(np.float32)).to(self.device)
 
     def fit(self, real: RealSet, encoder: Encoder) -> dict[str, float]:
         p = self.params
-        _, h, w, c = real.images.shape
-        self.mean = real.embeddings.mean(0)
-        self.std = real.embeddings.std(0) + 1e-6
-        self.decoder = EmbeddingDecoder(real.embeddings.shape[1], c, (h, w), p.width).to(self.device).train()
-        z_all = self._standardise(real.embeddings)
-        images = torch.from_numpy(real.images)
+        fit_images, fit_embeddings = real.decoder_data()
+        _, h, w, c = fit_images.shape
+        self.mean = fit_embeddings.mean(0)
+        self.std = fit_embeddings.std(0) + 1e-6
+        self.decoder = EmbeddingDecoder(fit_embeddings.shape[1], c, (h, w), p.width).to(self.device).train()
+        if self.load_cached is not None and self.load_cached(self.decoder):
+            self.decoder.eval()
+            return {"decoder_steps": 0.0, "decoder_cached": 1.0}
+        z_all = self._standardise(fit_embeddings)
+        images = torch.from_numpy(fit_images)
 
         def loss_fn(rng: np.random.Generator) -> torch.Tensor:
             idx = rng.integers(len(images), size=p.batch_size)
@@ -521,7 +550,8 @@ class FeatureInterpGenerator:
         losses = _train_loop("feature_interp decoder", list(self.decoder.parameters()), p.steps, p.lr, loss_fn,
                              np.random.default_rng(seed))
         self.decoder.eval()
-        return {"decoder_steps": float(p.steps), "decoder_final_loss": float(np.mean(losses[-10:])) if losses else math.nan}
+        return {"decoder_steps": float(p.steps), "decoder_final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
+                "decoder_cached": 0.0}
 
     @torch.no_grad()
     def generate(self, real: RealSet, label: int, count: int, rng: np.random.Generator
@@ -687,6 +717,57 @@ class Synthesis:
     grid_sources: dict[int, np.ndarray] = field(default_factory=dict)  # label -> real example rows for the grid
 
 
+class DecoderCache:
+    """Trained decoders kept under ``cache_dir``, keyed by everything their training depends on: the
+    generator and its params, the seed, the encoder's weights, the images (and embeddings) they train
+    on, torch's version and the device type. Labels are not in the key (decoders never see them), so a
+    re-run after a label change (audit, a noisier labeled batch) loads the decoder instead of training it
+    again. Safetensors files (no pickle), written atomically; the oldest beyond ``keep`` are removed.
+    """
+
+    def __init__(self, params: SynthesizeParams, real: RealSet, encoder: Encoder, device: torch.device,
+                 keep: int = 4):
+        h = hashlib.sha256()
+        gen_params = getattr(params, params.generator).model_dump()
+        h.update(json.dumps({"generator": params.generator, "params": gen_params, "seed": params.seed,
+                             "torch": torch.__version__, "device": device.type}, sort_keys=True).encode())
+        for name, tensor in sorted(encoder.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        images, embeddings = real.decoder_data()
+        h.update(np.ascontiguousarray(images).tobytes())
+        h.update(np.ascontiguousarray(embeddings).tobytes())
+        self.dir = Path(params.cache_dir)
+        self.path = self.dir / f"{params.generator}-{h.hexdigest()[:24]}.safetensors"
+        self.keep = keep
+
+    def load(self, decoder: nn.Module) -> bool:
+        from safetensors.torch import load_file
+
+        if not self.path.exists():
+            return False
+        try:
+            decoder.load_state_dict(load_file(str(self.path), device="cpu"))
+        except Exception as err:  # damaged or from another version: train again, overwrite it
+            log.warning("%s: cached decoder unusable (%s); training it again", self.path, err)
+            return False
+        log.info("decoder loaded from the cache %s (same encoder, images and params)", self.path)
+        return True
+
+    def save(self, decoder: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with io.atomic_path(self.path) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, str(tmp))
+            old = sorted(self.dir.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)[:-self.keep]
+            for f in old:
+                f.unlink(missing_ok=True)
+        except OSError as err:  # a cache that cannot be written costs time, never the stage
+            log.warning("%s: could not cache the decoder (%s)", self.path, err)
+
+
 def synthesize(real: RealSet, encoder: Encoder, params: SynthesizeParams,
                pretrain_decoder: MAEDecoder | None = None, norm_pix: bool = False) -> Synthesis:
     """Plan, generate, filter and score; deterministic for ``params.seed`` (on one device/thread count)."""
@@ -697,7 +778,15 @@ def synthesize(real: RealSet, encoder: Encoder, params: SynthesizeParams,
     log.info("synthesising with %s for %d classes: %s", params.generator, len(plans),
              ", ".join(f"{p.name} {p.real}->{p.real + p.need}" for p in plans) or "none")
     generator = make_generator(params, device, pretrain_decoder, norm_pix)
+    cache = DecoderCache(params, real, encoder, device) if params.cache_dir and hasattr(generator, "load_cached") \
+        else None
+    if cache is not None:
+        generator.load_cached = cache.load
     fit_info = generator.fit(real, encoder) if plans else {}
+    if cache is not None and plans and not fit_info.get("decoder_cached") and generator.decoder is not None \
+            and fit_info.get("decoder_steps"):
+        cache.save(generator.decoder)
+    torch.manual_seed(params.seed + 1)  # generation draws the same numbers whether the decoder was trained or cached
     filt = EmbeddingFilter(params.filter, len(real.classes), params.seed).fit(real.embeddings, real.labels)
 
     rng = np.random.default_rng(seeds[0])
