@@ -75,7 +75,7 @@ HEADLINES: dict[str, Pick] = {
                                 lambda s: "ablation" not in s, by_setting=True),
     "synthesize": lambda rows: _head(rows, lambda s: s in ("mae_inpaint", "feature_interp"),
                                      {"mean tail recall (3 rarest)": "mean tail-class recall (3 rarest)"}),
-    "finetune": lambda rows: _head(rows, _startswith("+", "long-tail"), {"balanced_accuracy": "balanced accuracy"}),
+    "finetune": lambda rows: _head(rows, _startswith("+", "full pipeline"), {"balanced_accuracy": "balanced accuracy"}),
     "drift": lambda rows: _head(rows, _startswith("sslvision"), {"false-positive rate": "false-positive rate",
                                                                  "power, severity >= 2": "power, severity >= 2"},
                                 by_setting=True),
