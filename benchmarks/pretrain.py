@@ -100,7 +100,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
     path = work / "train_images.npy"
     np.save(path, train_x[..., None])
     p = PretrainParams.model_validate({
-        "method": "simclr", "backbone": "resnet18", "backbone_args": {}, "stem_stride": 1,
+        "method": "simclr", "backbone": "resnet18", "backbone_args": json.loads(args.backbone_args), "stem_stride": 1,
         "batch_size": args.batch_size, "temperature": args.temperature, "epochs": 100, "steps_per_epoch": 0,
         # no warm-up, as lightly's recipe: with the stage's default 0.5-epoch warm-up a 150 s budget on a CPU
         # would end inside the warm-up at a tiny learning rate
@@ -201,6 +201,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.2)
     ap.add_argument("--eval-images", type=int, default=2000,
                     help="stratified test subset embedded for kNN / linear probe (10000 = all)")
+    ap.add_argument("--backbone-args", default="{}",
+                    help='extra timm kwargs of our ResNet-18 as JSON, e.g. \'{"zero_init_last": false}\'')
     ap.add_argument("--only", choices=["ours", "lightly"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -224,7 +226,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--only", system, "--work", str(work), "--budget-s", str(args.budget_s),
                    "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                    "--threads", str(args.threads), "--temperature", str(args.temperature),
-                   "--eval-images", str(args.eval_images)]
+                   "--eval-images", str(args.eval_images), "--backbone-args", args.backbone_args]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{system} failed:\n{proc.stderr[-3000:]}")
