@@ -68,12 +68,6 @@ class Encoder(nn.Module):
         kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, in_chans=config.in_chans)
         if config.backbone.startswith("vit"):
             kwargs.update(img_size=config.img_size, patch_size=config.patch_size, dynamic_img_size=True)
-        elif config.backbone.startswith("resnet"):
-            # timm zero-initialises each residual block's last BN (good for long supervised runs); for SSL on a
-            # short budget the blocks then start as identities: SimCLR, ResNet-18, 150 s on 2 CPU cores (33
-            # steps), linear probe 0.714 with it vs 0.772 without (lightly's torchvision net: 0.784); the demo
-            # encoder (300 steps) 0.792 vs 0.827. `backbone_args: {zero_init_last: true}` restores timm's default.
-            kwargs["zero_init_last"] = False
         kwargs.update(config.backbone_args)
         try:
             self.backbone = timm.create_model(config.backbone, **kwargs)
