@@ -211,10 +211,9 @@ def load_real(manifest: str | os.PathLike, ingested: str | os.PathLike,
         raise ValueError(f"{manifest}: label {int(rows.loc[bad, 'label'].iloc[0])} outside the "
                          f"{len(ing.classes)} classes of classes.json")
     idx = rows["index"].to_numpy()
-    images_table = pd.read_parquet(Path(ingested) / "images.parquet", columns=["index", "split"]) \
-        if (Path(ingested) / "images.parquet").exists() else None
-    fit = (np.sort(images_table.loc[images_table["split"] == "train", "index"].to_numpy())
-           if images_table is not None else idx)
+    # the decoders' images: every ingested train image, from the raw manifest (Ingested.load checked it exists)
+    everything = pd.read_parquet(Path(ingested) / "manifest.parquet", columns=["index", "split"])
+    fit = np.sort(everything.loc[everything["split"] == "train", "index"].to_numpy())
     return RealSet(images=np.asarray(ing.images[idx]), labels=rows["label"].to_numpy().astype(np.int64),
                    ids=rows["id"].astype(str).to_numpy(), embeddings=np.asarray(emb[idx], dtype=np.float32),
                    classes=list(ing.classes), fit_images=np.asarray(ing.images[fit]),
