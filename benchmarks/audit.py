@@ -9,8 +9,9 @@ symmetric scenario's images (it never sees a label, so the encoder serves both);
 scenario's images are embedded with that encoder. Every detector then scores the same audited rows
 (the labelled train images), against the scenario's ``truth.parquet`` (``is_noisy``: given != true):
 
-- ``sslvision audit``: ``sslvision.audit.run_audit`` with ``params.yaml``'s ``audit`` section (+ an
-  ablation with class-balanced probe weights);
+- ``sslvision audit``: ``sslvision.audit.run_audit`` with ``params.yaml``'s ``audit`` section: the SSL
+  embeddings with PCA-64 pixel features appended (+ ablations: the embeddings alone, class-balanced
+  probe weights, one cleaning round);
 - ``cleanlab CV-LR PCA-64 pixels``: cleanlab's ``find_label_issues`` (defaults) on 5-fold
   cross-validated logistic regression over PCA-64 pixel features;
 - ``cleanlab Datalab PCA-64 pixels``: cleanlab's ``Datalab`` label check given those features only;
@@ -157,12 +158,14 @@ def run_scenario(noise_type: str, ingested: Path, truth: pd.DataFrame, emb: np.n
                          "value": round(value, 4), "unit": "s" if metric == "time" else ""})
 
     def stage(**update):
-        return lambda: run_audit(p.model_copy(update=update), ing.manifest, emb, ing.classes, truth)[2]["truth"]
+        return lambda: run_audit(p.model_copy(update=update), ing.manifest, emb, ing.classes, truth,
+                                 ing.images)[2]["truth"]
 
     def baseline(fn, *a, **kw):
         return lambda: scores(*fn(*a, **kw), noisy)
 
-    add("sslvision audit (SSL embeddings)", stage())
+    add("sslvision audit (SSL embeddings + pixels)", stage())
+    add("sslvision audit, SSL embeddings alone (ablation)", stage(pixel_pca=0))
     add("sslvision audit, class-balanced probe (ablation)", stage(class_balanced=True))
     add("sslvision audit, 1 round (ablation)", stage(rounds=1))
     add("cleanlab defaults on SSL embeddings", baseline(cv_logreg_cleanlab, feats, labels))

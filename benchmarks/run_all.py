@@ -33,7 +33,7 @@ from _common import RESULTS, machine, report  # noqa: E402
 BENCHMARKS: dict[str, list[str]] = {
     "ingest": [],
     "pretrain": ["--budget-s", "150", "--batch-size", "128"],
-    "audit": ["--epochs", "4"],
+    "audit": ["--epochs", "10", "--steps-per-epoch", "30"],  # the demo's pretrain (params.yaml)
     "synthesize": ["--generators", "augment", "mae_inpaint", "feature_interp"],
     "finetune": ["--epochs", "3"],
     "drift": [],

@@ -91,7 +91,7 @@ def find_or_build(root: Path, work: Path, epochs: int | None, steps_per_epoch: i
                   built.embeddings, work / "reports_pretrain")
     ing = Ingested.load(built.ingested)
     _, clean, _ = run_audit(load_section("audit", AuditParams, params), ing.manifest,
-                            load_embeddings(built.embeddings), ing.classes)
+                            load_embeddings(built.embeddings), ing.classes, images=ing.images)
     clean.to_parquet(built.manifest, index=False)
     return built
 

@@ -17,6 +17,7 @@ from sslvision.audit import (
     knn_probs,
     match_truth,
     nearest_neighbours,
+    pixel_features,
     run_audit,
     select_lowest,
     truth_metrics,
@@ -40,7 +41,7 @@ def clusters(seed=0, noise=0.15, dim=16, spread=0.35):
 
 
 def fast(**kw) -> AuditParams:
-    return AuditParams(**{"probe_max_iter": 100, "knn_k": 10, "consensus_k": 10, **kw})
+    return AuditParams(**{"probe_max_iter": 100, "knn_k": 10, "consensus_k": 10, "pixel_pca": 0, **kw})
 
 
 def manifest_for(given, split="train"):
@@ -212,6 +213,59 @@ def test_bad_params_name_the_key(tmp_path):
         load_section("audit", AuditParams, path)
 
 
+def two_views(seed=0, noise=0.2):
+    """Embeddings that tell only the class *pair* ({a, b} vs {c, d}) and 8x8 images whose pixels tell only
+    the class *within* its pair (a bright left or right half): neither view alone finds every flip."""
+    rng = np.random.default_rng(seed)
+    counts = [120, 120, 120, 120]
+    true = np.repeat(np.arange(4), counts)
+    x = (np.eye(16)[true // 2] * 3.0 + 0.35 * rng.standard_normal((len(true), 16))).astype(np.float32)
+    images = rng.integers(0, 60, (len(true), 8, 8, 1)).astype(np.uint8)
+    left = true % 2 == 0
+    images[left, :, :4] += 150
+    images[~left, :, 4:] += 150
+    given = true.copy()
+    flip = rng.choice(len(true), size=int(noise * len(true)), replace=False)
+    given[flip] = (true[flip] + rng.integers(1, 4, size=len(flip))) % 4
+    return x, images, true, given
+
+
+def test_pixel_features_and_embeddings_together_find_what_neither_finds_alone():
+    x, images, true, given = two_views()
+    noisy = given != true
+    manifest = manifest_for(given)
+    f1 = {}
+    for name, pca in (("embeddings", 0), ("both", 8)):
+        truth = pd.DataFrame({"path": manifest["source_path"], "is_noisy": noisy})
+        _, _, m = run_audit(fast(pixel_pca=pca), manifest, x, CLASSES, truth, images)
+        f1[name] = m["truth"]["f1"]
+    # pixels alone: the same audit on embeddings that carry nothing
+    blank = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    _, _, m = run_audit(fast(pixel_pca=8, pixel_weight=10.0), manifest, blank, CLASSES,
+                        pd.DataFrame({"path": manifest["source_path"], "is_noisy": noisy}), images)
+    f1["pixels"] = m["truth"]["f1"]
+    assert f1["both"] > 0.9
+    assert f1["both"] > max(f1["embeddings"], f1["pixels"]) + 0.1, f1
+
+
+def test_pixel_features_pool_large_images_and_do_not_depend_on_the_chunking():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (50, 64, 64, 3), dtype=np.uint8)
+    index = rng.permutation(50)[:40]
+    a = pixel_features(images, index, 5, side=32)
+    b = pixel_features(images, index, 5, side=32, chunk=7)
+    assert a.shape == (40, 5) and np.allclose(a, b, atol=1e-5)
+    # rows come back in ``index`` order (the mmap is read sorted)
+    assert np.allclose(a, pixel_features(images[index], np.arange(40), 5, side=32), atol=1e-5)
+    # 64x64 is area-averaged 2x2 down to 32x32: images of constant 2x2 blocks give their 32x32 subsample's
+    blocks = images[:, ::2, ::2].repeat(2, axis=1).repeat(2, axis=2)
+    assert np.allclose(pixel_features(blocks, index, 5, side=32),
+                       pixel_features(np.ascontiguousarray(images[:, ::2, ::2]), index, 5, side=32), atol=1e-4)
+    with pytest.raises(ValueError, match="pixel_pca=5 needs the ingested images"):
+        x, _, given = clusters()
+        run_audit(fast(pixel_pca=5), manifest_for(given), x, CLASSES)
+
+
 def test_embeddings_that_do_not_cover_the_manifest_are_refused():
     x, _, given = clusters()
     with pytest.raises(ValueError, match="re-run pretrain"):
@@ -235,7 +289,7 @@ def test_stage_writes_every_output_and_truth_metrics(workdir):
     pd.DataFrame({"path": manifest["source_path"], "is_noisy": given != true}).to_parquet(workdir / "truth.parquet")
     (workdir / "params.yaml").write_text(yaml.safe_dump(
         {"audit": {"probe_max_iter": 100, "knn_k": 10, "consensus_k": 10, "gallery_size": 8,
-                   "truth": "truth.parquet"}}))
+                   "pixel_pca": 0, "truth": "truth.parquet"}}))
 
     metrics = audit_cli(workdir / "params.yaml")
     for path in ["data/audit/label_issues.parquet", "data/audit/manifest_clean.parquet",
