@@ -14,7 +14,8 @@ size and with the same number of DataLoader workers, each in its own process:
 
 Measured alike for both: training throughput (images/s, an image counted once for its two views,
 steady state between the first and the last step), the set-up time to the first step and the
-throughput over the whole budget, peak RSS (process + DataLoader workers, sampled every 0.2 s), and the accuracy of
+throughput over the whole budget, peak memory (process + DataLoader workers, sampled every 0.2 s: summed
+RSS, and summed PSS, which counts a page a forked worker shares with its parent once), and the accuracy of
 the frozen features on a stratified subset of the Fashion-MNIST test set (``--eval-images``; all 10,000
 when a GPU makes embedding cheap): weighted kNN (k=200, T=0.1) and a
 linear probe, by 2-fold cross-validation over the test set (the stage's protocol: one half is the
@@ -47,13 +48,16 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 class PeakRSS:
-    """Peak resident memory of this process plus its children (DataLoader workers)."""
+    """Peak resident memory of this process plus its children (DataLoader workers): ``peak`` sums their
+    RSS (pages shared by a forked worker and its parent counted in both), ``peak_pss`` their PSS (each
+    shared page split between the processes sharing it: what the run really holds)."""
 
     def __init__(self, interval: float = 0.2):
         import psutil
 
         self.proc = psutil.Process()
         self.peak = 0
+        self.peak_pss = 0
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -61,10 +65,13 @@ class PeakRSS:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                rss = self.proc.memory_info().rss + sum(c.memory_info().rss for c in self.proc.children(recursive=True))
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                infos = [p.memory_full_info() for p in procs]
+                rss, pss = sum(i.rss for i in infos), sum(i.pss for i in infos)
             except Exception:  # a worker exiting between the listing and the read
-                rss = 0
+                rss = pss = 0
             self.peak = max(self.peak, rss)
+            self.peak_pss = max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
@@ -119,7 +126,8 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
         wall = time.perf_counter() - start
     feats = embed(result.encoder, test_x[..., None], 512)
     np.save(work / "ours_test.npy", feats)
-    return {**_throughput(start, marks, wall), "steps": result.steps, "peak_rss_mib": rss.peak / 2**20}
+    return {**_throughput(start, marks, wall), "steps": result.steps, "peak_rss_mib": rss.peak / 2**20,
+            "peak_pss_mib": rss.peak_pss / 2**20}
 
 
 def _throughput(start: float, marks: list[tuple[float, int]], wall: float) -> dict:
@@ -189,7 +197,8 @@ def run_lightly(args: argparse.Namespace, work: Path) -> dict:
         x = torch.from_numpy(test_x).float().div(255).sub(0.5).div(0.5)[:, None]
         feats = torch.cat([backbone(x[i:i + 512]) for i in range(0, len(x), 512)]).numpy()
     np.save(work / "lightly_test.npy", feats)
-    return {**_throughput(start, marks, wall), "steps": steps, "peak_rss_mib": rss.peak / 2**20}
+    return {**_throughput(start, marks, wall), "steps": steps, "peak_rss_mib": rss.peak / 2**20,
+            "peak_pss_mib": rss.peak_pss / 2**20}
 
 
 def main() -> None:
@@ -243,6 +252,7 @@ def main() -> None:
                  "unit": "img/s", "setting": setting},
                 {"system": name, "metric": "images seen", "value": r["images"], "unit": "images", "setting": setting},
                 {"system": name, "metric": "peak RSS", "value": r["peak_rss_mib"], "unit": "MiB", "setting": setting},
+                {"system": name, "metric": "peak PSS", "value": r["peak_pss_mib"], "unit": "MiB", "setting": setting},
                 {"system": name, "metric": "kNN accuracy (test, 2-fold)", "value": scores["knn_accuracy"],
                  "unit": "fraction", "setting": setting},
                 {"system": name, "metric": "linear probe accuracy (test, 2-fold)",

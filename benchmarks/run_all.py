@@ -34,7 +34,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "ingest": [],
     "pretrain": ["--budget-s", "150", "--batch-size", "128"],
     "audit": ["--epochs", "10", "--steps-per-epoch", "30"],  # the demo's pretrain (params.yaml)
-    "synthesize": ["--generators", "augment", "mae_inpaint", "feature_interp"],
+    "synthesize": ["--generators", "augment", "mae_inpaint", "mae_inpaint@pre_augment=true", "feature_interp"],
     "finetune": ["--epochs", "3"],
     "drift": [],
     "retrain": [],
@@ -73,7 +73,7 @@ HEADLINES: dict[str, Pick] = {
         "linear probe accuracy (test, 2-fold)": "linear probe accuracy"}, lambda s: "/" not in s),
     "audit": lambda rows: _head(rows, _startswith("sslvision"), {"f1": "label-error F1"},
                                 lambda s: "ablation" not in s, by_setting=True),
-    "synthesize": lambda rows: _head(rows, lambda s: s in ("mae_inpaint", "feature_interp"),
+    "synthesize": lambda rows: _head(rows, lambda s: s.startswith(("mae_inpaint", "feature_interp")),
                                      {"mean tail recall (3 rarest)": "mean tail-class recall (3 rarest)"}),
     "finetune": lambda rows: _head(rows, _startswith("+", "full pipeline"), {"balanced_accuracy": "balanced accuracy"}),
     "drift": lambda rows: _head(rows, _startswith("sslvision"), {"false-positive rate": "false-positive rate",

@@ -22,6 +22,8 @@ Target (issue 5): the best generator adds >= 5 points of mean tail recall over `
 
     nice -n 10 .venv/bin/python benchmarks/synthesize.py            # reuses ./data when a dvc repro made it
     .venv/bin/python benchmarks/synthesize.py --generators augment --probe-seeds 1   # quick look
+    .venv/bin/python benchmarks/synthesize.py --generators augment mae_inpaint mae_inpaint@pre_augment=true
+                                                    # GENERATOR@KEY=JSON: a variant of that generator
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, default=REPO, help="project root whose data/ and models/ to reuse")
     ap.add_argument("--work", type=Path, default=None, help="where to build the demo pipeline when --root has none")
-    ap.add_argument("--generators", nargs="+", default=["augment", "mae_inpaint", "feature_interp"])
+    ap.add_argument("--generators", nargs="+", default=["augment", "mae_inpaint", "mae_inpaint@pre_augment=true",
+                                                             "feature_interp"])
     ap.add_argument("--epochs", type=int, default=None, help="pretrain epochs when building (default: params.yaml)")
     ap.add_argument("--steps-per-epoch", type=int, default=None, help="pretrain steps per epoch when building")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -179,12 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     summary: dict[str, dict] = {}
     systems = [("none", None, False), ("none (class-balanced sampler)", None, True)]
-    systems += [(g, g, False) for g in args.generators]
-    for system, generator, balanced in systems:
+    systems += [(g.split("@")[0] + (f" ({', '.join(g.split('@')[1:])})" if "@" in g else ""), g, False)
+                for g in args.generators]
+    for system, spec, balanced in systems:
         x, y, extra_rows, seconds = real.embeddings, real.labels, [], 0.0
-        if generator:
+        if spec:
+            generator, *variant = spec.split("@")
+            over = json.loads(json.dumps(overrides))
+            for item in variant:  # GENERATOR@KEY=JSON: that generator with its section's KEY set
+                key, value = item.split("=", 1)
+                over.setdefault(generator, {})[key] = json.loads(value)
             p = load_section("synthesize", SynthesizeParams, REPO / "params.yaml",
-                             overrides={**overrides, "generator": generator})
+                             overrides={**over, "generator": generator})
             t0 = time.perf_counter()
             result = synthesize(real, encoder, p, decoder, norm_pix)
             seconds = time.perf_counter() - t0
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                                {"system": system, "metric": f"k-NN precision/{name}", "value": c["precision"],
                                 "unit": ""},
                                {"system": system, "metric": f"k-NN recall/{name}", "value": c["recall"], "unit": ""}]
-            grid = REPO / "benchmarks/results" / f"synthesize_grid_{generator}.png"
+            grid = REPO / "benchmarks/results" / f"synthesize_grid_{generator}{'-variant' if variant else ''}.png"
             _save_grid(result, real, p, grid)
         rec = np.mean([recalls(y_test, linear_probe(x, y, x_test, k, mean, std, args.probe_steps, args.probe_batch,
                                                     seed, balanced), k) for seed in range(args.probe_seeds)], axis=0)
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                   "unit": "%"}]
         rows += extra_rows
 
-    gens = [g for g in args.generators if g != "augment" and g in summary]
+    gens = [s for s, g, _ in systems[2:] if not g.startswith("augment")]
     best = max(gens, key=lambda g: summary[g]["tail_recall"]) if gens else None
     verdict = None
     if best:

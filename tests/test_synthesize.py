@@ -126,6 +126,14 @@ def test_deterministic_for_a_seed(real, resnet):
         assert not np.array_equal(a.images, c.images), generator
 
 
+def test_mae_inpaint_pre_augment_makes_new_views_deterministically(real, resnet):
+    plain = syn.synthesize(real, resnet, _params(generator="mae_inpaint", seed=3))
+    a = syn.synthesize(real, resnet, _params(generator="mae_inpaint", seed=3, mae_inpaint={"pre_augment": True}))
+    b = syn.synthesize(real, resnet, _params(generator="mae_inpaint", seed=3, mae_inpaint={"pre_augment": True}))
+    assert np.array_equal(a.images, b.images)
+    assert a.images.shape == plain.images.shape and not np.array_equal(a.images, plain.images)
+
+
 def test_decoder_cache_gives_the_same_images_and_survives_a_label_change(real, resnet, tmp_path):
     import dataclasses
 
@@ -145,6 +153,13 @@ def test_decoder_cache_gives_the_same_images_and_survives_a_label_change(real, r
         assert relabeled.metrics["fit_decoder_cached"] == 1
         other_seed = syn.synthesize(real, resnet, _params(generator=generator, seed=6, cache_dir=str(cache)))
         assert other_seed.metrics["fit_decoder_cached"] == 0 and len(list(cache.glob("*.safetensors"))) == 2
+        # params that only shape generation reuse the decoder; a training param does not
+        gen_only = {"mae_inpaint": {"mix_share": 0.5, "pre_augment": True}, "feature_interp": {"noise": 0.3}}
+        assert syn.synthesize(real, resnet, _params(generator=generator, seed=5, cache_dir=str(cache),
+                                                    **{generator: gen_only[generator]})
+                              ).metrics["fit_decoder_cached"] == 1
+        assert syn.synthesize(real, resnet, _params(generator=generator, seed=5, cache_dir=str(cache),
+                                                    **{generator: {"lr": 1e-3}})).metrics["fit_decoder_cached"] == 0
     p = _params(generator="feature_interp", seed=5, cache_dir=str(cache))
     syn.DecoderCache(p, real, resnet, torch.device("cpu")).path.write_bytes(b"damaged")
     again = syn.synthesize(real, resnet, p)  # a damaged entry is trained again, never an error

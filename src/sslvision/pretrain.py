@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sslvision import objectives
 from sslvision.augment import AugmentConfig, ViewMaker
@@ -129,6 +129,7 @@ class PretrainParams(Section):
     seed: int = 0
     workers: int = Field(2, ge=0)
     threads: int = Field(0, ge=0)
+    channels_last: bool = True
     device: str = "auto"
     checkpoint_every: int = Field(50, ge=1)
     checkpoint_dir: str = "checkpoints/pretrain"
@@ -154,7 +155,7 @@ class PretrainParams(Section):
         """Hash of everything that changes the trained weights (a checkpoint from other params is ignored)."""
         keep = self.model_dump(exclude={"workers", "device", "checkpoint_every", "checkpoint_dir", "embed_batch_size",
                                         "knn_k", "knn_temperature", "collapse_min_effective_rank",
-                                        "collapse_min_std_ratio", "threads"})
+                                        "collapse_min_std_ratio", "threads", "channels_last"})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -323,6 +324,27 @@ def epoch_batches(n: int, batch_size: int, steps: int, seed: int, epoch: int, st
             for b in range(start, steps)]
 
 
+class BatchPlan(Sampler):
+    """Every remaining batch of the run, epoch after epoch, from global step ``start`` (``epoch_batches``
+    per epoch, made lazily): one DataLoader, whose workers are forked once, serves the whole run."""
+
+    def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int, start: int, total: int,
+                 rank: int = 0, world: int = 1):
+        self.args = (n, batch_size, steps_per_epoch, seed)
+        self.start, self.total, self.rank, self.world = start, total, rank, world
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self):
+        n, batch_size, spe, seed = self.args
+        first, offset = divmod(self.start, spe)
+        for epoch in range(first, -(-self.total // spe)):
+            batches = epoch_batches(n, batch_size, spe, seed, epoch, offset if epoch == first else 0,
+                                    self.rank, self.world)
+            yield from batches[: self.total - epoch * spe - (offset if epoch == first else 0)]
+
+
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -423,6 +445,9 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
     torch.manual_seed(p.seed)
     encoder = Encoder(p.encoder_config(h, c))
     model = build_method(p, encoder, total, steps_per_epoch).to(device)
+    channels_last = p.channels_last and not encoder.is_vit
+    if channels_last:  # NHWC: oneDNN's and cuDNN's fast path for convolutions (a layout, same weights)
+        model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, p)
     lrs = cosine_schedule(p.lr, p.lr * p.min_lr_ratio, total, int(p.warmup_epochs * steps_per_epoch))
 
@@ -462,20 +487,24 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
     totals = {"images": 0, "data_s": 0.0, "wait_s": 0.0, "model_s": 0.0, "wall_s": 0.0}
     model.train()
     stop = False
+    # one loader for the whole run: its workers are forked once, before the model's activations exist
+    loader = DataLoader(dataset, batch_sampler=BatchPlan(n, p.batch_size, steps_per_epoch, p.seed, step, total, rank,
+                                                         world),
+                        num_workers=p.workers, collate_fn=_identity, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if p.workers else None,
+                        generator=torch.Generator().manual_seed(p.seed))  # keeps the global RNG untouched
+    batches = iter(loader) if step < total else iter(())
     while step < total and not stop:
-        epoch, start_batch = divmod(step, steps_per_epoch)
-        batches = epoch_batches(n, p.batch_size, steps_per_epoch, p.seed, epoch, start_batch, rank, world)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=p.workers, collate_fn=_identity,
-                            pin_memory=device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if p.workers else None,
-                            generator=torch.Generator().manual_seed(p.seed + epoch))  # keeps the global RNG untouched
+        epoch = step // steps_per_epoch
         t_epoch = time.perf_counter()
         t_wait = time.perf_counter()
-        for batch in loader:
+        for batch in batches:
             t0 = time.perf_counter()
             totals["wait_s"] += t0 - t_wait
             totals["data_s"] += batch["seconds"]
             views = [to_input(v.to(device, non_blocking=True)) for v in batch["views"]]
+            if channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             for group in optimizer.param_groups:
                 group["lr"] = float(lrs[step])
             loss = train_model(views, step)

@@ -9,9 +9,11 @@ Pipeline (``synthesize``):
 2. **Generate** candidates from the class's own real images with one generator:
 
    - ``mae_inpaint``: optionally replace a share (``mix_share``) of an image's patches with the same
-     patches of a second image of the class, hide ``mask_ratio`` of the patches and let a decoder
-     reconstruct them from the frozen encoder's view of the visible ones (visible pixels are kept, as
-     MAE shows its reconstructions). The decoder is, by backbone:
+     patches of a second image of the class, optionally (``pre_augment``) give the result a random
+     ``augment`` transform (new pose and shape; the decoder then redraws what the warp and erasing
+     left), hide ``mask_ratio`` of the patches and let a decoder reconstruct them from the frozen
+     encoder's view of the visible ones (visible pixels are kept, as MAE shows its reconstructions).
+     The decoder is, by backbone:
 
      * ViT with the MAE decoder pretrain kept (``pretrain.method`` mae / cl_mim): that decoder;
      * ViT without one: an :class:`~sslvision.models.MAEDecoder` trained here on the frozen encoder's
@@ -56,7 +58,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -91,8 +93,11 @@ GENERATORS = ("mae_inpaint", "feature_interp", "augment")
 
 
 class MAEInpaintParams(Section):
+    GENERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"mix_share", "pre_augment"})  # not in decoder training
+
     mask_ratio: float = Field(0.5, gt=0, lt=1)
     mix_share: float = Field(0.25, ge=0, lt=1)
+    pre_augment: bool = False
     decoder: Literal["auto", "pretrain", "train"] = "auto"
     patch_size: int = Field(4, gt=0)
     width: int = Field(32, gt=0)
@@ -102,6 +107,8 @@ class MAEInpaintParams(Section):
 
 
 class FeatureInterpParams(Section):
+    GENERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"neighbours", "t_min", "t_max", "noise"})
+
     neighbours: int = Field(5, gt=0)
     t_min: float = Field(0.2, ge=0, le=1)
     t_max: float = Field(0.8, ge=0, le=1)
@@ -345,15 +352,19 @@ class AugmentGenerator:
     def fit(self, real: RealSet, encoder: Encoder) -> dict[str, float]:
         return {}
 
+    def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One random transform per image of ``images`` (uint8 ``(N, H, W, C)``), seeded from ``rng``."""
+        out = np.empty_like(images)
+        for i, image in enumerate(images):
+            self.pipeline.set_random_seed(int(rng.integers(2**31)))
+            img = self.pipeline(image=image)["image"]
+            out[i] = img if img.ndim == 3 else img[..., None]
+        return out
+
     def generate(self, real: RealSet, label: int, count: int, rng: np.random.Generator
                  ) -> tuple[np.ndarray, np.ndarray]:
         src = rng.choice(real.of_class(label), size=count)
-        out = np.empty((count, *real.images.shape[1:]), dtype=np.uint8)
-        for i, s in enumerate(src):
-            self.pipeline.set_random_seed(int(rng.integers(2**31)))
-            img = self.pipeline(image=real.images[s])["image"]
-            out[i] = img if img.ndim == 3 else img[..., None]
-        return out, np.stack([src, np.full(count, -1)], axis=1)
+        return self.apply(real.images[src], rng), np.stack([src, np.full(count, -1)], axis=1)
 
 
 class ConvInpainter(nn.Module):
@@ -397,8 +408,9 @@ class MAEInpaintGenerator:
     name = "mae_inpaint"
 
     def __init__(self, params: MAEInpaintParams, device: torch.device, pretrain_decoder: MAEDecoder | None = None,
-                 norm_pix: bool = False):
+                 norm_pix: bool = False, pre_augment: AugmentGenerator | None = None):
         self.params = params
+        self.pre_augment = pre_augment
         self.device = device
         self.pretrain_decoder = pretrain_decoder
         self.norm_pix = norm_pix
@@ -480,6 +492,8 @@ class MAEInpaintGenerator:
         mixing = self.params.mix_share > 0 and len(real.of_class(label)) > 1
         base = mix_patches(real.images[a], real.images[b], self.params.mix_share, self.patch, rng) \
             if mixing else real.images[a].copy()
+        if self.pre_augment is not None:
+            base = self.pre_augment.apply(base, rng)
         out = np.empty_like(base)
         for s in range(0, count, 256):
             x = to_input(torch.from_numpy(base[s:s + 256]).to(self.device))
@@ -584,7 +598,8 @@ def make_generator(params: SynthesizeParams, device: torch.device, pretrain_deco
     if params.generator == "augment":
         return AugmentGenerator(params.augment, params.seed)
     if params.generator == "mae_inpaint":
-        return MAEInpaintGenerator(params.mae_inpaint, device, pretrain_decoder, norm_pix)
+        pre = AugmentGenerator(params.augment, params.seed) if params.mae_inpaint.pre_augment else None
+        return MAEInpaintGenerator(params.mae_inpaint, device, pretrain_decoder, norm_pix, pre)
     return FeatureInterpGenerator(params.feature_interp, device)
 
 
@@ -718,7 +733,7 @@ class Synthesis:
 
 class DecoderCache:
     """Trained decoders kept under ``cache_dir``, keyed by everything their training depends on: the
-    generator and its params, the seed, the encoder's weights, the images (and embeddings) they train
+    generator and its training params (not those that only shape generation), the seed, the encoder's weights, the images (and embeddings) they train
     on, torch's version and the device type. Labels are not in the key (decoders never see them), so a
     re-run after a label change (audit, a noisier labeled batch) loads the decoder instead of training it
     again. Safetensors files (no pickle), written atomically; the oldest beyond ``keep`` are removed.
@@ -727,7 +742,8 @@ class DecoderCache:
     def __init__(self, params: SynthesizeParams, real: RealSet, encoder: Encoder, device: torch.device,
                  keep: int = 4):
         h = hashlib.sha256()
-        gen_params = getattr(params, params.generator).model_dump()
+        section = getattr(params, params.generator)
+        gen_params = section.model_dump(exclude=set(getattr(section, "GENERATION_ONLY", ())))
         h.update(json.dumps({"generator": params.generator, "params": gen_params, "seed": params.seed,
                              "torch": torch.__version__, "device": device.type}, sort_keys=True).encode())
         for name, tensor in sorted(encoder.state_dict().items()):
