@@ -4,7 +4,8 @@ Both sides train a ResNet-18 adapted to 28x28 (3x3 stride-1 stem, no max-pool, 1
 SimCLR on the 60,000 Fashion-MNIST training images, for the same wall-clock budget, at the same batch
 size and with the same number of DataLoader workers, each in its own process:
 
-- sslvision: ``sslvision.pretrain.train`` (timm ResNet-18, uint8 memory-mapped array, albumentations
+- sslvision: ``sslvision.pretrain.train`` (timm ResNet-18 initialised as torchvision's, i.e. without
+  timm's zero-init of each residual block's last BN; uint8 memory-mapped array, albumentations
   views made in workers, AdamW + cosine schedule without warm-up, as lightly's recipe has none), params
   otherwise the stage's defaults;
 - lightly: its recipe: torchvision ResNet-18 (same stem change), ``SimCLRProjectionHead``,
@@ -210,8 +211,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.2)
     ap.add_argument("--eval-images", type=int, default=2000,
                     help="stratified test subset embedded for kNN / linear probe (10000 = all)")
-    ap.add_argument("--backbone-args", default="{}",
-                    help='extra timm kwargs of our ResNet-18 as JSON, e.g. \'{"zero_init_last": false}\'')
+    ap.add_argument("--backbone-args", default='{"zero_init_last": false}',
+                    help="extra timm kwargs of our ResNet-18 as JSON. Default: no zero-init of each block's last "
+                         "BN, as torchvision's ResNet-18 on lightly's side (zero_init_residual=False); '{}' "
+                         "gives timm's own init")
     ap.add_argument("--only", choices=["ours", "lightly"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
