@@ -129,7 +129,6 @@ class PretrainParams(Section):
     seed: int = 0
     workers: int = Field(2, ge=0)
     threads: int = Field(0, ge=0)
-    channels_last: bool = True
     device: str = "auto"
     checkpoint_every: int = Field(50, ge=1)
     checkpoint_dir: str = "checkpoints/pretrain"
@@ -155,7 +154,7 @@ class PretrainParams(Section):
         """Hash of everything that changes the trained weights (a checkpoint from other params is ignored)."""
         keep = self.model_dump(exclude={"workers", "device", "checkpoint_every", "checkpoint_dir", "embed_batch_size",
                                         "knn_k", "knn_temperature", "collapse_min_effective_rank",
-                                        "collapse_min_std_ratio", "threads", "channels_last"})
+                                        "collapse_min_std_ratio", "threads"})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -445,9 +444,6 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
     torch.manual_seed(p.seed)
     encoder = Encoder(p.encoder_config(h, c))
     model = build_method(p, encoder, total, steps_per_epoch).to(device)
-    channels_last = p.channels_last and not encoder.is_vit
-    if channels_last:  # NHWC: oneDNN's and cuDNN's fast path for convolutions (a layout, same weights)
-        model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, p)
     lrs = cosine_schedule(p.lr, p.lr * p.min_lr_ratio, total, int(p.warmup_epochs * steps_per_epoch))
 
@@ -503,8 +499,6 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
             totals["wait_s"] += t0 - t_wait
             totals["data_s"] += batch["seconds"]
             views = [to_input(v.to(device, non_blocking=True)) for v in batch["views"]]
-            if channels_last:
-                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             for group in optimizer.param_groups:
                 group["lr"] = float(lrs[step])
             loss = train_model(views, step)
