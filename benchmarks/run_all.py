@@ -35,7 +35,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "pretrain": ["--budget-s", "150", "--batch-size", "128"],
     "audit": ["--epochs", "10", "--steps-per-epoch", "30"],  # the demo's pretrain (params.yaml)
     "synthesize": ["--generators", "augment", "mae_inpaint", "mae_inpaint@pre_augment=true", "feature_interp"],
-    "finetune": ["--epochs", "3"],
+    "finetune": ["--epochs", "16", "--full-finetune"],
     "drift": [],
     "retrain": [],
 }
