@@ -15,7 +15,7 @@ Compute: the baseline gets ``--epochs`` full passes of full training; rungs 2-6 
 frozen encoder (its features computed once, then ``finetune.epochs`` cheap passes of the head), so
 each uses less compute than the baseline (their seconds are reported). ``--full-finetune`` adds a
 rung with rung 5's data and loss as a full fine-tune with exactly the baseline's recipe (epochs, lr
-2e-3, no layer-wise decay; lr 1e-3 with 0.75 decay gave 0.789 instead of 0.809 on the demo at 16 epochs): the same fine-tuning compute, plus the pretraining (not counted; the demo's takes about as long as
+2e-3, no layer-wise decay; lr 1e-3 with 0.75 decay gave 0.789 instead of 0.799-0.809 on the demo at 16 epochs): the same fine-tuning compute, plus the pretraining (not counted; the demo's takes about as long as
 16 scratch epochs take on 2 CPU cores, so ``--epochs 3`` compares the whole pipeline with a scratch
 baseline of less compute and ``--epochs 16`` with one of about the pipeline's total). Rungs whose upstream output is missing are skipped and listed.
 Metrics on the clean, balanced test split: balanced accuracy, worst-class recall, ECE; plus seconds.
