@@ -733,8 +733,8 @@ class Synthesis:
 
 class DecoderCache:
     """Trained decoders kept under ``cache_dir``, keyed by everything their training depends on: the
-    generator and its training params (not those that only shape generation), the seed, the encoder's weights, the images (and embeddings) they train
-    on, torch's version and the device type. Labels are not in the key (decoders never see them), so a
+    generator and its training params (not ``GENERATION_ONLY`` ones), the seed, the encoder's weights, the
+    images (and embeddings) they train on, torch's version and the device type. Labels are not in the key (decoders never see them), so a
     re-run after a label change (audit, a noisier labeled batch) loads the decoder instead of training it
     again. Safetensors files (no pickle), written atomically; the oldest beyond ``keep`` are removed.
     """
