@@ -29,6 +29,7 @@ Target (issue 5): the best generator adds >= 5 points of mean tail recall over `
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -182,13 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     summary: dict[str, dict] = {}
     systems = [("none", None, False), ("none (class-balanced sampler)", None, True)]
-    systems += [(g.split("@")[0] + (f" ({', '.join(g.split('@')[1:])})" if "@" in g else ""), g, False)
-                for g in args.generators]
+    systems += [(_system_name(g), g, False) for g in args.generators]
     for system, spec, balanced in systems:
         x, y, extra_rows, seconds = real.embeddings, real.labels, [], 0.0
         if spec:
             generator, *variant = spec.split("@")
-            over = json.loads(json.dumps(overrides))
+            over = copy.deepcopy(overrides)
             for item in variant:  # GENERATOR@KEY=JSON: that generator with its section's KEY set
                 key, value = item.split("=", 1)
                 over.setdefault(generator, {})[key] = json.loads(value)
@@ -248,6 +248,12 @@ def main(argv: list[str] | None = None) -> None:
         "overrides": overrides, "verdict": verdict,
         "encoder": json.loads((inputs.encoder / "config.json").read_text()).get("method", "?"),
     })
+
+
+def _system_name(spec: str) -> str:
+    """``mae_inpaint@pre_augment=true`` -> ``mae_inpaint (pre_augment=true)``."""
+    generator, *variant = spec.split("@")
+    return f"{generator} ({', '.join(variant)})" if variant else generator
 
 
 def _save_grid(result, real, params, path: Path) -> None:

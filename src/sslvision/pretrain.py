@@ -329,19 +329,19 @@ class BatchPlan(Sampler):
 
     def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int, start: int, total: int,
                  rank: int = 0, world: int = 1):
-        self.args = (n, batch_size, steps_per_epoch, seed)
+        self.n, self.batch_size, self.steps_per_epoch, self.seed = n, batch_size, steps_per_epoch, seed
         self.start, self.total, self.rank, self.world = start, total, rank, world
 
     def __len__(self) -> int:
         return self.total - self.start
 
     def __iter__(self):
-        n, batch_size, spe, seed = self.args
-        first, offset = divmod(self.start, spe)
-        for epoch in range(first, -(-self.total // spe)):
-            batches = epoch_batches(n, batch_size, spe, seed, epoch, offset if epoch == first else 0,
-                                    self.rank, self.world)
-            yield from batches[: self.total - epoch * spe - (offset if epoch == first else 0)]
+        spe = self.steps_per_epoch
+        epoch, first = divmod(self.start, spe)
+        while epoch * spe + first < self.total:
+            batches = epoch_batches(self.n, self.batch_size, spe, self.seed, epoch, first, self.rank, self.world)
+            yield from batches[: self.total - epoch * spe - first]
+            epoch, first = epoch + 1, 0
 
 
 def _identity(batch: Any) -> Any:
