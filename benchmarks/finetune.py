@@ -11,6 +11,11 @@ Each rung adds one part of the pipeline to the one before:
 5. ``+ long-tail loss``: logit-adjusted loss (without synthetic images when synthesize has not run);
 6. ``+ temperature calibration``: a temperature fitted on the validation split.
 
+With ``--full-finetune`` the ladder adds the baseline with its last epoch instead of its best validation
+epoch (``select_epoch: last``; the gain is measured against the better of the two baselines), the full
+pipeline as a full fine-tune with the baseline's recipe, and the same with the noise-aware settings
+(``NOISE_AWARE`` below: label smoothing 0.1, last epoch, temperature calibration).
+
 Compute: the baseline gets ``--epochs`` full passes of full training; rungs 2-6 are linear probes on the
 frozen encoder (its features computed once, then ``finetune.epochs`` cheap passes of the head), so
 each uses less compute than the baseline (their seconds are reported). ``--full-finetune`` adds a
@@ -52,8 +57,9 @@ def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | N
     # the last rungs build on whatever exists: with synthetic images when synthesize has run
     best = {"manifest": p.manifest, "synthetic_weight": 0.0 if no_synthetic else weight, "loss": "logit_adjusted",
             "tau": 1.0}
+    scratch = {**off, **raw, **full, "init": "scratch", "layer_decay": 1.0}
     rungs = [
-        ("scratch + CE, raw labels", {**off, **raw, **full, "init": "scratch", "layer_decay": 1.0}, None),
+        ("scratch + CE, raw labels", scratch, None),
         ("+ SSL init (linear probe)", {**off, **raw, **probe}, None),
         ("+ audit", {**off, **raw, **probe, "manifest": p.manifest}, no_audit),
         ("+ synthetic", {**off, **raw, **probe, "manifest": p.manifest, "synthetic_weight": weight}, no_synthetic),
@@ -61,10 +67,22 @@ def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | N
         ("+ temperature calibration", {**off, **raw, **probe, **best, "calibrate": True}, no_audit),
     ]
     if full_finetune:
+        # the baseline with the last epoch as well (the noise-aware rung keeps the last one): the gain is
+        # measured against the better of the two
+        rungs.insert(1, ("scratch + CE, raw labels (last epoch)", {**scratch, "select_epoch": "last"}, None))
         # the baseline's recipe (epochs, lr, no layer decay): only the init, the data and the loss differ
-        rungs.append(("full pipeline, full fine-tune (scratch's recipe)", {**off, **raw, **full, **best, "init": "ssl",
-                                                                          "layer_decay": 1.0}, no_audit))
+        pipeline = {**off, **raw, **full, **best, "init": "ssl", "layer_decay": 1.0}
+        rungs.append(("full pipeline, full fine-tune (scratch's recipe)", pipeline, no_audit))
+        rungs.append(("+ noise-aware recipe (label smoothing 0.1, last epoch, calibrated)",
+                      {**pipeline, **NOISE_AWARE}, no_audit))
     return rungs
+
+
+# The full fine-tune's settings for labels that are audited but not clean (profiles/cpu.yaml uses them too):
+# label smoothing against the residual noise, the end of the cosine schedule instead of the best validation
+# epoch (the validation rows carry the same audited labels, a handful per rare class), and a temperature fitted
+# on validation. tau 0.5 instead of 1 was tried too: about the same balanced accuracy, a much worse shirt recall.
+NOISE_AWARE = {"label_smoothing": 0.1, "select_epoch": "last", "calibrate": True}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,10 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     bacc = {r["system"]: r["value"] for r in rows if r["metric"] == "balanced_accuracy"}
     names = [n for n, *_ in ladder(base, args.epochs, args.full_finetune) if n in bacc]
     extra = {"skipped": skipped, "epochs": args.epochs, "test_images": len(data.test) if rows else 0}
-    if len(names) >= 2 and names[0].startswith("scratch"):
-        best = max(names[1:], key=bacc.get)
-        extra["gain_over_scratch_points"] = round(100 * (bacc[best] - bacc[names[0]]), 2)
-        extra["best"] = best
+    baselines = [n for n in names if n.startswith("scratch")]
+    if baselines and len(names) > len(baselines):
+        best = max((n for n in names if n not in baselines), key=bacc.get)
+        baseline = max(baselines, key=bacc.get)
+        extra["gain_over_scratch_points"] = round(100 * (bacc[best] - bacc[baseline]), 2)
+        extra["best"], extra["baseline"] = best, baseline
     report("finetune", rows, command=command, extra=extra)
 
 

@@ -221,3 +221,20 @@ def test_full_finetune_with_ldam_drw_and_balanced_sampling(workdir):
     assert len(result.history) == 2 and np.isfinite(result.history[-1]["train_loss"])
     assert clf.head_kind == "cosine" and probs.shape == (50, 10)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+
+
+def test_mixup_and_select_last_epoch(workdir):
+    from sslvision.finetune import load_params, mixup, run_finetune
+
+    x = torch.arange(8.0).view(4, 2)
+    assert torch.equal(mixup(x, None), x)
+    perm = torch.tensor([1, 0, 3, 2])
+    torch.testing.assert_close(mixup(x, (0.75, perm)), 0.75 * x + 0.25 * x[perm])
+    params = make_project(workdir, head=40, ratio=5, test_per_class=5)
+    p = load_params(params).model_copy(update={"mode": "finetune", "epochs": 3, "mixup_alpha": 0.4, "lr": 1e-3,
+                                               "select_epoch": "last", "patience": 1})
+    _, _, result, _, probs = run_finetune(p)
+    # "last": no early stop whatever the validation score does, and the final epoch is the one kept
+    assert len(result.history) == 3 and result.best_epoch == 2 and np.isfinite(result.history[-1]["train_loss"])
+    assert result.best_val_balanced_accuracy == result.history[-1]["val_balanced_accuracy"]
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)

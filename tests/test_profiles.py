@@ -1,4 +1,4 @@
-"""Params profiles (profiles/gpu.yaml): validated against every stage, applied the way
+"""Params profiles (profiles/gpu.yaml, profiles/cpu.yaml): validated against every stage, applied the way
 `dvc exp run -S` applies them (DVC's own override code), comments of params.yaml kept."""
 
 import shutil
@@ -13,10 +13,11 @@ from sslvision.profiles import SECTIONS, _model, dvc_set_params, load_profile
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_profile_applies_through_dvc_and_stays_valid(tmp_path):
+@pytest.mark.parametrize("name", ["gpu.yaml", "cpu.yaml"])
+def test_profile_applies_through_dvc_and_stays_valid(tmp_path, name):
     from dvc.utils.hydra import apply_overrides
 
-    overrides = load_profile(ROOT / "profiles" / "gpu.yaml", ROOT / "params.yaml")
+    overrides = load_profile(ROOT / "profiles" / name, ROOT / "params.yaml")
     assert overrides["pretrain.epochs"] > read_params(ROOT / "params.yaml")["pretrain"]["epochs"]
     flags = dvc_set_params(overrides)
     assert flags[::2] == ["-S"] * len(overrides)

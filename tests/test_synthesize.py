@@ -193,12 +193,14 @@ def test_filter_thresholds_reject_in_synthesis(real, resnet, tmp_path):
 
 
 def test_mae_inpaint_keeps_visible_pixels(real):
-    """Without mixing, every output pixel outside the hidden patches is the source's pixel (both backbones)."""
-    for encoder, mode in ((_resnet(), "trained_conv_inpainter"), (_vit(), "trained_mae_decoder")):
+    """Without mixing, every output pixel outside the hidden patches is the source's pixel (both backbones,
+    both ResNet inpainters)."""
+    for encoder, arch, mode in ((_resnet(), "unet", "trained_unet_inpainter"), (_resnet(), "conv", "trained_conv_inpainter"),
+                                (_vit(), "unet", "trained_mae_decoder")):
         torch.manual_seed(0)
         r = _real(encoder)
         gen = syn.MAEInpaintGenerator(syn.MAEInpaintParams(mix_share=0.0, steps=2, batch_size=4, width=32,
-                                                           patch_size=2), torch.device("cpu"))
+                                                           patch_size=2, arch=arch), torch.device("cpu"))
         gen.fit(r, encoder)
         assert gen.mode == mode
         imgs, sources = gen.generate(r, 3, 6, np.random.default_rng(0))
@@ -264,4 +266,4 @@ def test_stage_writes_the_contract(workdir, resnet, real):
     assert {"made", "kept", "frechet", "precision", "recall"} <= set(on_disk["classes"]["ring"])
     assert pd.read_csv(workdir / "reports/synthesize/per_class.csv")["kept"].tolist() == [3, 5]
     assert (workdir / "reports/synthesize/grid.png").stat().st_size > 1000
-    assert len(pd.read_csv(workdir / "reports/synthesize/filter_scores.csv")) == 3 * 3 + 3 * 5  # oversample 3
+    assert len(pd.read_csv(workdir / "reports/synthesize/filter_scores.csv")) == 6 * 3 + 6 * 5  # oversample 6 (the default) x need

@@ -112,8 +112,10 @@ class FinetuneParams(Section):
     drw_beta: float = Field(0.9999, ge=0, lt=1)
     sampler: Literal["random", "class_balanced"] = "random"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(5, ge=1)
+    select_epoch: Literal["best", "last"] = "best"
     calibrate: bool = False
     eval_batch_size: int = Field(512, ge=1)
     threads: int = Field(0, ge=0)
@@ -498,6 +500,14 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> 
               rows, cols]
 
 
+def mixup(x: torch.Tensor, mix: tuple[float, torch.Tensor] | None) -> torch.Tensor:
+    """``lam * x + (1 - lam) * x[perm]`` (mixup, Zhang et al. 2018); ``x`` itself when ``mix`` is None."""
+    if mix is None:
+        return x
+    lam, perm = mix
+    return lam * x + (1 - lam) * x[perm]
+
+
 def balanced_accuracy(labels: np.ndarray, logits: np.ndarray) -> float:
     from sklearn.metrics import balanced_accuracy_score
 
@@ -574,6 +584,7 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
     device, rank, world = join_process_group(p, resolve_device(p.device))
     # every process draws the same batch order from `generator`; its augmentations are its own
     augment_generator = generator if world == 1 else torch.Generator().manual_seed(p.seed + 1 + rank)
+    mix_rng = np.random.default_rng([p.seed, rank])  # mixup's mixing weights
     classifier.to(device)
     k = len(data.classes)
     train, val = data.train, data.val
@@ -588,8 +599,8 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
         x_val = torch.from_numpy(embed(classifier.encoder, val.images, p.eval_batch_size, device))
         trained: nn.Module = classifier.head
 
-        def forward(xb: torch.Tensor) -> torch.Tensor:
-            return classifier.logits_from_features(xb)
+        def forward(xb: torch.Tensor, mix: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
+            return classifier.logits_from_features(mixup(xb, mix))
     else:
         x_train, x_val = torch.from_numpy(train.images), torch.from_numpy(val.images)
         trained = classifier.encoder.backbone
@@ -599,11 +610,11 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
                 classifier, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=classifier.head_kind == "cosine")  # the cosine head has an unused bias
 
-        def forward(xb: torch.Tensor) -> torch.Tensor:
+        def forward(xb: torch.Tensor, mix: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
             x = to_input(xb)
             if p.augment and classifier.training:
                 x = augment_batch(x, augment_generator)
-            return (net if classifier.training else classifier)(x)  # evaluation is local, no collectives
+            return (net if classifier.training else classifier)(mixup(x, mix))  # evaluation is local, no collectives
 
     optimizer = make_optimizer(p, classifier)
     y_train = torch.from_numpy(train.labels)
@@ -628,7 +639,14 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
         total, seen = 0.0, 0
         for idx in _batches(len(train), p.batch_size, sampler_weights, generator, min_size):
             idx = idx[rank::world]  # this process's share of the global batch
-            loss = criterion(forward(x_train[idx].to(device)), y_train[idx].to(device), w_train[idx].to(device), epoch)
+            yb, wb = y_train[idx].to(device), w_train[idx].to(device)
+            if p.mixup_alpha > 0:
+                lam = float(mix_rng.beta(p.mixup_alpha, p.mixup_alpha))
+                perm = torch.randperm(len(idx), generator=augment_generator).to(device)
+                logits = forward(x_train[idx].to(device), (lam, perm))
+                loss = lam * criterion(logits, yb, wb, epoch) + (1 - lam) * criterion(logits, yb[perm], wb[perm], epoch)
+            else:
+                loss = criterion(forward(x_train[idx].to(device)), yb, wb, epoch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch}: lower finetune.lr (now {p.lr})")
             optimizer.zero_grad(set_to_none=True)
@@ -652,7 +670,9 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
             log.info("epoch %d/%d  loss %.4f  val balanced accuracy %.4f", epoch + 1, p.epochs, row["train_loss"], val_bacc)
         if on_epoch is not None:
             on_epoch(epoch, row)
-        if epoch == 0 or val_bacc > result.best_val_balanced_accuracy:
+        if p.select_epoch == "last":  # the end of the schedule, whatever the validation score says
+            result.best_epoch, result.best_val_balanced_accuracy = epoch, val_bacc
+        elif epoch == 0 or val_bacc > result.best_val_balanced_accuracy:
             result.best_epoch, result.best_val_balanced_accuracy = epoch, val_bacc
             best_state = copy.deepcopy(trained.state_dict())
             stale = 0
@@ -661,7 +681,8 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
             if stale >= p.patience:
                 log.info("early stop: no better validation balanced accuracy for %d epochs", p.patience)
                 break
-    trained.load_state_dict(best_state)
+    if p.select_epoch == "best":
+        trained.load_state_dict(best_state)
     classifier.eval()
     if world > 1:
         check_replicas_agree(classifier, device)

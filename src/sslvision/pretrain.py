@@ -42,10 +42,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 from pydantic import Field
@@ -69,6 +68,9 @@ from sslvision.models import (
     to_input,
 )
 from sslvision.params import Section
+
+if TYPE_CHECKING:  # pandas is imported where manifests are read: train() and its workers never need it (~60 MiB)
+    import pandas as pd
 
 log = logging.getLogger("sslvision.pretrain")
 
@@ -663,6 +665,8 @@ def read_inputs(ingested: str | Path) -> StageInputs:
     covers what is trained on. Without ``ssl_pool.parquet`` every row of ``images.parquet`` is used.
     ``eval_labels.parquet`` gives the clean test labels for the evaluation.
     """
+    import pandas as pd
+
     root = Path(ingested)
     for name in ("images.npy", "images.parquet", "eval_labels.parquet"):
         if not (root / name).exists():
@@ -776,6 +780,8 @@ def run_stage(p: PretrainParams, ingested: str | Path = "data/ingested", encoder
                     metrics["effective_rank"], metrics["std_ratio"])
     reports = Path(reports)
     write_json(reports / "metrics.json", metrics)
+    import pandas as pd
+
     write_csv(reports / "history.csv", pd.DataFrame(result.history))
     return metrics
 
@@ -826,6 +832,8 @@ def sweep_temperature(values: list[float], params: str | Path = "params.yaml", e
     Writes ``temperature_sweep.csv`` and ``temperature_sweep.png`` (kNN accuracy vs temperature) to
     ``reports``. Each run checkpoints under ``checkpoints/T=<value>`` so an interrupted sweep resumes.
     """
+    import pandas as pd
+
     from sslvision.params import load_section
 
     if not values or any(v <= 0 for v in values):

@@ -18,9 +18,10 @@ Pipeline (``synthesize``):
      * ViT with the MAE decoder pretrain kept (``pretrain.method`` mae / cl_mim): that decoder;
      * ViT without one: an :class:`~sslvision.models.MAEDecoder` trained here on the frozen encoder's
        visible-patch tokens (pixel targets);
-     * ResNet (no tokens to drop): a small convolutional inpainter (:class:`ConvInpainter`) trained
-       here on the frozen encoder's feature map of the masked image, concatenated with the masked
-       image and the mask at full resolution (a context encoder whose encoder is the SSL network).
+     * ResNet (no tokens to drop): an inpainter trained here on the frozen encoder's feature map of
+       the masked image, concatenated with the masked image and the mask at full resolution (a context
+       encoder whose encoder is the SSL network): a small U-Net (:class:`UNetInpainter`, ``arch: unet``)
+       or four dilated convolutions (:class:`ConvInpainter`, ``arch: conv``, cheaper and blurrier).
    - ``feature_interp``: a pixel decoder (:class:`EmbeddingDecoder`) is trained to invert the SSL
      embedding (embedding -> image, all classes); new images decode points on the segment between an
      image's embedding and one of its ``neighbours`` nearest same-class neighbours, plus a little noise
@@ -100,6 +101,7 @@ class MAEInpaintParams(Section):
     pre_augment: bool = False
     decoder: Literal["auto", "pretrain", "train"] = "auto"
     patch_size: int = Field(4, gt=0)
+    arch: Literal["unet", "conv"] = "unet"
     width: int = Field(32, gt=0)
     steps: int = Field(300, ge=0)
     batch_size: int = Field(64, gt=0)
@@ -143,7 +145,7 @@ class SynthesizeParams(Section):
     target: int | Literal["median", "max"] = "median"
     classes: list[str] = Field(default_factory=list)
     max_per_class: int = Field(500, ge=0)
-    oversample: float = Field(3.0, ge=1)
+    oversample: float = Field(6.0, ge=1)
     batch_size: int = Field(256, gt=0)
     device: str = "cpu"
     fidelity_k: int = Field(3, gt=0)
@@ -391,6 +393,43 @@ class ConvInpainter(nn.Module):
         return (torch.sigmoid(self.refine(torch.cat([f, masked, mask], dim=1))) - MEAN) / STD
 
 
+class UNetInpainter(nn.Module):
+    """A small U-Net inpainter on a frozen CNN's feature map (ResNet encoders, ``arch: unet``).
+
+    Its input is the same as :class:`ConvInpainter`'s: the upsampled feature map, the masked image and the
+    mask. Two stride-2 levels (28 -> 14 -> 7 px) give every hidden pixel the whole garment as context, and
+    skip connections return the visible pixels' detail at full resolution. Hidden 4x4 cells are then
+    drawn with the garment's shape around them, where the flat convolution stack blurs them into blocks.
+    """
+
+    def __init__(self, feature_dim: int, in_chans: int, width: int):
+        super().__init__()
+        w = width
+
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8 if cout % 8 == 0 else 1, cout),
+                                 nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GELU())
+
+        self.reduce = nn.Conv2d(feature_dim, w, 1)
+        self.enc1 = block(w + in_chans + 1, w)
+        self.enc2 = block(w, 2 * w, stride=2)
+        self.mid = nn.Sequential(block(2 * w, 4 * w, stride=2),
+                                 nn.Conv2d(4 * w, 4 * w, 3, padding=2, dilation=2), nn.GELU())
+        self.dec2 = block(4 * w + 2 * w, 2 * w)
+        self.dec1 = block(2 * w + w, w)
+        self.out = nn.Conv2d(w, in_chans, 1)
+
+    def forward(self, features: torch.Tensor, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        size = masked.shape[-2:]
+        f = F.interpolate(self.reduce(features), size=size, mode="bilinear", align_corners=False)
+        s1 = self.enc1(torch.cat([f, masked, mask], dim=1))
+        s2 = self.enc2(s1)
+        m = self.mid(s2)
+        d2 = self.dec2(torch.cat([F.interpolate(m, size=s2.shape[-2:], mode="bilinear", align_corners=False), s2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, size=size, mode="bilinear", align_corners=False), s1], 1))
+        return (torch.sigmoid(self.out(d1)) - MEAN) / STD
+
+
 def _grid_mask(n: int, height: int, width: int, patch: int, ratio: float, device: torch.device) -> torch.Tensor:
     """``(n, 1, H, W)`` float mask, 1 on a random ``ratio`` share of the ``patch``-sized cells."""
     gh, gw = height // patch, width // patch
@@ -443,7 +482,8 @@ class MAEInpaintGenerator:
         else:
             with torch.no_grad():
                 feat_dim = encoder.backbone.forward_features(torch.zeros(1, c, h, w, device=self.device)).shape[1]
-            self.decoder, self.mode = ConvInpainter(feat_dim, c, p.width), "trained_conv_inpainter"
+            inpainter = UNetInpainter if p.arch == "unet" else ConvInpainter
+            self.decoder, self.mode = inpainter(feat_dim, c, p.width), f"trained_{p.arch}_inpainter"
         self.decoder.to(self.device).train()
         if self.load_cached is not None and self.load_cached(self.decoder):
             self.decoder.eval()
