@@ -6,7 +6,9 @@ size and with the same number of DataLoader workers, each in its own process:
 
 - sslvision: ``sslvision.pretrain.train`` (timm ResNet-18 initialised as torchvision's, i.e. without
   timm's zero-init of each residual block's last BN; uint8 memory-mapped array, albumentations
-  views made in workers, AdamW + cosine schedule without warm-up, as lightly's recipe has none), params
+  views made in workers, cosine schedule without warm-up, as lightly's recipe has none; ``--optimizer``:
+  ``sgd`` (default) with lightly's learning rate, momentum and weight decay, so that both sides keep the
+  same optimiser state, or ``adamw``, the stage's default, with its lr and weight decay), params
   otherwise the stage's defaults;
 - lightly: its recipe: torchvision ResNet-18 (same stem change), ``SimCLRProjectionHead``,
   ``NTXentLoss``, ``SimCLRTransform`` (single-channel normalisation) on torchvision's ``FashionMNIST``
@@ -118,6 +120,8 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict:
         # no warm-up, as lightly's recipe: with the stage's default 0.5-epoch warm-up a 150 s budget on a CPU
         # would end inside the warm-up at a tiny learning rate
         "warmup_epochs": 0,
+        **({"optimizer": "sgd", "lr": 0.06 * args.batch_size / 256, "momentum": 0.9, "weight_decay": 5e-4}
+           if args.optimizer == "sgd" else {"optimizer": "adamw"}),
         "workers": args.workers, "checkpoint_every": 10**9, "checkpoint_dir": str(work / "ckpt"), "seed": 0})
     torch.set_num_threads(args.threads)
     with PeakRSS() as rss:
@@ -216,6 +220,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.2)
     ap.add_argument("--eval-images", type=int, default=2000,
                     help="stratified test subset embedded for kNN / linear probe (10000 = all)")
+    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                    help="our side's optimiser: sgd = lightly's (lr 0.06 x batch/256, momentum 0.9, wd 5e-4); "
+                         "adamw = the stage's default (params.yaml pretrain.lr / weight_decay)")
     ap.add_argument("--backbone-args", default='{"zero_init_last": false}',
                     help="extra timm kwargs of our ResNet-18 as JSON. Default: no zero-init of each block's last "
                          "BN, as torchvision's ResNet-18 on lightly's side (zero_init_residual=False); '{}' "
@@ -235,7 +242,7 @@ def main() -> None:
     test_y = test_y.astype(np.int64)
     rows: list[dict] = []
     setting = (f"ResNet-18 28x28, batch {args.batch_size}, {args.budget_s:.0f} s budget, {args.workers} worker, "
-               f"eval on {len(subset)} test images")
+               f"eval on {len(subset)} test images, our optimiser {args.optimizer}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results = {}
@@ -243,7 +250,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--only", system, "--work", str(work), "--budget-s", str(args.budget_s),
                    "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                    "--threads", str(args.threads), "--temperature", str(args.temperature),
-                   "--eval-images", str(args.eval_images), "--backbone-args", args.backbone_args]
+                   "--eval-images", str(args.eval_images), "--backbone-args", args.backbone_args,
+                   "--optimizer", args.optimizer]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{system} failed:\n{proc.stderr[-3000:]}")

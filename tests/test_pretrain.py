@@ -20,6 +20,7 @@ from sslvision.models import Encoder, EncoderConfig, embed, load_decoder, load_e
 from sslvision.pretrain import (
     NonFiniteLossError,
     PretrainParams,
+    _optimizer,
     build_method,
     embed_ingested,
     evaluate,
@@ -82,7 +83,7 @@ def _fixed_batch_losses(p: PretrainParams, steps: int = 6) -> list[float]:
     if p.method == "dino":
         views.append(torch.nn.functional.interpolate(x, size=p.local_size))
     model = build_method(p, Encoder(p.encoder_config(28, 1)), total_steps=steps, steps_per_epoch=steps)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p.lr)
+    opt = _optimizer(model, p)
     losses = []
     for step in range(steps):
         torch.manual_seed(step)  # the same MAE mask at every step: the loss change is the model's
@@ -105,6 +106,25 @@ def test_each_method_lowers_its_loss_on_a_fixed_batch(method, kw):
     losses = _fixed_batch_losses(params(method, lr=3e-3, **kw))
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("lars", 0.3)])
+def test_sgd_and_lars_lower_the_loss_with_one_state_buffer(optimizer, lr):
+    torch.set_num_threads(1)
+    p = params("simclr", optimizer=optimizer, lr=lr, weight_decay=5e-4)
+    losses = _fixed_batch_losses(p)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0], losses
+    model = build_method(p, Encoder(p.encoder_config(28, 1)), total_steps=1, steps_per_epoch=1)
+    opt = _optimizer(model, p)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0  # biases and norms: no decay
+    assert all(q.ndim <= 1 for q in no_decay["params"]) and all(q.ndim > 1 for q in decay["params"])
+    x = torch.rand(4, 1, 28, 28)
+    model([x, torch.flip(x, dims=[3])], 0).backward()
+    opt.step()
+    buffers = {k for state in opt.state.values() for k in state}
+    assert buffers == {"momentum_buffer"}  # AdamW would keep exp_avg and exp_avg_sq: twice the memory
 
 
 def test_nt_xent_matches_cross_entropy_definition():

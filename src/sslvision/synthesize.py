@@ -94,11 +94,13 @@ GENERATORS = ("mae_inpaint", "feature_interp", "augment")
 
 
 class MAEInpaintParams(Section):
-    GENERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"mix_share", "pre_augment"})  # not in decoder training
+    GENERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"mix_share", "pre_augment", "post_augment"})  # not in
+    # decoder training
 
     mask_ratio: float = Field(0.5, gt=0, lt=1)
     mix_share: float = Field(0.25, ge=0, lt=1)
     pre_augment: bool = False
+    post_augment: bool = False
     decoder: Literal["auto", "pretrain", "train"] = "auto"
     patch_size: int = Field(4, gt=0)
     arch: Literal["unet", "conv"] = "unet"
@@ -447,9 +449,11 @@ class MAEInpaintGenerator:
     name = "mae_inpaint"
 
     def __init__(self, params: MAEInpaintParams, device: torch.device, pretrain_decoder: MAEDecoder | None = None,
-                 norm_pix: bool = False, pre_augment: AugmentGenerator | None = None):
+                 norm_pix: bool = False, pre_augment: AugmentGenerator | None = None,
+                 post_augment: AugmentGenerator | None = None):
         self.params = params
         self.pre_augment = pre_augment
+        self.post_augment = post_augment
         self.device = device
         self.pretrain_decoder = pretrain_decoder
         self.norm_pix = norm_pix
@@ -539,6 +543,8 @@ class MAEInpaintGenerator:
             x = to_input(torch.from_numpy(base[s:s + 256]).to(self.device))
             pred, target, mask = self._reconstruct(x)
             out[s:s + len(x)] = to_uint8(target * (1 - mask) + pred * mask)
+        if self.post_augment is not None:
+            out = self.post_augment.apply(out, rng)
         return out, np.stack([a, b if mixing else np.full(count, -1)], axis=1)
 
 
@@ -638,8 +644,10 @@ def make_generator(params: SynthesizeParams, device: torch.device, pretrain_deco
     if params.generator == "augment":
         return AugmentGenerator(params.augment, params.seed)
     if params.generator == "mae_inpaint":
-        pre = AugmentGenerator(params.augment, params.seed) if params.mae_inpaint.pre_augment else None
-        return MAEInpaintGenerator(params.mae_inpaint, device, pretrain_decoder, norm_pix, pre)
+        p = params.mae_inpaint
+        pre = AugmentGenerator(params.augment, params.seed) if p.pre_augment else None
+        post = AugmentGenerator(params.augment, params.seed + 1) if p.post_augment else None
+        return MAEInpaintGenerator(p, device, pretrain_decoder, norm_pix, pre, post)
     return FeatureInterpGenerator(params.feature_interp, device)
 
 
