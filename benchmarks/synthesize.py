@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--probe-steps", type=int, default=2000)
     ap.add_argument("--probe-batch", type=int, default=256)
     ap.add_argument("--probe-seeds", type=int, default=3)
+    ap.add_argument("--synth-seeds", type=int, nargs="+", default=None,
+                    help="synthesis seeds (synthesize.seed) each generator runs with; its recalls are averaged over "
+                         "them (one seed's tail recall moves by ~1 point). Default: params.yaml's seed")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a synthesize param for every generator, e.g. --set filter.min_confidence=0.3")
     args = ap.parse_args(argv)
@@ -182,45 +185,65 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[dict] = []
     summary: dict[str, dict] = {}
+    synth_seeds: list[int | None] = list(args.synth_seeds) if args.synth_seeds else [None]
     systems = [("none", None, False), ("none (class-balanced sampler)", None, True)]
     systems += [(_system_name(g), g, False) for g in args.generators]
     for system, spec, balanced in systems:
-        x, y, extra_rows, seconds = real.embeddings, real.labels, [], 0.0
-        if spec:
+        extra_rows: list[dict] = []
+        if not spec:
+            runs = [(real.embeddings, real.labels)]
+        else:
             generator, *variant = spec.split("@")
-            over = copy.deepcopy(overrides)
-            for item in variant:  # GENERATOR@KEY=JSON: that generator with its section's KEY set
-                key, value = item.split("=", 1)
-                over.setdefault(generator, {})[key] = json.loads(value)
-            p = load_section("synthesize", SynthesizeParams, REPO / "params.yaml",
-                             overrides={**over, "generator": generator})
-            t0 = time.perf_counter()
-            result = synthesize(real, encoder, p, decoder, norm_pix)
-            seconds = time.perf_counter() - t0
-            x = np.concatenate([real.embeddings, result.embeddings])
-            y = np.concatenate([real.labels, result.manifest["label"].to_numpy()])
-            m = result.metrics
-            extra_rows += [{"system": system, "metric": "synthetic kept (all classes)", "value": m["kept"],
-                            "unit": "images"},
-                           {"system": system, "metric": "filter accept rate", "value": m["accept_rate"], "unit": ""},
-                           {"system": system, "metric": "synthesis time", "value": seconds, "unit": "s"},
-                           {"system": system, "metric": "Fréchet distance (all synthesised classes)",
-                            "value": m["all_frechet"], "unit": ""},
-                           {"system": system, "metric": "k-NN precision (all)", "value": m["all_precision"], "unit": ""},
-                           {"system": system, "metric": "k-NN recall (all)", "value": m["all_recall"], "unit": ""}]
-            for name in tail_names:
-                c = m["classes"].get(name)
-                if c is None:
+            runs = []
+            for seed_i, synth_seed in enumerate(synth_seeds):
+                over = copy.deepcopy(overrides)
+                for item in variant:  # GENERATOR@KEY=JSON: that generator with its section's KEY set
+                    key, value = item.split("=", 1)
+                    over.setdefault(generator, {})[key] = json.loads(value)
+                if synth_seed is not None:
+                    over["seed"] = synth_seed
+                p = load_section("synthesize", SynthesizeParams, REPO / "params.yaml",
+                                 overrides={**over, "generator": generator})
+                t0 = time.perf_counter()
+                result = synthesize(real, encoder, p, decoder, norm_pix)
+                seconds = time.perf_counter() - t0
+                runs.append((np.concatenate([real.embeddings, result.embeddings]),
+                             np.concatenate([real.labels, result.manifest["label"].to_numpy()])))
+                if seed_i:
                     continue
-                extra_rows += [{"system": system, "metric": f"kept/{name}", "value": c["kept"], "unit": "images"},
-                               {"system": system, "metric": f"Fréchet/{name}", "value": c["frechet"], "unit": ""},
-                               {"system": system, "metric": f"k-NN precision/{name}", "value": c["precision"],
+                m = result.metrics  # fidelity rows and the grid: the first synthesis seed's
+                extra_rows += [{"system": system, "metric": "synthetic kept (all classes)", "value": m["kept"],
+                                "unit": "images"},
+                               {"system": system, "metric": "filter accept rate", "value": m["accept_rate"],
                                 "unit": ""},
-                               {"system": system, "metric": f"k-NN recall/{name}", "value": c["recall"], "unit": ""}]
-            grid = REPO / "benchmarks/results" / f"synthesize_grid_{generator}{'-variant' if variant else ''}.png"
-            _save_grid(result, real, p, grid)
-        rec = np.mean([recalls(y_test, linear_probe(x, y, x_test, k, mean, std, args.probe_steps, args.probe_batch,
-                                                    seed, balanced), k) for seed in range(args.probe_seeds)], axis=0)
+                               {"system": system, "metric": "synthesis time", "value": seconds, "unit": "s"},
+                               {"system": system, "metric": "Fréchet distance (all synthesised classes)",
+                                "value": m["all_frechet"], "unit": ""},
+                               {"system": system, "metric": "k-NN precision (all)", "value": m["all_precision"],
+                                "unit": ""},
+                               {"system": system, "metric": "k-NN recall (all)", "value": m["all_recall"], "unit": ""}]
+                for name in tail_names:
+                    c = m["classes"].get(name)
+                    if c is None:
+                        continue
+                    extra_rows += [{"system": system, "metric": f"kept/{name}", "value": c["kept"], "unit": "images"},
+                                   {"system": system, "metric": f"Fréchet/{name}", "value": c["frechet"], "unit": ""},
+                                   {"system": system, "metric": f"k-NN precision/{name}", "value": c["precision"],
+                                    "unit": ""},
+                                   {"system": system, "metric": f"k-NN recall/{name}", "value": c["recall"],
+                                    "unit": ""}]
+                grid = REPO / "benchmarks/results" / f"synthesize_grid_{generator}{'-variant' if variant else ''}.png"
+                _save_grid(result, real, p, grid)
+        per_run = [np.mean([recalls(y_test, linear_probe(x, y, x_test, k, mean, std, args.probe_steps,
+                                                         args.probe_batch, seed, balanced), k)
+                            for seed in range(args.probe_seeds)], axis=0) for x, y in runs]
+        rec = np.mean(per_run, axis=0)
+        if spec and len(per_run) > 1:
+            tails = [100 * float(r[tail].mean()) for r in per_run]
+            extra_rows += [{"system": system, "metric": f"mean tail recall (synthesis seed {sd})", "value": round(t, 2),
+                            "unit": "%"} for sd, t in zip(synth_seeds, tails, strict=True)]
+            extra_rows.append({"system": system, "metric": "mean tail recall, std over synthesis seeds",
+                               "value": round(float(np.std(tails, ddof=1)), 2), "unit": "points"})
         tail_mean = float(rec[tail].mean())
         summary[system] = {"tail_recall": tail_mean, "balanced_accuracy": float(rec.mean())}
         log.info("%s: tail recall %.1f%%, balanced accuracy %.1f%%", system, 100 * tail_mean, 100 * rec.mean())
@@ -245,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "inputs": inputs.origin, "tail_classes": tail_names,
         "real_train_counts": {n: int(c) for n, c in zip(real.classes, counts, strict=True)},
         "probe": {"steps": args.probe_steps, "batch_size": args.probe_batch, "seeds": args.probe_seeds},
+        "synthesis_seeds": synth_seeds,
         "overrides": overrides, "verdict": verdict,
         "encoder": json.loads((inputs.encoder / "config.json").read_text()).get("method", "?"),
     })

@@ -238,3 +238,48 @@ def test_mixup_and_select_last_epoch(workdir):
     assert len(result.history) == 3 and result.best_epoch == 2 and np.isfinite(result.history[-1]["train_loss"])
     assert result.best_val_balanced_accuracy == result.history[-1]["val_balanced_accuracy"]
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+
+
+def test_soft_targets_match_hard_ones_and_label_correction_restores_flipped_labels(workdir):
+    from sslvision.finetune import (
+        FinetuneParams,
+        build_classifier,
+        load_data,
+        load_params,
+        train_classifier,
+        train_val_rows,
+    )
+
+    logits, target = torch.randn(6, 10), torch.tensor([0, 3, 9, 9, 1, 5])
+    for kind, kw in (("ce", {"label_smoothing": 0.1}), ("logit_adjusted", {}), ("ldam", {"drw_epoch": 0})):
+        loss = LongTailLoss(kind, COUNTS, **kw)
+        torch.testing.assert_close(loss(logits, F.one_hot(target, 10).float(), None, 1), loss(logits, target, None, 1))
+
+    params = make_project(workdir, head=120, ratio=4, test_per_class=2)
+    clean = workdir / "data/audit/manifest_clean.parquet"
+    # four classes the stand-in encoder separates well (correction needs a model better than the labels)
+    easy = np.array([1, 5, 8, 9])  # trouser, sandal, bag, ankle boot
+    manifest = pd.read_parquet(clean).query("label in @easy").reset_index(drop=True)
+    truth = manifest["label"].to_numpy().copy()
+    rng = np.random.default_rng(0)
+    flip = rng.random(len(manifest)) < 0.2  # 20% of the labels moved to another of the four
+    pos = np.searchsorted(easy, truth[flip])
+    manifest.loc[flip, "label"] = easy[(pos + rng.integers(1, 4, flip.sum())) % 4]
+    manifest.to_parquet(clean, index=False)
+    p = load_params(params).model_copy(update={"epochs": 25, "lr": 0.02, "label_correction_epoch": 5,
+                                               "label_correction_momentum": 0.7, "select_epoch": "last",
+                                               "val_fraction": 0.05})
+    data = load_data(p)
+    result = train_classifier(build_classifier(p, data.classes), data, p)
+    assert result.corrected_labels is not None and len(result.corrected_labels) == len(data.train)
+    assert "labels_corrected" not in result.history[4] and result.history[-1]["labels_corrected"] > 0
+    given = data.train.labels
+    true = pd.Series(truth, index=manifest["index"])[train_val_rows(p)[0]["index"]].to_numpy()
+    changed = result.corrected_labels != given
+    assert 0 < changed.sum() < len(given) // 2
+    # the running targets agree with the true labels more than the given ones do, and a changed label is
+    # more often restored to the truth than moved elsewhere
+    assert (result.corrected_labels == true).mean() > (given == true).mean() + 0.02  # measured 0.885 vs 0.799
+    assert (result.corrected_labels[changed] == true[changed]).mean() > 0.5
+    with pytest.raises(ValueError, match="mixup"):
+        FinetuneParams.model_validate({**p.model_dump(), "mixup_alpha": 0.2})

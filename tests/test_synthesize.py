@@ -126,10 +126,11 @@ def test_deterministic_for_a_seed(real, resnet):
         assert not np.array_equal(a.images, c.images), generator
 
 
-def test_mae_inpaint_pre_augment_makes_new_views_deterministically(real, resnet):
+@pytest.mark.parametrize("when", ["pre_augment", "post_augment"])
+def test_mae_inpaint_augment_makes_new_views_deterministically(real, resnet, when):
     plain = syn.synthesize(real, resnet, _params(generator="mae_inpaint", seed=3))
-    a = syn.synthesize(real, resnet, _params(generator="mae_inpaint", seed=3, mae_inpaint={"pre_augment": True}))
-    b = syn.synthesize(real, resnet, _params(generator="mae_inpaint", seed=3, mae_inpaint={"pre_augment": True}))
+    a = syn.synthesize(real, resnet, _params(generator="mae_inpaint", seed=3, mae_inpaint={when: True}))
+    b = syn.synthesize(real, resnet, _params(generator="mae_inpaint", seed=3, mae_inpaint={when: True}))
     assert np.array_equal(a.images, b.images)
     assert a.images.shape == plain.images.shape and not np.array_equal(a.images, plain.images)
 

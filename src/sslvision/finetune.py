@@ -26,6 +26,14 @@ Long-tail methods (``loss``, ``sampler``, ``drw_epoch``):
   label distribution of the batches, which that sampler makes uniform (the logit adjustment then
   vanishes instead of correcting twice).
 
+Residual label noise (``label_correction_epoch``): from that epoch on, each training row's target is a
+running average of the model's own predictions, ``t <- m * t + (1 - m) * p`` with ``m =
+label_correction_momentum``, starting from its given label (self-ensemble label correction, Lu & He,
+2022). ``p`` is the posterior under the training prior (``softmax(logits + tau * log prior)``, what the
+loss fits), so a row of a head class is not pulled towards the tail. Start it before the model begins
+to memorise the wrong labels; rows whose target ends up favouring another class are counted per epoch
+(``labels_corrected``). Single process only, and not with mixup.
+
 After training, a single temperature is fitted on the validation logits (Guo et al., 2017). The
 validation split is long-tailed while a prior-corrected classifier models the balanced distribution,
 so the fit adds the log-prior change (:func:`calibration_shift`) to the logits, as the validation
@@ -113,6 +121,8 @@ class FinetuneParams(Section):
     sampler: Literal["random", "class_balanced"] = "random"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup_alpha: float = Field(0.0, ge=0)
+    label_correction_epoch: int = -1
+    label_correction_momentum: float = Field(0.9, ge=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(5, ge=1)
     select_epoch: Literal["best", "last"] = "best"
@@ -128,6 +138,9 @@ class FinetuneParams(Section):
     def _scratch_needs_training(self) -> FinetuneParams:
         if self.init == "scratch" and self.mode == "linear_probe":
             raise ValueError("init: scratch trains a random encoder, so it needs mode: finetune")
+        if self.label_correction_epoch >= 0 and self.mixup_alpha > 0:
+            raise ValueError("label_correction_epoch and mixup_alpha cannot both be on: the running targets are "
+                             "averaged from predictions on unmixed images")
         return self
 
 
@@ -383,17 +396,22 @@ class LongTailLoss(nn.Module):
 
     def adjusted_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The logits the cross-entropy sees in training (prediction always uses the raw ones)."""
-        margin = F.one_hot(target, logits.shape[1]) * self.margins
-        return logits + self.logit_shift - margin
+        return logits + self.logit_shift - _as_probs(target, logits.shape[1]) * self.margins
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None,
                 epoch: int = 0) -> torch.Tensor:
+        """``target``: class indices ``(B,)`` or class probabilities ``(B, K)`` (soft targets: margins and
+        class weights are then their expectation under the target)."""
         per_sample = F.cross_entropy(self.adjusted_logits(logits, target), target, reduction="none",
                                      label_smoothing=self.label_smoothing)
-        w = self.class_weights(epoch)[target]
+        w = target @ self.class_weights(epoch) if target.is_floating_point() else self.class_weights(epoch)[target]
         if sample_weight is not None:
             w = w * sample_weight
         return (per_sample * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def _as_probs(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return target if target.is_floating_point() else F.one_hot(target, num_classes).float()
 
 
 def class_counts(labels: np.ndarray, weights: np.ndarray, num_classes: int) -> np.ndarray:
@@ -484,6 +502,7 @@ class TrainResult:
     temperature: float = 1.0
     seconds: float = 0.0
     world_size: int = 1
+    corrected_labels: np.ndarray | None = None  # label correction: argmax of each training row's final target
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -628,6 +647,10 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
     scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched="cosine", num_epochs=p.epochs,
                                                       warmup_epochs=p.warmup_epochs, warmup_lr=p.lr * 0.01,
                                                       min_lr=p.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps)
+    if p.label_correction_epoch >= 0 and world > 1:
+        raise ValueError("finetune.label_correction_epoch needs a single process: under torchrun each process sees "
+                         "other rows every epoch, so the running targets would part ways")
+    soft_targets: torch.Tensor | None = None  # label correction: a running average of the model's predictions
     result = TrainResult()
     best_state = copy.deepcopy(trained.state_dict())
     stale = 0
@@ -640,7 +663,16 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
         for idx in _batches(len(train), p.batch_size, sampler_weights, generator, min_size):
             idx = idx[rank::world]  # this process's share of the global batch
             yb, wb = y_train[idx].to(device), w_train[idx].to(device)
-            if p.mixup_alpha > 0:
+            if 0 <= p.label_correction_epoch <= epoch:
+                if soft_targets is None:
+                    soft_targets = F.one_hot(y_train, k).float()
+                logits = forward(x_train[idx].to(device))
+                loss = criterion(logits, soft_targets[idx].to(device), wb, epoch)
+                with torch.no_grad():  # the model's posterior under the training prior, as the loss fits it
+                    a = p.label_correction_momentum
+                    posterior = (logits.detach().float() + criterion.logit_shift).softmax(1).cpu()
+                    soft_targets[idx] = a * soft_targets[idx] + (1 - a) * posterior
+            elif p.mixup_alpha > 0:
                 lam = float(mix_rng.beta(p.mixup_alpha, p.mixup_alpha))
                 perm = torch.randperm(len(idx), generator=augment_generator).to(device)
                 logits = forward(x_train[idx].to(device), (lam, perm))
@@ -665,6 +697,8 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
             val_bacc = float(score.item())
         row = {"epoch": epoch, "train_loss": total / max(seen, 1), "val_balanced_accuracy": val_bacc,
                "lr": max(g["lr"] for g in optimizer.param_groups)}
+        if soft_targets is not None:  # training rows whose running target now favours another class
+            row["labels_corrected"] = int((soft_targets.argmax(1) != y_train).sum())
         result.history.append(row)
         if rank == 0:
             log.info("epoch %d/%d  loss %.4f  val balanced accuracy %.4f", epoch + 1, p.epochs, row["train_loss"], val_bacc)
@@ -690,6 +724,8 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
         classifier.temperature = fit_temperature(_val_logits(classifier, forward, x_val, p.eval_batch_size), val.labels,
                                                  calibration_shift(p, counts, val.labels))
     result.temperature = classifier.temperature
+    if soft_targets is not None:
+        result.corrected_labels = soft_targets.argmax(1).numpy()
     result.seconds = time.perf_counter() - t0
     result.world_size = world
     return result

@@ -12,7 +12,8 @@ Pipeline (``synthesize``):
      patches of a second image of the class, optionally (``pre_augment``) give the result a random
      ``augment`` transform (new pose and shape; the decoder then redraws what the warp and erasing
      left), hide ``mask_ratio`` of the patches and let a decoder reconstruct them from the frozen
-     encoder's view of the visible ones (visible pixels are kept, as MAE shows its reconstructions).
+     encoder's view of the visible ones (visible pixels are kept, as MAE shows its reconstructions),
+     and optionally (``post_augment``) give the reconstruction a random ``augment`` transform.
      The decoder is, by backbone:
 
      * ViT with the MAE decoder pretrain kept (``pretrain.method`` mae / cl_mim): that decoder;
