@@ -283,3 +283,21 @@ def test_soft_targets_match_hard_ones_and_label_correction_restores_flipped_labe
     assert (result.corrected_labels[changed] == true[changed]).mean() > 0.5
     with pytest.raises(ValueError, match="mixup"):
         FinetuneParams.model_validate({**p.model_dump(), "mixup_alpha": 0.2})
+
+
+def test_weight_ema_is_what_is_validated_and_kept(workdir):
+    from sslvision.finetune import balanced_accuracy, build_classifier, load_data, load_params, train_classifier
+
+    params = make_project(workdir, head=40, ratio=5, test_per_class=2)
+    base = load_params(params).model_copy(update={"epochs": 4, "select_epoch": "last", "val_fraction": 0.2})
+    data = load_data(base)
+    kept = {}
+    for decay in (0.0, 0.9):
+        p = base.model_copy(update={"ema_decay": decay})
+        clf = build_classifier(p, data.classes)
+        result = train_classifier(clf, data, p)
+        # the weights kept are those validated last (the average when ema_decay > 0)
+        val = balanced_accuracy(data.val.labels, clf.logits(data.val.images))
+        assert val == pytest.approx(result.history[-1]["val_balanced_accuracy"], abs=1e-6)
+        kept[decay] = clf.head.weight.detach().clone()
+    assert not torch.allclose(kept[0.0], kept[0.9])

@@ -34,6 +34,10 @@ loss fits), so a row of a head class is not pulled towards the tail. Start it be
 to memorise the wrong labels; rows whose target ends up favouring another class are counted per epoch
 (``labels_corrected``). Single process only, and not with mixup.
 
+``ema_decay`` > 0 keeps an exponential moving average of the trained weights (timm's ``ModelEmaV3``, with
+its warm-up so the first steps' weights fade quickly); validation, epoch selection and the saved
+classifier use the averaged weights.
+
 After training, a single temperature is fitted on the validation logits (Guo et al., 2017). The
 validation split is long-tailed while a prior-corrected classifier models the balanced distribution,
 so the fit adds the log-prior change (:func:`calibration_shift`) to the logits, as the validation
@@ -122,6 +126,7 @@ class FinetuneParams(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup_alpha: float = Field(0.0, ge=0)
     label_correction_epoch: int = -1
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     label_correction_momentum: float = Field(0.9, ge=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(5, ge=1)
@@ -596,6 +601,7 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
     ``on_epoch(epoch, metrics)`` is called after every epoch (the stage logs to MLflow with it).
     """
     import timm.scheduler
+    import timm.utils
 
     t0 = time.perf_counter()
     torch.manual_seed(p.seed)
@@ -651,11 +657,15 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
         raise ValueError("finetune.label_correction_epoch needs a single process: under torchrun each process sees "
                          "other rows every epoch, so the running targets would part ways")
     soft_targets: torch.Tensor | None = None  # label correction: a running average of the model's predictions
+    ema = timm.utils.ModelEmaV3(trained, decay=p.ema_decay, use_warmup=True) if p.ema_decay > 0 else None
+    live_state: dict[str, torch.Tensor] | None = None  # the trained weights while the EMA ones are validated
     result = TrainResult()
     best_state = copy.deepcopy(trained.state_dict())
     stale = 0
     update = 0
     for epoch in range(p.epochs):
+        if live_state is not None:
+            trained.load_state_dict(live_state)
         trained.train()
         if p.mode == "finetune":
             classifier.train()
@@ -686,9 +696,14 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
             optimizer.step()
             update += 1
             scheduler.step_update(update)
+            if ema is not None:
+                ema.update(trained, step=update)
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
         classifier.eval()
+        if ema is not None:  # validate (and keep) the averaged weights; training goes on from the live ones
+            live_state = copy.deepcopy(trained.state_dict())
+            trained.load_state_dict(ema.module.state_dict())
         val_logits = _val_logits(classifier, forward, x_val, p.eval_batch_size)
         val_bacc = balanced_accuracy(val.labels, val_logits)
         if world > 1:  # rank 0's score decides best epoch and early stop for all, or they would part ways
