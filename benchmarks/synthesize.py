@@ -12,7 +12,9 @@ override it) and ``sslvision.audit.run_audit`` (params.yaml ``audit``).
 Each system: ``sslvision.synthesize.synthesize`` with params.yaml's ``synthesize`` section and the
 generator named (``none``: no synthesis), then a linear probe (standardised embeddings -> softmax) on
 real + kept synthetic embeddings, trained for the same number of steps and batch size whatever the
-training-set size (equal compute), averaged over ``--probe-seeds`` seeds. Evaluation: the clean,
+training-set size (equal compute), averaged over ``--probe-seeds`` seeds and, for a generator, over
+its runs with each of ``--synth-seeds`` (one synthesis seed moves mean tail recall by up to ~1 point;
+the per-seed values and their standard deviation are reported too). Evaluation: the clean,
 balanced ``test`` split. Reported: recall of each of the 3 rarest classes (clean train counts) and their
 mean, balanced accuracy, and the fidelity metrics of the synthetic set (per tail class: kept, Fréchet
 distance, k-NN precision/recall in SSL space). Reference row ``none (class-balanced sampler)``: no
@@ -21,6 +23,7 @@ synthesis, every class drawn equally often (what rebalancing alone gives).
 Target (issue 5): the best generator adds >= 5 points of mean tail recall over ``none`` and beats ``augment``.
 
     nice -n 10 .venv/bin/python benchmarks/synthesize.py            # reuses ./data when a dvc repro made it
+    .venv/bin/python benchmarks/synthesize.py --synth-seeds 0 1 2 --generators augment mae_inpaint
     .venv/bin/python benchmarks/synthesize.py --generators augment --probe-seeds 1   # quick look
     .venv/bin/python benchmarks/synthesize.py --generators augment mae_inpaint mae_inpaint@pre_augment=true
                                                     # GENERATOR@KEY=JSON: a variant of that generator
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
             extra_rows.append({"system": system, "metric": "mean tail recall, std over synthesis seeds",
                                "value": round(float(np.std(tails, ddof=1)), 2), "unit": "points"})
         tail_mean = float(rec[tail].mean())
-        summary[system] = {"tail_recall": tail_mean, "balanced_accuracy": float(rec.mean())}
+        summary[system] = {"tail_recall": tail_mean, "balanced_accuracy": float(rec.mean()),
+                           "per_seed": [float(r[tail].mean()) for r in per_run]}
         log.info("%s: tail recall %.1f%%, balanced accuracy %.1f%%", system, 100 * tail_mean, 100 * rec.mean())
         rows += [{"system": system, "metric": f"recall/{real.classes[c]}", "value": round(100 * float(rec[c]), 2),
                   "unit": "%"} for c in tail]
@@ -260,9 +264,18 @@ def main(argv: list[str] | None = None) -> None:
     verdict = None
     if best:
         gain = 100 * (summary[best]["tail_recall"] - summary["none"]["tail_recall"])
-        beats = "augment" not in summary or summary[best]["tail_recall"] > summary["augment"]["tail_recall"]
-        verdict = {"best_generator": best, "tail_recall_gain_points": round(gain, 2),
-                   "beats_augment": bool(beats), "target_met": bool(gain >= 5 and beats)}
+        verdict = {"best_generator": best, "tail_recall_gain_points": round(gain, 2)}
+        if "augment" in summary:
+            # "beats" only beyond the synthesis-seed noise: a margin of more than two standard errors of the
+            # difference of the two seed means (with a single seed there is no noise estimate: any margin)
+            a, b = np.array(summary[best]["per_seed"]), np.array(summary["augment"]["per_seed"])
+            margin = 100 * (a.mean() - b.mean())
+            se = 100 * float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))) if min(len(a), len(b)) > 1 else 0.0
+            beats = margin > 2 * se
+            verdict |= {"margin_over_augment_points": round(margin, 2), "margin_standard_error": round(se, 2)}
+        else:
+            beats = True
+        verdict |= {"beats_augment": bool(beats), "target_met": bool(gain >= 5 and beats)}
         rows.append({"system": best, "metric": "tail recall gain over none", "value": round(gain, 2), "unit": "points"})
     report("synthesize", rows, extra={
         "inputs": inputs.origin, "tail_classes": tail_names,
