@@ -126,8 +126,8 @@ class FinetuneParams(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup_alpha: float = Field(0.0, ge=0)
     label_correction_epoch: int = -1
-    ema_decay: float = Field(0.0, ge=0, lt=1)
     label_correction_momentum: float = Field(0.9, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(5, ge=1)
     select_epoch: Literal["best", "last"] = "best"
@@ -140,7 +140,7 @@ class FinetuneParams(Section):
     promotion: PromotionParams = PromotionParams()
 
     @model_validator(mode="after")
-    def _scratch_needs_training(self) -> FinetuneParams:
+    def _compatible_options(self) -> FinetuneParams:
         if self.init == "scratch" and self.mode == "linear_probe":
             raise ValueError("init: scratch trains a random encoder, so it needs mode: finetune")
         if self.label_correction_epoch >= 0 and self.mixup_alpha > 0:

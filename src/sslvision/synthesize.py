@@ -95,8 +95,8 @@ GENERATORS = ("mae_inpaint", "feature_interp", "augment")
 
 
 class MAEInpaintParams(Section):
-    GENERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"mix_share", "pre_augment", "post_augment"})  # not in
-    # decoder training
+    # generation-only keys: they do not change the decoder's training (nor its cache key)
+    GENERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"mix_share", "pre_augment", "post_augment"})
 
     mask_ratio: float = Field(0.5, gt=0, lt=1)
     mix_share: float = Field(0.25, ge=0, lt=1)
