@@ -212,31 +212,10 @@ def main(argv: list[str] | None = None) -> None:
                 seconds = time.perf_counter() - t0
                 runs.append((np.concatenate([real.embeddings, result.embeddings]),
                              np.concatenate([real.labels, result.manifest["label"].to_numpy()])))
-                if seed_i:
-                    continue
-                m = result.metrics  # fidelity rows and the grid: the first synthesis seed's
-                extra_rows += [{"system": system, "metric": "synthetic kept (all classes)", "value": m["kept"],
-                                "unit": "images"},
-                               {"system": system, "metric": "filter accept rate", "value": m["accept_rate"],
-                                "unit": ""},
-                               {"system": system, "metric": "synthesis time", "value": seconds, "unit": "s"},
-                               {"system": system, "metric": "Fréchet distance (all synthesised classes)",
-                                "value": m["all_frechet"], "unit": ""},
-                               {"system": system, "metric": "k-NN precision (all)", "value": m["all_precision"],
-                                "unit": ""},
-                               {"system": system, "metric": "k-NN recall (all)", "value": m["all_recall"], "unit": ""}]
-                for name in tail_names:
-                    c = m["classes"].get(name)
-                    if c is None:
-                        continue
-                    extra_rows += [{"system": system, "metric": f"kept/{name}", "value": c["kept"], "unit": "images"},
-                                   {"system": system, "metric": f"Fréchet/{name}", "value": c["frechet"], "unit": ""},
-                                   {"system": system, "metric": f"k-NN precision/{name}", "value": c["precision"],
-                                    "unit": ""},
-                                   {"system": system, "metric": f"k-NN recall/{name}", "value": c["recall"],
-                                    "unit": ""}]
-                grid = REPO / "benchmarks/results" / f"synthesize_grid_{generator}{'-variant' if variant else ''}.png"
-                _save_grid(result, real, p, grid)
+                if seed_i == 0:  # the fidelity rows and the grid: the first synthesis seed's
+                    extra_rows += _fidelity_rows(system, result.metrics, tail_names, seconds)
+                    _save_grid(result, real, p, REPO / "benchmarks/results" /
+                               f"synthesize_grid_{generator}{'-variant' if variant else ''}.png")
         per_run = [np.mean([recalls(y_test, linear_probe(x, y, x_test, k, mean, std, args.probe_steps,
                                                          args.probe_batch, seed, balanced), k)
                             for seed in range(args.probe_seeds)], axis=0) for x, y in runs]
@@ -285,6 +264,24 @@ def main(argv: list[str] | None = None) -> None:
         "overrides": overrides, "verdict": verdict,
         "encoder": json.loads((inputs.encoder / "config.json").read_text()).get("method", "?"),
     })
+
+
+def _fidelity_rows(system: str, m: dict, tail_names: list[str], seconds: float) -> list[dict]:
+    """Rows of one synthesis run's metrics: kept, accept rate, time, fidelity overall and per tail class."""
+    rows = [{"metric": "synthetic kept (all classes)", "value": m["kept"], "unit": "images"},
+            {"metric": "filter accept rate", "value": m["accept_rate"], "unit": ""},
+            {"metric": "synthesis time", "value": seconds, "unit": "s"},
+            {"metric": "Fréchet distance (all synthesised classes)", "value": m["all_frechet"], "unit": ""},
+            {"metric": "k-NN precision (all)", "value": m["all_precision"], "unit": ""},
+            {"metric": "k-NN recall (all)", "value": m["all_recall"], "unit": ""}]
+    for name in tail_names:
+        c = m["classes"].get(name)
+        if c is not None:
+            rows += [{"metric": f"kept/{name}", "value": c["kept"], "unit": "images"},
+                     {"metric": f"Fréchet/{name}", "value": c["frechet"], "unit": ""},
+                     {"metric": f"k-NN precision/{name}", "value": c["precision"], "unit": ""},
+                     {"metric": f"k-NN recall/{name}", "value": c["recall"], "unit": ""}]
+    return [{"system": system, **r} for r in rows]
 
 
 def _system_name(spec: str) -> str:
