@@ -13,9 +13,9 @@ Each rung adds one part of the pipeline to the one before:
 
 With ``--full-finetune`` the ladder adds the baseline with its last epoch instead of its best validation
 epoch (``select_epoch: last``; the gain is measured against the better of the two baselines), the full
-pipeline as a full fine-tune with the baseline's recipe, and the same with the noise-aware settings
+pipeline as a full fine-tune with the baseline's recipe, the same with the noise-aware settings
 (``noise_aware()`` below, from ``profiles/cpu.yaml``: label smoothing 0.1, last epoch, temperature
-calibration).
+calibration), and that last rung without the synthetic images (what synthesis adds to the deployed model).
 
 Compute: the baseline gets ``--epochs`` full passes of full training; rungs 2-6 are linear probes on the
 frozen encoder (its features computed once, then ``finetune.epochs`` cheap passes of the head), so
@@ -26,7 +26,7 @@ rung with rung 5's data and loss as a full fine-tune with exactly the baseline's
 baseline of less compute and ``--epochs 16`` with one of about the pipeline's total). Rungs whose upstream output is missing are skipped and listed.
 Metrics on the clean, balanced test split: balanced accuracy, worst-class recall, ECE; plus seconds.
 
-    python benchmarks/finetune.py [--root PROJECT] [--epochs 3] [--full-finetune] [--threads 0]
+    python benchmarks/finetune.py [--root PROJECT] [--epochs 3] [--full-finetune] [--threads 0] [--name finetune]
 """
 
 from __future__ import annotations
@@ -76,6 +76,9 @@ def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | N
         rungs.append(("full pipeline, full fine-tune (scratch's recipe)", pipeline, no_audit))
         rungs.append(("+ noise-aware recipe (label smoothing 0.1, last epoch, calibrated)",
                       {**pipeline, **noise_aware()}, no_audit))
+        # the same without synthesize's images: what the synthetic data adds to the model that is deployed
+        rungs.append(("noise-aware full fine-tune without synthetic images",
+                      {**pipeline, **noise_aware(), "synthetic_weight": 0.0}, no_synthetic))
     return rungs
 
 
@@ -94,12 +97,26 @@ def noise_aware() -> dict:
     return {key: profile[f"finetune.{key}"] for key in NOISE_AWARE_KEYS}
 
 
+def scenario(path: Path) -> dict | None:
+    """What the demo scenario under the root is (noise type and rate, imbalance), when it is one."""
+    import json
+
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    params = d.get("params", {})
+    return {"noise_type": d["noise"]["type"], "noise_rate": d["noise"]["rate"],
+            "realised_noise_rate": round(d["noise"]["realised_rate"], 4),
+            "imbalance_ratio": params.get("imbalance_ratio"), "seed": params.get("seed")}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=".", help="project root with params.yaml and the stage outputs")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the full-training rungs")
     ap.add_argument("--full-finetune", action="store_true", help="add the equal-compute full fine-tune rung")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--name", default="finetune", help="results file: benchmarks/results/NAME.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python " + " ".join(["benchmarks/finetune.py", *(argv if argv is not None else sys.argv[1:])])
@@ -136,14 +153,15 @@ def main(argv: list[str] | None = None) -> None:
                      m["balanced_accuracy"], m["worst_class"], m["worst_class_recall"], m["ece"], seconds)
     bacc = {r["system"]: r["value"] for r in rows if r["metric"] == "balanced_accuracy"}
     names = [n for n, *_ in ladder(base, args.epochs, args.full_finetune) if n in bacc]
-    extra = {"skipped": skipped, "epochs": args.epochs, "test_images": len(data.test) if rows else 0}
+    extra = {"skipped": skipped, "epochs": args.epochs, "test_images": len(data.test) if rows else 0,
+             "scenario": scenario(Path("data/demo/scenario.json"))}
     baselines = [n for n in names if n.startswith("scratch")]
     if baselines and len(names) > len(baselines):
         best = max((n for n in names if n not in baselines), key=bacc.get)
         baseline = max(baselines, key=bacc.get)
         extra["gain_over_scratch_points"] = round(100 * (bacc[best] - bacc[baseline]), 2)
         extra["best"], extra["baseline"] = best, baseline
-    report("finetune", rows, command=command, extra=extra)
+    report(args.name, rows, command=command, extra=extra)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ BENCHMARKS: dict[str, list[str]] = {
     "ingest": [],
     "pretrain": ["--budget-s", "150", "--batch-size", "128"],
     "audit": ["--epochs", "10", "--steps-per-epoch", "30"],  # the demo's pretrain (params.yaml)
-    "synthesize": ["--generators", "augment", "mae_inpaint", 'mae_inpaint@arch="conv"', "mae_inpaint@pre_augment=true",
-                   "feature_interp"],
+    # the finetune stage as the classifier (the benchmark's default --eval); the cross-entropy probe runs of the
+    # generator variants are synthesize_probe.json and synthesize_run*.json
+    "synthesize": ["--generators", "augment", "mae_inpaint", "--synth-seeds", "0", "1", "2", "--probe-seeds", "3"],
     # the committed finetune results come from a demo project whose encoder was pretrained with
     # profiles/cpu.yaml's pretrain.epochs (50); on `make demo`'s 300-step encoder expect ~2 points less
     "finetune": ["--epochs", "16", "--full-finetune"],

@@ -1,5 +1,5 @@
-"""Does rare-class synthesis help the tail? A linear probe on the SSL embeddings, trained with no
-synthetic data, with the ``augment`` baseline and with each learned generator, at equal compute.
+"""Does rare-class synthesis help the tail? The classifier trained with no synthetic data, with the
+``augment`` baseline and with each learned generator.
 
 Inputs: the outputs of a pipeline run under ``--root`` (``data/audit/manifest_clean.parquet``,
 ``data/ingested/``, ``models/encoder/``, ``data/embeddings/``, as ``dvc repro audit`` leaves them), or,
@@ -10,21 +10,33 @@ when they are absent, the demo scenario built here under ``--work`` with the lib
 override it) and ``sslvision.audit.run_audit`` (params.yaml ``audit``).
 
 Each system: ``sslvision.synthesize.synthesize`` with params.yaml's ``synthesize`` section and the
-generator named (``none``: no synthesis), then a linear probe (standardised embeddings -> softmax) on
-real + kept synthetic embeddings, trained for the same number of steps and batch size whatever the
-training-set size (equal compute), averaged over ``--probe-seeds`` seeds and, for a generator, over
-its runs with each of ``--synth-seeds`` (one synthesis seed moves mean tail recall by up to ~1 point;
-the per-seed values and their standard deviation are reported too). Evaluation: the clean,
-balanced ``test`` split. Reported: recall of each of the 3 rarest classes (clean train counts) and their
-mean, balanced accuracy, and the fidelity metrics of the synthetic set (per tail class: kept, Fréchet
-distance, k-NN precision/recall in SSL space). Reference row ``none (class-balanced sampler)``: no
-synthesis, every class drawn equally often (what rebalancing alone gives).
+generator named (``none``: no synthesis), then a classifier on real + kept synthetic data, by ``--eval``:
+
+- ``finetune`` (default): the finetune stage itself (``sslvision.finetune.run_finetune`` with
+  params.yaml's ``finetune`` section, ``--finetune-set`` overrides, registry off): what the pipeline
+  deploys. With the demo defaults that is a linear probe on the frozen encoder trained with the
+  logit-adjusted loss, whose prior counts the synthetic images; ``--finetune-set mode='"finetune"'`` etc.
+  give the full fine-tune of ``profiles/cpu.yaml``. Compute is the stage's: epochs over real +
+  synthetic images (up to ~14% more steps with synthesis on the demo);
+- ``probe``: a plain cross-entropy softmax probe on standardised embeddings, trained for the same number
+  of steps and batch size whatever the training-set size (equal compute), the protocol of the runs
+  made before the finetune stage existed. With no prior correction, much of what synthesis adds there is
+  rebalancing (compare the ``none (class-balanced sampler)`` row).
+
+Results are averaged over ``--probe-seeds`` classifier seeds and, for a generator, over its runs with each
+of ``--synth-seeds`` (one synthesis seed moves mean tail recall by up to ~1 point; the per-seed values and
+their standard deviation are reported too). Evaluation: the clean, balanced ``test`` split. Reported:
+recall of each of the 3 rarest classes (clean train counts) and their mean, balanced accuracy, and the
+fidelity metrics of the synthetic set (per tail class: kept, Fréchet distance, k-NN precision/recall in
+SSL space). Reference row ``none (class-balanced sampler)``: no synthesis, every class drawn equally
+often (what rebalancing alone gives).
 
 Target (issue 5): the best generator adds >= 5 points of mean tail recall over ``none`` and beats ``augment``.
 
     nice -n 10 .venv/bin/python benchmarks/synthesize.py            # reuses ./data when a dvc repro made it
     .venv/bin/python benchmarks/synthesize.py --synth-seeds 0 1 2 --generators augment mae_inpaint
     .venv/bin/python benchmarks/synthesize.py --generators augment --probe-seeds 1   # quick look
+    .venv/bin/python benchmarks/synthesize.py --eval probe --name synthesize_probe   # the older protocol
     .venv/bin/python benchmarks/synthesize.py --generators augment mae_inpaint mae_inpaint@pre_augment=true
                                                     # GENERATOR@KEY=JSON: a variant of that generator
 """
@@ -157,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
                          "them (one seed's tail recall moves by ~1 point). Default: params.yaml's seed")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a synthesize param for every generator, e.g. --set filter.min_confidence=0.3")
+    ap.add_argument("--eval", choices=["finetune", "probe"], default="finetune",
+                    help="finetune: the finetune stage with params.yaml's finetune section (what the pipeline "
+                         "deploys; its seed varies with --probe-seeds) | probe: a plain cross-entropy softmax probe "
+                         "on the embeddings at a fixed step count (the protocol of the runs before the stage existed)")
+    ap.add_argument("--finetune-set", action="append", default=[], metavar="KEY=JSON",
+                    help="--eval finetune: override a finetune param, e.g. --finetune-set mode='\"finetune\"'")
+    ap.add_argument("--name", default="synthesize", help="results file: benchmarks/results/NAME.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -177,14 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     tail = [int(c) for c in np.argsort(counts, kind="stable")[:3]]
     tail_names = [real.classes[c] for c in tail]
     mean, std = real.embeddings.mean(0), real.embeddings.std(0) + 1e-6
-    overrides: dict = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        node = overrides
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = json.loads(value)
+    overrides = _nested(args.set)
+    finetune_overrides = _nested(args.finetune_set)
 
     rows: list[dict] = []
     summary: dict[str, dict] = {}
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     for system, spec, balanced in systems:
         extra_rows: list[dict] = []
         if not spec:
-            runs = [(real.embeddings, real.labels)]
+            runs = [(real.embeddings, real.labels, None)]
         else:
             generator, *variant = spec.split("@")
             runs = []
@@ -211,14 +224,19 @@ def main(argv: list[str] | None = None) -> None:
                 result = synthesize(real, encoder, p, decoder, norm_pix)
                 seconds = time.perf_counter() - t0
                 runs.append((np.concatenate([real.embeddings, result.embeddings]),
-                             np.concatenate([real.labels, result.manifest["label"].to_numpy()])))
+                             np.concatenate([real.labels, result.manifest["label"].to_numpy()]),
+                             (result.images, result.manifest["label"].to_numpy()) if args.eval == "finetune" else None))
                 if seed_i == 0:  # the fidelity rows and the grid: the first synthesis seed's
                     extra_rows += _fidelity_rows(system, result.metrics, tail_names, seconds)
                     _save_grid(result, real, p, REPO / "benchmarks/results" /
                                f"synthesize_grid_{generator}{'-variant' if variant else ''}.png")
-        per_run = [np.mean([recalls(y_test, linear_probe(x, y, x_test, k, mean, std, args.probe_steps,
-                                                         args.probe_batch, seed, balanced), k)
-                            for seed in range(args.probe_seeds)], axis=0) for x, y in runs]
+        if args.eval == "probe":
+            per_run = [np.mean([recalls(y_test, linear_probe(x, y, x_test, k, mean, std, args.probe_steps,
+                                                             args.probe_batch, seed, balanced), k)
+                                for seed in range(args.probe_seeds)], axis=0) for x, y, _ in runs]
+        else:
+            per_run = [np.mean([stage_recalls(inputs, synthetic, seed, balanced, finetune_overrides, real.classes)
+                                for seed in range(args.probe_seeds)], axis=0) for _, _, synthetic in runs]
         rec = np.mean(per_run, axis=0)
         per_seed = [float(r[tail].mean()) for r in per_run]  # mean tail recall of each synthesis seed
         if spec and len(per_run) > 1:
@@ -257,7 +275,11 @@ def main(argv: list[str] | None = None) -> None:
             beats = True
         verdict |= {"beats_augment": bool(beats), "target_met": bool(gain >= 5 and beats)}
         rows.append({"system": best, "metric": "tail recall gain over none", "value": round(gain, 2), "unit": "points"})
-    report("synthesize", rows, extra={
+    report(args.name, rows, extra={
+        "evaluation": (f"finetune stage ({_finetune_setting(finetune_overrides)}), seeds 0..{args.probe_seeds - 1}"
+                       if args.eval == "finetune" else
+                       f"cross-entropy softmax probe, {args.probe_steps} steps of {args.probe_batch}, "
+                       f"seeds 0..{args.probe_seeds - 1}"),
         "inputs": inputs.origin, "tail_classes": tail_names,
         "real_train_counts": {n: int(c) for n, c in zip(real.classes, counts, strict=True)},
         "probe": {"steps": args.probe_steps, "batch_size": args.probe_batch, "seeds": args.probe_seeds},
@@ -265,6 +287,58 @@ def main(argv: list[str] | None = None) -> None:
         "overrides": overrides, "verdict": verdict,
         "encoder": json.loads((inputs.encoder / "config.json").read_text()).get("method", "?"),
     })
+
+
+def _nested(items: list[str]) -> dict:
+    """``["a.b=1", "c=2"]`` -> ``{"a": {"b": 1}, "c": 2}`` (values are JSON)."""
+    out: dict = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = json.loads(value)
+    return out
+
+
+def _finetune_params(overrides: dict):
+    from sslvision.finetune import FinetuneParams, load_params
+
+    base = load_params(REPO / "params.yaml").model_dump()
+    for key, value in overrides.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return FinetuneParams.model_validate(base)
+
+
+def _finetune_setting(overrides: dict) -> str:
+    p = _finetune_params(overrides)
+    return (f"mode {p.mode}, loss {p.loss}, sampler {p.sampler}, epochs {p.epochs}, select {p.select_epoch}, "
+            f"calibrate {p.calibrate}, synthetic_weight {p.synthetic_weight}")
+
+
+def stage_recalls(inputs: Inputs, synthetic: tuple[np.ndarray, np.ndarray] | None, seed: int, balanced: bool,
+                  overrides: dict, classes: list[str]) -> np.ndarray:
+    """Per-class test recall of the finetune stage (``sslvision.finetune.run_finetune``: params.yaml's finetune
+    section with ``overrides``, registry off) trained on the audited manifest plus ``synthetic`` (images, labels),
+    written where the stage reads them; ``balanced`` uses the stage's class-balanced sampler."""
+    from sslvision.finetune import run_finetune
+
+    with tempfile.TemporaryDirectory(prefix="synth-bench-ft-") as tmp:
+        synth_dir = Path(tmp) / "synthetic"
+        if synthetic is not None and len(synthetic[1]):
+            synth_dir.mkdir()
+            np.save(synth_dir / "images.npy", synthetic[0])
+            pd.DataFrame({"index": np.arange(len(synthetic[1]), dtype=np.int64),
+                          "label": synthetic[1].astype(np.int64)}).to_parquet(synth_dir / "manifest.parquet")
+        over = copy.deepcopy(overrides)
+        over |= {"encoder": str(inputs.encoder), "ingested": str(inputs.ingested), "manifest": str(inputs.manifest),
+                 "synthetic": str(synth_dir), "out": str(Path(tmp) / "classifier"), "seed": seed,
+                 "registry": {**over.get("registry", {}), "enabled": False}}
+        if balanced:
+            over["sampler"] = "class_balanced"
+        _, _, _, m, _ = run_finetune(_finetune_params(over))
+    return np.array([m["per_class_recall"][c] for c in classes], dtype=np.float64)
 
 
 def _fidelity_rows(system: str, m: dict, tail_names: list[str], seconds: float) -> list[dict]:
