@@ -27,11 +27,13 @@ baseline of less compute and ``--epochs 16`` with one of about the pipeline's to
 Metrics on the clean, balanced test split: balanced accuracy, worst-class recall, ECE; plus seconds.
 
     python benchmarks/finetune.py [--root PROJECT] [--epochs 3] [--full-finetune] [--threads 0] [--name finetune]
+                                  [--rungs TEXT ... --merge]   # re-run some rungs, keep the other rows
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -40,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report  # noqa: E402
+from _common import RESULTS, report  # noqa: E402
 
 
 def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | None]]:
@@ -79,6 +81,11 @@ def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | N
         # the same without synthesize's images: what the synthetic data adds to the model that is deployed
         rungs.append(("noise-aware full fine-tune without synthetic images",
                       {**pipeline, **noise_aware(), "synthetic_weight": 0.0}, no_synthetic))
+        # every class drawn equally often instead of the prior correction of the logit adjustment (which the
+        # uniform batches switch off): with a random sampler the rarest classes are seen a few dozen times an
+        # epoch and the adjustment over-predicts them (benchmarks/results/synthesize_full_finetune.json)
+        rungs.append(("+ class-balanced sampler (noise-aware recipe)",
+                      {**pipeline, **noise_aware(), "sampler": "class_balanced"}, no_audit))
     return rungs
 
 
@@ -117,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--full-finetune", action="store_true", help="add the equal-compute full fine-tune rung")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--name", default="finetune", help="results file: benchmarks/results/NAME.json")
+    ap.add_argument("--rungs", nargs="+", default=None, metavar="TEXT",
+                    help="run only the rungs whose name contains one of these texts")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the rungs not run now from the existing results/NAME.json (same root)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python " + " ".join(["benchmarks/finetune.py", *(argv if argv is not None else sys.argv[1:])])
@@ -131,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     rows, skipped = [], []
     for name, overrides, missing in ladder(base, args.epochs, args.full_finetune):
+        if args.rungs and not any(t in name for t in args.rungs):
+            continue
         if missing:
             skipped.append(f"{name}: {missing}")
             logging.warning("skipping %s: %s", name, missing)
@@ -141,20 +154,31 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         _, data, result, m, _ = run_finetune(p)
         seconds = time.perf_counter() - t0
-        setting = (f"{p.mode}, init {p.init}, {p.epochs} epochs, loss {p.loss}, calibrate {p.calibrate}, "
+        setting = (f"{p.mode}, init {p.init}, {p.epochs} epochs, loss {p.loss}, sampler {p.sampler}, "
+                   f"label smoothing {p.label_smoothing}, select {p.select_epoch}, calibrate {p.calibrate}, "
                    f"{m['train_images']} train images ({m['synthetic_images']} synthetic)")
         for metric, value, unit in (("balanced_accuracy", m["balanced_accuracy"], "fraction"),
                                     ("worst_class_recall", m["worst_class_recall"], "fraction"),
                                     ("ece", m["ece"], "fraction"),
-                                    ("seconds", seconds, "s")):
+                                    ("seconds", seconds, "s"),
+                                    *((f"recall/{c}", r, "fraction") for c, r in m["per_class_recall"].items())):
             rows.append({"system": name, "metric": metric, "value": round(float(value), 4), "unit": unit,
                          "setting": setting})
         logging.info("%s: balanced accuracy %.4f, worst class %s %.4f, ECE %.4f (%.0f s)", name,
                      m["balanced_accuracy"], m["worst_class"], m["worst_class_recall"], m["ece"], seconds)
-    bacc = {r["system"]: r["value"] for r in rows if r["metric"] == "balanced_accuracy"}
-    names = [n for n, *_ in ladder(base, args.epochs, args.full_finetune) if n in bacc]
     extra = {"skipped": skipped, "epochs": args.epochs, "test_images": len(data.test) if rows else 0,
              "scenario": scenario(Path("data/demo/scenario.json"))}
+    previous = RESULTS / f"{args.name}.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        ran = {r["system"] for r in rows}
+        kept = [r for r in old["rows"] if r["system"] not in ran]
+        rows = kept + rows
+        extra["merged"] = {"rows_kept_from": old.get("merged", {}).get("rows_kept_from", []) + [old["command"]],
+                           "systems_kept": sorted({r["system"] for r in kept})}
+        extra["skipped"] = sorted(set(extra["skipped"]) | set(old.get("skipped", [])))
+    bacc = {r["system"]: r["value"] for r in rows if r["metric"] == "balanced_accuracy"}
+    names = [n for n, *_ in ladder(base, args.epochs, args.full_finetune) if n in bacc]
     baselines = [n for n in names if n.startswith("scratch")]
     if baselines and len(names) > len(baselines):
         best = max((n for n in names if n not in baselines), key=bacc.get)
