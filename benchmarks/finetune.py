@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,14 @@ def scenario(path: Path) -> dict | None:
             "imbalance_ratio": params.get("imbalance_ratio"), "seed": params.get("seed")}
 
 
+def encoder_info(path: Path) -> dict | None:
+    """What the encoder under the root is (method, steps, kNN / linear-probe accuracy), from pretrain's metrics."""
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    return {k: d[k] for k in ("method", "backbone", "steps", "knn_accuracy", "linear_probe_accuracy") if k in d}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=".", help="project root with params.yaml and the stage outputs")
@@ -130,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="keep the rows of the rungs not run now from the existing results/NAME.json (same root)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    command = "python " + " ".join(["benchmarks/finetune.py", *(argv if argv is not None else sys.argv[1:])])
+    # quoted as a shell would need it (a --rungs text may hold spaces)
+    command = "python " + shlex.join(["benchmarks/finetune.py", *(argv if argv is not None else sys.argv[1:])])
     os.chdir(args.root)
 
     from sslvision.finetune import FinetuneParams, load_params, run_finetune
@@ -167,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.info("%s: balanced accuracy %.4f, worst class %s %.4f, ECE %.4f (%.0f s)", name,
                      m["balanced_accuracy"], m["worst_class"], m["worst_class_recall"], m["ece"], seconds)
     extra = {"skipped": skipped, "epochs": args.epochs, "test_images": len(data.test) if rows else 0,
-             "scenario": scenario(Path("data/demo/scenario.json"))}
+             "scenario": scenario(Path("data/demo/scenario.json")),
+             "encoder": encoder_info(Path("reports/pretrain/metrics.json"))}
     previous = RESULTS / f"{args.name}.json"
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())
