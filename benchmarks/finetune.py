@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(previous.read_text())
         ran = {r["system"] for r in rows}
         kept = [r for r in old["rows"] if r["system"] not in ran]
-        rows = kept + rows
+        order = {n: i for i, (n, *_) in enumerate(ladder(base, args.epochs, args.full_finetune))}
+        rows = sorted(kept + rows, key=lambda r: order.get(r["system"], len(order)))  # ladder order (stable)
         extra["merged"] = {"rows_kept_from": old.get("merged", {}).get("rows_kept_from", []) + [old["command"]],
                            "systems_kept": sorted({r["system"] for r in kept})}
         extra["skipped"] = sorted(set(extra["skipped"]) | set(old.get("skipped", [])))
