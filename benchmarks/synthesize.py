@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                 if seed_i == 0:  # the fidelity rows and the grid: the first synthesis seed's
                     extra_rows += _fidelity_rows(system, result.metrics, tail_names, seconds)
                     _save_grid(result, real, p, REPO / "benchmarks/results" /
-                               f"synthesize_grid_{generator}{'-variant' if variant else ''}.png")
+                               f"{args.name}_grid_{generator}{'-variant' if variant else ''}.png")
         if args.eval == "probe":
             per_run = [np.mean([recalls(y_test, linear_probe(x, y, x_test, k, mean, std, args.probe_steps,
                                                              args.probe_batch, seed, balanced), k)
