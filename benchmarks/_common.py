@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM{gpu}, Python {platform.python_version()}"
 
 
+def command_line(argv: list[str] | None = None, script: str | None = None) -> str:
+    """How the benchmark was run, quoted for a shell so it can be pasted back (a JSON value such as
+    ``mode="finetune"`` or an argument with spaces keeps its quotes): ``argv`` defaults to ``sys.argv[1:]``."""
+    args = sys.argv[1:] if argv is None else argv
+    return "python " + shlex.join([script or sys.argv[0], *args])
+
+
 def report(name: str, rows: list[dict], command: str | None = None, extra: dict | None = None) -> Path:
     """Print rows as a table and write ``benchmarks/results/NAME.json``.
 
@@ -55,7 +63,7 @@ def report(name: str, rows: list[dict], command: str | None = None, extra: dict 
         shown = f"{v:.4g}" if isinstance(v, float) else str(v)
         table.add_row(*[shown if k == "value" else str(r.get(k, "")) for k in keys])
     Console().print(table)
-    out = {"machine": machine(), "command": command or "python " + " ".join(sys.argv), "rows": rows}
+    out = {"machine": machine(), "command": command or command_line(), "rows": rows}
     if extra:
         out.update(extra)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
+from _common import command_line, report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.audit")
@@ -207,7 +207,7 @@ def main() -> None:
                  "method": pm.get("method"), "epochs": args.epochs}]
         for t, (ing, truth) in built.items():
             rows += run_scenario(t, ing, truth, embeddings_for(encoder, ing, root))
-    report("audit", rows, command="python benchmarks/audit.py " + " ".join(sys.argv[1:]),
+    report("audit", rows, command=command_line(script="benchmarks/audit.py"),
            extra={"pretrain": pm})
 
 

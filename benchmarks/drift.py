@@ -236,7 +236,7 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import report
+    from _common import command_line, report
 
     from sslvision.data import Ingested, load_embeddings
     from sslvision.demo import load_fashion_mnist
@@ -374,7 +374,7 @@ def main(args: argparse.Namespace) -> None:
         rows += trigger_rows(decisions, batches, clean)
     rows.append({"system": SYSTEMS["sslvision"], "metric": "embedding throughput", "value": n_embedded / t_embed,
                  "unit": "images/s (encoder forward)", "setting": "all batches"})
-    report("drift", rows, command="nice -n 10 .venv/bin/python benchmarks/drift.py " + " ".join(sys.argv[1:]),
+    report("drift", rows, command="nice -n 10 .venv/bin/" + command_line(script="benchmarks/drift.py"),
            extra={"encoder": encoder_desc, "alpha": args.alpha, "permutations": args.permutations,
                   "alibi_permutations": args.peer_permutations,
                   "reference_size": int(len(ref_rows)), "batch_size": n, "clean_batches": len(clean),

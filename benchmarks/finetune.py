@@ -36,14 +36,13 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, report  # noqa: E402
+from _common import RESULTS, command_line, report  # noqa: E402
 
 
 def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | None]]:
@@ -107,8 +106,6 @@ def noise_aware() -> dict:
 
 def scenario(path: Path) -> dict | None:
     """What the demo scenario under the root is (noise type and rate, imbalance), when it is one."""
-    import json
-
     if not path.exists():
         return None
     d = json.loads(path.read_text())
@@ -139,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="keep the rows of the rungs not run now from the existing results/NAME.json (same root)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    # quoted as a shell would need it (a --rungs text may hold spaces)
-    command = "python " + shlex.join(["benchmarks/finetune.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line(argv, "benchmarks/finetune.py")
     os.chdir(args.root)
 
     from sslvision.finetune import FinetuneParams, load_params, run_finetune
@@ -151,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     rows, skipped = [], []
-    for name, overrides, missing in ladder(base, args.epochs, args.full_finetune):
+    rungs = ladder(base, args.epochs, args.full_finetune)
+    order = {name: i for i, (name, *_) in enumerate(rungs)}
+    for name, overrides, missing in rungs:
         if args.rungs and not any(t in name for t in args.rungs):
             continue
         if missing:
@@ -184,13 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(previous.read_text())
         ran = {r["system"] for r in rows}
         kept = [r for r in old["rows"] if r["system"] not in ran]
-        order = {n: i for i, (n, *_) in enumerate(ladder(base, args.epochs, args.full_finetune))}
         rows = sorted(kept + rows, key=lambda r: order.get(r["system"], len(order)))  # ladder order (stable)
         extra["merged"] = {"rows_kept_from": old.get("merged", {}).get("rows_kept_from", []) + [old["command"]],
                            "systems_kept": sorted({r["system"] for r in kept})}
         extra["skipped"] = sorted(set(extra["skipped"]) | set(old.get("skipped", [])))
     bacc = {r["system"]: r["value"] for r in rows if r["metric"] == "balanced_accuracy"}
-    names = [n for n, *_ in ladder(base, args.epochs, args.full_finetune) if n in bacc]
+    names = [n for n in order if n in bacc]
     baselines = [n for n in names if n.startswith("scratch")]
     if baselines and len(names) > len(baselines):
         best = max((n for n in names if n not in baselines), key=bacc.get)

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import RESULTS, machine, report  # noqa: E402
+from _common import RESULTS, command_line, machine, report  # noqa: E402
 
 # name -> arguments of the run that produced the committed results (the settings the README quotes)
 BENCHMARKS: dict[str, list[str]] = {
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         ran[name] = run_one(name, [])
     rows, machines = summarize(ran)
-    report("summary", rows, command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    report("summary", rows, command=command_line(script=Path(sys.argv[0]).as_posix()),
            extra={"machines": machines})
     if args.readme:
         update_readme(rows, machines)
