@@ -51,7 +51,8 @@ def project(tmp_path_factory, prefect_harness):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     build_scenario(root / "data/demo", DemoParams(**params["demo"]), progress=False)
     (root / "data/pool").mkdir(parents=True)
-    (root / ".gitignore").write_text("/data/\n/models/\nmlflow.db\nmlartifacts/\n")
+    # the project's own .gitignore: DVC refuses to run when it ignores dvc.yaml or dvc.lock
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
     # stage deps name library files by their repo path (src/sslvision/...): link the library in
     (root / "src").symlink_to(REPO / "src")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
