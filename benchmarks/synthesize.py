@@ -155,27 +155,33 @@ def linear_probe(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, num_classes: 
         return head(torch.from_numpy((x_test - mean) / std)).argmax(1).numpy()
 
 
-def oracle_images(truth: Path, plans, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """What a perfect generator would add: for each planned class, ``need`` real Fashion-MNIST train images of
-    that class that the demo scenario never wrote (in no split, no production batch, no duplicate), with their
-    true labels. New i.i.d. draws of the class, each one novel and correctly labelled, so the classifier's gain
-    from them bounds what any generator can add at the same count, on the same encoder."""
+def unseen_images(truth: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The Fashion-MNIST train images (and true labels) that the demo scenario never wrote: in no split, no
+    production batch, no duplicate. What the ``oracle`` system draws from."""
     from sslvision.demo import load_fashion_mnist
 
     if not truth.exists():
         raise FileNotFoundError(f"{truth}: the oracle system needs the demo scenario's truth.parquet (which "
                                 "Fashion-MNIST images it used); it only exists for the demo scenario")
     t = pd.read_parquet(truth, columns=["source_file", "source_index"])
-    used = set(t.loc[t["source_file"] == "train", "source_index"].astype(int))
     fm = load_fashion_mnist()
-    x, y = fm["train_images"], fm["train_labels"]
+    unseen = ~np.isin(np.arange(len(fm["train_labels"])), t.loc[t["source_file"] == "train", "source_index"])
+    return fm["train_images"][unseen], fm["train_labels"][unseen]
+
+
+def oracle_images(unseen: tuple[np.ndarray, np.ndarray], plans, shape: tuple[int, ...],
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a perfect generator would add: for each planned class, ``need`` of the ``unseen`` images of that
+    class with their true labels. New i.i.d. draws of the class, each one novel and correctly labelled, so the
+    classifier's gain from them bounds what any generator can add at the same count, on the same encoder."""
+    x, y = unseen
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for plan in plans:
-        unseen = np.array([i for i in np.flatnonzero(y == plan.label) if i not in used])
-        if len(unseen) < plan.need:
-            raise ValueError(f"{truth}: only {len(unseen)} unseen {plan.name} images for the {plan.need} wanted")
-        pick = rng.choice(unseen, size=plan.need, replace=False)
+        of_class = np.flatnonzero(y == plan.label)
+        if len(of_class) < plan.need:
+            raise ValueError(f"only {len(of_class)} unseen {plan.name} images for the {plan.need} wanted")
+        pick = rng.choice(of_class, size=plan.need, replace=False)
         images.append(np.broadcast_to(x[pick][..., None], (plan.need, *shape)).copy())
         labels.append(np.full(plan.need, plan.label, dtype=np.int64))
     return np.concatenate(images), np.concatenate(labels)
@@ -245,14 +251,17 @@ def main(argv: list[str] | None = None) -> None:
             runs = [(real.embeddings, real.labels, None)]
         elif spec == "oracle":  # unseen real images at the plan's counts: the ceiling of any generator
             runs = []
+            unseen = unseen_images(inputs.truth)
             for synth_seed in synth_seeds:
                 p = load_section("synthesize", SynthesizeParams, REPO / "params.yaml",
                                  overrides={**overrides, **({"seed": synth_seed} if synth_seed is not None else {})})
-                images, labels = oracle_images(inputs.truth, plan_classes(real.labels, real.classes, p),
+                images, labels = oracle_images(unseen, plan_classes(real.labels, real.classes, p),
                                                real.images.shape[1:], p.seed)
-                runs.append((np.concatenate([real.embeddings, embed(encoder, images)]),
-                             np.concatenate([real.labels, labels]),
-                             (images, labels) if args.eval == "finetune" else None))
+                if args.eval == "probe":  # the probe trains on embeddings; the finetune stage embeds by itself
+                    runs.append((np.concatenate([real.embeddings, embed(encoder, images)]),
+                                 np.concatenate([real.labels, labels]), None))
+                else:
+                    runs.append((None, None, (images, labels)))
             extra_rows.append({"system": system, "metric": "synthetic kept (all classes)", "value": len(labels),
                                "unit": "images"})
         else:
