@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> None:
             for seed_i, synth_seed in enumerate(synth_seeds):
                 over = copy.deepcopy(overrides)
                 for item in variant:  # GENERATOR@KEY=JSON: that generator with its section's KEY set
-                    key, value = item.split("=", 1)
-                    over.setdefault(generator, {})[key] = json.loads(value)
+                    key, value = _split_setting(item, f"{generator}@")
+                    over.setdefault(generator, {})[key] = value
                 if synth_seed is not None:
                     over["seed"] = synth_seed
                 p = load_section("synthesize", SynthesizeParams, REPO / "params.yaml",
@@ -354,16 +354,29 @@ def main(argv: list[str] | None = None) -> None:
     })
 
 
+def _split_setting(item: str, where: str = "") -> tuple[str, object]:
+    """``"KEY=JSON"`` -> ``(KEY, value)``; a clear error for a missing ``=`` or a value that is not JSON
+    (strings need JSON quotes, which the shell removes unless the whole setting is quoted)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"{where}{item}: expected KEY=JSON, e.g. epochs=16 or 'mode=\"finetune\"'")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        raise SystemExit(f"{where}{item}: {value!r} is not JSON; quote a string for the shell and for JSON, "
+                         f"e.g. '{key}=\"{value}\"'") from None
+
+
 def _nested(items: list[str]) -> dict:
     """``["a.b=1", "c=2"]`` -> ``{"a": {"b": 1}, "c": 2}`` (values are JSON)."""
     out: dict = {}
     for item in items:
-        key, value = item.split("=", 1)
+        key, value = _split_setting(item)
         node = out
         *parents, last = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[last] = json.loads(value)
+        node[last] = value
     return out
 
 
@@ -431,14 +444,27 @@ def _system_name(spec: str) -> str:
 
 
 def _save_grid(result, real, params, path: Path) -> None:
+    """The sample grid as ``path``, unless a PNG beside it has the same bytes (a run that changes only the
+    classifier draws the same images again): then it is not written twice, and the log names the copy."""
+    import io
+
     import matplotlib.pyplot as plt
 
     from sslvision.synthesize import sample_grid
 
     fig = sample_grid(result, real, params.grid_columns)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    same = [q for q in sorted(path.parent.glob("*.png")) if q != path and q.read_bytes() == data]
+    if same:
+        log.info("sample grid: the same images as %s (not written again as %s)", same[0], path.name)
+        return
+    tmp = path.with_suffix(".png.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
