@@ -209,6 +209,37 @@ def test_stage_linear_probe_end_to_end(workdir, monkeypatch):
 
     ce = run_finetune(load_params(params).model_copy(update={"loss": "ce", "calibrate": False}))[3]
     assert metrics["balanced_accuracy"] > ce["balanced_accuracy"]
+    # the synthetic images' ablation (on by default for a linear probe) is in the report and in MLflow
+    assert report["synthetic_ablation"]["balanced_accuracy_without"] == pytest.approx(
+        metrics["synthetic_ablation"]["balanced_accuracy_without"])
+    assert runs["metrics.synthetic_ablation/balanced_accuracy_gain"].iloc[0] == pytest.approx(
+        metrics["synthetic_ablation"]["balanced_accuracy_gain"])
+
+
+def test_synthetic_ablation_is_the_run_without_them_and_flags_harmful_images(workdir, caplog):
+    """The ablation's "without" classifier is exactly a run with the synthetic images switched off, and
+    synthetic images carrying wrong labels show up as a loss (with a warning)."""
+    from sslvision.finetune import load_params, run_finetune
+
+    params = make_project(workdir, synthetic_per_class=20)
+    manifest = workdir / "data/synthetic/manifest.parquet"
+    df = pd.read_parquet(manifest)
+    df.assign(label=(df["label"] + 1) % 10).to_parquet(manifest, index=False)  # every synthetic label wrong
+    p = load_params(params)
+    with caplog.at_level("WARNING", logger="sslvision.finetune"):
+        metrics = run_finetune(p)[3]
+    ab = metrics["synthetic_ablation"]
+    alone = run_finetune(p.model_copy(update={"synthetic_weight": 0.0}))[3]
+    assert "synthetic_ablation" not in alone and alone["synthetic_images"] == 0
+    assert ab["balanced_accuracy_without"] == pytest.approx(alone["balanced_accuracy"], abs=1e-9)
+    assert ab["per_class_recall_without"] == pytest.approx(
+        {c: alone["per_class_recall"][c] for c in ab["per_class_recall_without"]}, abs=1e-9)
+    assert ab["balanced_accuracy_gain"] == pytest.approx(metrics["balanced_accuracy"] - alone["balanced_accuracy"])
+    assert ab["balanced_accuracy_gain"] < -0.05  # 200 wrong labels against 426 real rows
+    assert ab["tail_classes"] == ["Ankle boot", "Bag", "Sneaker"]  # the 3 with the fewest real images
+    assert "they lower it" in caplog.text
+    off = run_finetune(p.model_copy(update={"synthetic_ablation": "off"}))[3]
+    assert "synthetic_ablation" not in off and off["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
 
 
 def test_full_finetune_with_ldam_drw_and_balanced_sampling(workdir):

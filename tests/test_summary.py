@@ -28,7 +28,9 @@ def test_nothing_run_yet(workdir):
 def test_metrics_promotion_and_drift_decision(workdir):
     r = workdir / "reports"
     write(r / "finetune" / "metrics.json", {"balanced_accuracy": 0.6123, "worst_class": "6_shirt",
-                                           "worst_class_recall": 0.25, "ece": 0.04})
+                                           "worst_class_recall": 0.25, "ece": 0.04,
+                                           "synthetic_ablation": {"tail_recall": 0.794, "tail_recall_without": 0.811,
+                                                                  "balanced_accuracy_without": 0.626}})
     write(r / "finetune" / "promotion.json", {"model": "m", "challenger": "3", "decision": "refused",
                                              "failed": ["balanced_accuracy 0.61 < 0.70"]})
     write(r / "drift" / "trigger.json", {"batch": "data/x/jpeg_s3", "failed": ["accuracy", "embedding_mmd_pvalue"],
@@ -36,6 +38,7 @@ def test_metrics_promotion_and_drift_decision(workdir):
                                                     "embedding_mmd_pvalue": {"stage": "pretrain"}}})
     text = summary.render(workdir)
     assert "balanced accuracy 61.2%, worst class 6_shirt 25.0%, ECE 0.040" in text
+    assert "synthetic images: tail recall 81.1% -> 79.4%, balanced accuracy 62.6% -> 61.2%" in " ".join(text.split())
     assert "m v3: refused: balanced_accuracy 0.61 < 0.70" in text
     assert "jpeg_s3: degraded (accuracy, embedding_mmd_pvalue) -> re-run from pretrain" in text
     assert "ingest" in text and "not run yet" in text

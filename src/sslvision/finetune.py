@@ -58,6 +58,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -106,6 +107,7 @@ class FinetuneParams(Section):
     synthetic: str = "data/synthetic"
     splits: list[str] = Field(default_factory=lambda: ["train", "pool"], min_length=1)
     synthetic_weight: float = Field(1.0, ge=0)
+    synthetic_ablation: Literal["auto", "on", "off"] = "auto"
     out: str = "models/classifier"
     init: Literal["ssl", "scratch"] = "ssl"
     mode: Literal["linear_probe", "finetune"] = "linear_probe"
@@ -314,10 +316,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def build_classifier(p: FinetuneParams, classes: list[str]) -> Classifier:
-    """The SSL encoder (or, ``init: scratch``, the same architecture freshly initialised) with a head."""
+    """The SSL encoder (or, ``init: scratch``, the same architecture freshly initialised) with a head,
+    initialised from ``p.seed`` (not from whatever the global generator's state happens to be)."""
     encoder = load_encoder(p.encoder)
+    torch.manual_seed(p.seed)
     if p.init == "scratch":
-        torch.manual_seed(p.seed)
         encoder = Encoder(encoder.config)
     head = "cosine" if p.loss == "ldam" else "linear"
     return Classifier(encoder, classes, head=head, scale=p.ldam_scale)
@@ -819,7 +822,61 @@ def run_finetune(p: FinetuneParams, on_epoch: Any = None) -> tuple[Classifier, F
                    temperature=result.temperature, train_images=len(data.train),
                    synthetic_images=int(data.train.synthetic.sum()), train_seconds=result.seconds,
                    world_size=result.world_size)
+    ablate = p.synthetic_ablation == "on" or (p.synthetic_ablation == "auto" and p.mode == "linear_probe")
+    if ablate and data.train.synthetic.any():
+        if result.world_size > 1:
+            log.info("synthetic_ablation: skipped under torchrun (the other processes do not train it)")
+        else:
+            metrics["synthetic_ablation"] = synthetic_ablation(p, data, metrics)
     return classifier, data, result, metrics, probs
+
+
+def synthetic_ablation(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the synthetic images changed: the same classifier (same params and seed, same validation rows)
+    trained on the real training rows alone, evaluated on the same test split as ``metrics``.
+
+    A report, not a selection: the deployed classifier is the one trained with the synthetic images either
+    way. ``tail`` is the (up to) 3 classes with the fewest real training images among those that received
+    synthetic ones, the classes synthesis is for; the gains are with minus without, in recall points (0-1).
+    """
+    k = len(data.classes)
+    real = data.train.take(np.flatnonzero(~data.train.synthetic))
+    baseline = build_classifier(p, data.classes)
+    train_classifier(baseline, FinetuneData(train=real, val=data.val, test=data.test, classes=data.classes), p)
+    without = classification_metrics(data.test.labels, baseline.predict_proba(data.test.images, p.eval_batch_size),
+                                     data.classes)
+    real_counts = np.bincount(real.labels, minlength=k)
+    synthesised = np.flatnonzero(np.bincount(data.train.labels[data.train.synthetic], minlength=k))
+    tail = sorted(synthesised.tolist(), key=lambda c: (int(real_counts[c]), c))[:3]
+
+    def mean_recall(m: dict[str, Any], cs: list[int]) -> float:
+        vals = [m["per_class_recall"][data.classes[c]] for c in cs]
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else math.nan
+
+    out: dict[str, Any] = {
+        "tail_classes": [data.classes[c] for c in tail],
+        "tail_recall": mean_recall(metrics, tail),
+        "tail_recall_without": mean_recall(without, tail),
+        "synthesised_recall": mean_recall(metrics, synthesised.tolist()),
+        "synthesised_recall_without": mean_recall(without, synthesised.tolist()),
+        "balanced_accuracy_without": without["balanced_accuracy"],
+        "worst_class_recall_without": without["worst_class_recall"],
+        "ece_without": without["ece"],
+        "per_class_recall_without": {data.classes[c]: without["per_class_recall"][data.classes[c]]
+                                     for c in synthesised.tolist()},
+    }
+    out["tail_recall_gain"] = out["tail_recall"] - out["tail_recall_without"]
+    out["synthesised_recall_gain"] = out["synthesised_recall"] - out["synthesised_recall_without"]
+    out["balanced_accuracy_gain"] = metrics["balanced_accuracy"] - without["balanced_accuracy"]
+    hurt = out["tail_recall_gain"] < 0 or out["balanced_accuracy_gain"] < 0
+    log.log(logging.WARNING if hurt else logging.INFO,
+            "synthetic images (%d): mean recall of %s %.1f -> %.1f %%, balanced accuracy %.1f -> %.1f %% (without -> "
+            "with, same test split)%s", int(data.train.synthetic.sum()), ", ".join(out["tail_classes"]),
+            100 * out["tail_recall_without"], 100 * out["tail_recall"], 100 * without["balanced_accuracy"],
+            100 * metrics["balanced_accuracy"],
+            "; they lower it: try another synthesize.generator or a lower finetune.synthetic_weight" if hurt else "")
+    return out
 
 
 def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
@@ -865,6 +922,8 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out.update({f"recall/{c}": float(r) for c, r in metrics["per_class_recall"].items() if r is not None})
+    out.update({f"synthetic_ablation/{k}": float(v) for k, v in metrics.get("synthetic_ablation", {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
     return out
 
 

@@ -56,6 +56,11 @@ def key_metrics(root: str | Path = ".") -> dict[str, str]:
     if m:
         out["finetune"] = (f"balanced accuracy {_pct(m.get('balanced_accuracy'))}, worst class "
                            f"{m.get('worst_class')} {_pct(m.get('worst_class_recall'))}, ECE {m.get('ece', 0):.3f}")
+        a = m.get("synthetic_ablation")
+        if a:
+            out["finetune"] += (f"; synthetic images: tail recall {_pct(a.get('tail_recall_without'))} -> "
+                                f"{_pct(a.get('tail_recall'))}, balanced accuracy "
+                                f"{_pct(a.get('balanced_accuracy_without'))} -> {_pct(m.get('balanced_accuracy'))}")
     p = _load(reports / "finetune" / "promotion.json")
     if p:
         decision = p.get("decision", "?")
