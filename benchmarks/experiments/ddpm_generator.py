@@ -8,8 +8,8 @@ can add), so it is not in ``sslvision.synthesize``. It runs in the benchmark in 
 
 The model: a UNet (channels 32/64/128, ~0.94 M parameters) conditioned on the time step and the class (plus a
 null class for classifier-free guidance, dropped 15% of the time), trained with the epsilon loss and a cosine
-schedule on the audited train images (batch 128, AdamW, one-cycle lr 1e-3, EMA of the weights with a warm-up),
-``--balanced`` draws every class equally often. Sampling: DDIM (eta 0), ``--sample-steps`` steps, guidance
+schedule on the audited train images (batch 128, AdamW, one-cycle lr 1e-3, EMA of the weights with a warm-up);
+with ``--balanced`` every class is drawn equally often. Sampling: DDIM (eta 0), ``--sample-steps`` steps, guidance
 ``--guide``. A sample has no source image, so the filter's copy check compares it with its nearest real image
 of the class in SSL space. The trained UNet is cached at ``--cache`` (delete it to retrain).
 
@@ -64,7 +64,9 @@ class UNet(nn.Module):
                  cin: int = 1):
         super().__init__()
         a, b, c = channels
-        self.emb = emb
+        half = emb // 2  # sinusoidal time-embedding frequencies: fixed, so computed once (not in the state dict)
+        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half),
+                             persistent=False)
         self.t = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.y = nn.Embedding(num_classes + 1, emb)  # the last one is the null class
         self.inp = nn.Conv2d(cin, a, 3, padding=1)
@@ -75,8 +77,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(8, a), nn.SiLU(), nn.Conv2d(a, cin, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        half = self.emb // 2
-        f = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        f = self.freqs
         e = self.t(torch.cat([torch.sin(t[:, None] * f), torch.cos(t[:, None] * f)], 1)) + self.y(y)
         h0 = self.d1(self.inp(x), e)
         h1 = self.d2(self.down1(h0), e)
