@@ -5,9 +5,13 @@ Run it directly on one batch (ephemeral Prefect, nothing to start)::
     python pipelines/monitor.py data/demo/incoming/gaussian_noise_s3
 
 or with no batch, on every batch in ``monitor.inbox`` not seen before (what the scheduled deployment
-does). Each decision is written to ``reports/monitor/<batch>/decision.json`` next to the batch's drift
-report, logged as an MLflow run, and emitted as a Prefect event ``sslvision.degradation`` that can start
-the ``train`` deployment (see ``prefect.yaml``). With ``retrain`` (the default for direct runs) the flow
+does). The batch is scored with the registered ``champion`` (its files checked against their
+registration digests), never the ``models/classifier`` a refused retrain left: see
+``sslvision.drift.scored_classifier``; the version scored is in ``decision.json`` (``model``) and in the
+MLflow run (tag ``sslvision.scored_model``). Each decision is written to
+``reports/monitor/<batch>/decision.json`` next to the batch's drift report, logged as an MLflow run,
+and emitted as a Prefect event ``sslvision.degradation`` that can start the ``train`` deployment (see
+``prefect.yaml``). With ``retrain`` (the default for direct runs) the flow
 re-runs the pipeline itself from the decided stage and offers the new model for gated promotion.
 """
 
@@ -23,6 +27,7 @@ from prefect import flow, get_run_logger, task
 
 from pipelines.train import promote_challenger, train
 from sslvision import pipeline, tracking, trigger
+from sslvision.drift import scored_model_name
 from sslvision.ingest import IngestParams
 from sslvision.io import write_json
 from sslvision.params import Section, load_section, params_path
@@ -105,11 +110,14 @@ def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = No
                 logger.info("batch %s: %s", b.name,
                             f"degraded, re-run from {decision.stage}: " + "; ".join(decision.reasons)
                             if decision.degraded else "healthy, nothing re-runs")
-                outcome: dict[str, Any] = {"decision": decision.to_dict()}
+                logger.info("batch %s: scored %s", b.name, scored_model_name(result["model"]))
+                outcome: dict[str, Any] = {"decision": decision.to_dict(), "model": result["model"]}
                 if decision.degraded:
                     _emit(decision)
-                    joined = trigger.admit_batch(b, decision, pool)
-                    outcome["joined_pool"] = str(joined) if joined else None
+                    admitted = trigger.admit_batch(b, decision, pool, result["evaluated_files"])
+                    outcome["joined_pool"] = str(admitted.dest) if admitted and admitted.dest else None
+                    if admitted and admitted.skipped:
+                        outcome["not_admitted"] = admitted.skipped
                     if retrain:
                         outcome["ran"] = train(from_stage=decision.stage, root=str(root_path), lock=False)
                         if promote:
@@ -118,7 +126,9 @@ def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = No
                 exp_id = tracking.setup()
                 with mlflow.start_run(experiment_id=exp_id, run_name=f"monitor {b.name}",
                                       tags={"sslvision.kind": "monitor", "sslvision.batch": b.name,
-                                            "sslvision.trigger.stage": decision.stage or "none"}):
+                                            "sslvision.trigger.stage": decision.stage or "none",
+                                            "sslvision.scored_model": scored_model_name(result["model"]),
+                                            **tracking.owner_tags()}):
                     mlflow.log_dict(outcome, "decision.json")
                     mlflow.log_metric("degraded", float(decision.degraded))
                 _mark_processed(p, b)

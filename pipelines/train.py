@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from dvc.lock import LockError
 from prefect import flow, get_run_logger, task
 
 from sslvision import pipeline, tracking
@@ -28,9 +29,8 @@ T = TypeVar("T")
 
 
 def _transient(task, task_run, state) -> bool:
-    """Retry only failures that may pass on their own."""
-    from dvc.exceptions import LockError
-
+    """Retry only failures that may pass on their own: DVC's repository lock or the project lock busy, a
+    timeout, a dropped connection; never a stage that failed (``pipeline.StageFailed``)."""
     try:
         state.result()
     except (LockError, TimeoutError, ConnectionError, pipeline.PipelineBusy):
@@ -81,8 +81,12 @@ def train(from_stage: str | None = None, root: str = ".", wait_s: float = 600,
           promote: bool = False, lock: bool = True) -> dict[str, bool]:
     """Reproduce the pipeline; with ``from_stage``, force that stage and everything downstream;
     with ``promote``, offer the new challenger to gated promotion afterwards. ``lock=False`` when the
-    caller already holds the project lock (``sslvision run`` takes it before the flow run starts)."""
+    caller already holds the project lock (``sslvision run`` takes it before the flow run starts).
+    Under the lock it first finishes what a killed run left (``sslvision.registry.recover``)."""
     import mlflow
+
+    from sslvision.params import params_path
+    from sslvision.registry import recover
 
     root = str(Path(root).resolve())
     cwd = os.getcwd()
@@ -92,9 +96,13 @@ def train(from_stage: str | None = None, root: str = ".", wait_s: float = 600,
             # Read the DAG only under the lock: another run may be rewriting dvc.lock meanwhile.
             order = pipeline.stage_order(root)
             forced = set(pipeline.downstream_of(from_stage, root)) if from_stage else set()
+            # A killed run left MLflow runs RUNNING and maybe a challenger no gate saw: finish that first.
+            recovered = recover(Path(root) / params_path().name)
             exp_id = tracking.setup()
             with mlflow.start_run(experiment_id=exp_id, run_name=f"pipeline from {from_stage or 'start'}",
-                                  tags={"sslvision.kind": "pipeline"}) as parent:
+                                  tags={"sslvision.kind": "pipeline", **tracking.owner_tags()}) as parent:
+                if recovered["orphaned_runs"] or recovered["promotion"]:
+                    mlflow.log_dict(json.loads(json.dumps(recovered, default=str)), "recovered.json")
                 ran = _with_parent(parent.info.run_id, lambda: {s: run_stage(s, s in forced, root) for s in order})
                 mlflow.log_dict({"from_stage": from_stage, "ran": ran}, "pipeline.json")
             if promote and ran.get("finetune"):

@@ -12,10 +12,11 @@ Run from the project root: ``dvc repro audit``. All logic is in ``sslvision.audi
 import sys
 
 from sslvision.audit import audit_cli
-from sslvision.params import params_path
+from sslvision.params import params_path, require_sections
 
 if __name__ == "__main__":
     try:
+        require_sections("audit", path=params_path())
         audit_cli(params=params_path())
     except (ValueError, OSError) as err:
         sys.exit(f"audit: error: {err}")

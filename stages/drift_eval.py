@@ -8,11 +8,13 @@ Run from the project root (``dvc repro drift_eval``). All logic is in ``sslvisio
 import sys
 
 from sslvision.drift import drift_eval_cli
-from sslvision.params import params_path
+from sslvision.params import params_path, require_sections
+from sslvision.registry import RegistryError
 
 if __name__ == "__main__":
     try:
+        require_sections("drift_eval", path=params_path())
         result = drift_eval_cli(batch=None, params=params_path())
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RegistryError) as err:
         sys.exit(f"drift_eval: error: {err}")
     print("failed metrics:", ", ".join(result["failed"]) or "none")

@@ -6,11 +6,12 @@ Reads ``models/encoder/`` and ``data/ingested/images.npy``; writes ``data/embedd
 
 import sys
 
-from sslvision.params import load_section, params_path
+from sslvision.params import load_section, params_path, require_sections
 from sslvision.pretrain import PretrainParams, embed_ingested
 
 if __name__ == "__main__":
     try:
+        require_sections("pretrain", path=params_path())
         p = load_section("pretrain", PretrainParams, params_path())
         info = embed_ingested(batch_size=p.embed_batch_size, device=p.device)
     except (ValueError, OSError) as err:

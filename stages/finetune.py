@@ -3,17 +3,19 @@
 and run the gated promotion (``finetune.registry``).
 
 Run from the project root (``dvc repro finetune``), or a full fine-tune (``finetune.mode: finetune``)
-on N processes: ``torchrun --nproc_per_node=N stages/finetune.py``. All logic is in
+on N processes of one machine (rendezvous on loopback, see the README):
+``torchrun --nproc_per_node=N --master_addr=127.0.0.1 --master_port=29500 stages/finetune.py``. All logic is in
 ``sslvision.finetune`` and ``sslvision.registry``.
 """
 
 import sys
 
 from sslvision.finetune import finetune_cli
-from sslvision.params import ParamsError, params_path
+from sslvision.params import ParamsError, params_path, require_sections
 
 if __name__ == "__main__":
     try:
+        require_sections("finetune", path=params_path())
         m = finetune_cli(params_path())
     except (ParamsError, ValueError, OSError) as err:
         sys.exit(f"finetune: error: {err}")

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 from sslvision.ingest import ingest_cli
-from sslvision.params import params_path
+from sslvision.params import params_path, require_sections
 
 if __name__ == "__main__":
     try:
+        require_sections("ingest", path=params_path())
         ingest_cli(source=None, out=Path("data/ingested"), params=params_path())
     except (ValueError, OSError) as err:
         sys.exit(f"ingest: error: {err}")

@@ -5,17 +5,19 @@ for evaluation only, rows chosen by ``ssl_pool.parquet``); writes ``models/encod
 (metrics, per-epoch history, dvclive plots) and one MLflow run. Resumes from
 ``pretrain.checkpoint_dir`` when a checkpoint of the same params is there.
 
-Run from the project root: ``dvc repro pretrain``, or on N processes
-``torchrun --nproc_per_node=N stages/pretrain.py``. All logic is in ``sslvision.pretrain``.
+Run from the project root: ``dvc repro pretrain``, or on N processes of one machine (rendezvous on loopback,
+see the README) ``torchrun --nproc_per_node=N --master_addr=127.0.0.1 --master_port=29500 stages/pretrain.py``.
+All logic is in ``sslvision.pretrain``.
 """
 
 import sys
 
-from sslvision.params import params_path
+from sslvision.params import params_path, require_sections
 from sslvision.pretrain import NonFiniteLossError, pretrain_cli
 
 if __name__ == "__main__":
     try:
+        require_sections("pretrain", path=params_path())
         pretrain_cli(params=params_path())
     except (ValueError, OSError, NonFiniteLossError) as err:
         sys.exit(f"pretrain: error: {err}")

@@ -8,11 +8,12 @@ Run from the project root (``dvc repro synthesize``). All logic is in ``sslvisio
 
 import sys
 
-from sslvision.params import params_path
+from sslvision.params import params_path, require_sections
 from sslvision.synthesize import synthesize_cli
 
 if __name__ == "__main__":
     try:
+        require_sections("synthesize", path=params_path())
         synthesize_cli(params=params_path())
     except (ValueError, OSError) as err:
         sys.exit(f"synthesize: error: {err}")

@@ -51,8 +51,7 @@ def test_atomic_write_keeps_old_file_on_failure(workdir):
 def test_atomic_directory_replace(workdir):
     target = workdir / "d"
     for n in (1, 2):
-        with io.atomic_path(target) as tmp:
-            tmp.mkdir()
+        with io.output_dir(target, "unit") as tmp:
             (tmp / "x.txt").write_text(str(n))
     assert (target / "x.txt").read_text() == "2"
     assert sorted(p.name for p in workdir.iterdir()) == ["d"]

@@ -23,6 +23,7 @@ from sslvision.demo import (
     load_fashion_mnist,
     long_tail_counts,
 )
+from sslvision.io import OutputError
 from sslvision.params import ParamsError, validate_section
 
 TINY = dict(max_per_class=40, imbalance_ratio=10, test_per_class=5, incoming_batch_size=20, clean_batches=1,
@@ -198,7 +199,7 @@ def test_existing_directories(built, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
-    with pytest.raises(ValueError, match="not a demo scenario"):
+    with pytest.raises(OutputError, match="not an sslvision output"):
         build_scenario(foreign, tiny(corruptions=[]), progress=False)
     assert (foreign / "thesis.tex").read_text() == "keep me"
     previous = tmp_path / "previous"

@@ -1,5 +1,6 @@
 import pytest
 
+from sslvision.io import file_sha256
 from sslvision.trigger import Decision, admit_batch, decide
 
 
@@ -62,9 +63,11 @@ def _batch(root, labeled):
 ])
 def test_what_joins_the_pool(tmp_path, labeled, stage, joins):
     batch = _batch(tmp_path, labeled)
-    dest = admit_batch(batch, Decision(stage=stage), tmp_path / "pool")
-    assert (dest is not None) == joins
+    evaluated = {p.relative_to(batch).as_posix(): file_sha256(p) for p in batch.rglob("*.png")}
+    admitted = admit_batch(batch, Decision(stage=stage), tmp_path / "pool", evaluated)
+    assert (admitted is not None) == joins
     if joins:
+        dest = admitted.dest
         assert sorted(p.name for p in dest.rglob("*.png")) == ["x.png"]
-        assert admit_batch(batch, Decision(stage=stage), tmp_path / "pool") == dest
+        assert admit_batch(batch, Decision(stage=stage), tmp_path / "pool", evaluated).dest == dest
         assert [p.name for p in (tmp_path / "pool").iterdir()] == [batch.name]

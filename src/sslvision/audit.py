@@ -74,7 +74,7 @@ import pandas as pd
 from pydantic import Field
 
 from sslvision.io import atomic_path, write_csv, write_json, write_parquet
-from sslvision.params import Section, load_section
+from sslvision.params import Section, Seed, TrainingSplits, load_section
 
 log = logging.getLogger(__name__)
 
@@ -83,34 +83,34 @@ REPORTS = Path("reports/audit")
 
 
 class AuditParams(Section):
-    splits: list[str] = ["train", "pool"]
-    folds: int = Field(5, ge=2)
-    seed: int = 0
+    splits: TrainingSplits = ["train", "pool"]
+    folds: int = Field(5, ge=2, le=100)
+    seed: Seed = 0
     probe_c: float = Field(10.0, gt=0)
-    probe_max_iter: int = Field(200, ge=10)
+    probe_max_iter: int = Field(200, ge=10, le=1_000_000)
     class_balanced: bool = False
-    knn_k: int = Field(20, ge=1)
+    knn_k: int = Field(20, ge=1, le=10_000)
     knn_temperature: float = Field(0.07, gt=0)
     knn_weight: float = Field(0.5, ge=0, le=1)
-    consensus_k: int = Field(20, ge=1)
+    consensus_k: int = Field(20, ge=1, le=10_000)
     consensus_weight: float = Field(0.3, ge=0, le=1)
-    rounds: int = Field(2, ge=1)
+    rounds: int = Field(2, ge=1, le=100)
     quality: Literal["self_confidence", "normalized_margin"] = "normalized_margin"
     selection: Literal["rank", "cleanlab"] = "rank"
     filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
                        "predicted_neq_given", "low_self_confidence", "low_normalized_margin"] = "prune_by_noise_rate"
-    min_examples_per_class: int = Field(5, ge=0)
+    min_examples_per_class: int = Field(5, ge=0, le=1_000_000)
     duplicate_similarity: float = Field(0.999, gt=0, le=1)
-    outlier_k: int = Field(10, ge=1)
+    outlier_k: int = Field(10, ge=1, le=10_000)
     outlier_fence: float = Field(3.0, gt=0)
     policy: Literal["drop", "relabel", "keep"] = "relabel"
     relabel_confidence: float = Field(0.8, ge=0, le=1)
     drop_outliers: bool = False
-    gallery_size: int = Field(32, ge=0)
-    threads: int = Field(1, ge=1)
-    pixel_pca: int = Field(64, ge=0)
+    gallery_size: int = Field(32, ge=0, le=10_000)
+    threads: int = Field(1, ge=1, le=1024)
+    pixel_pca: int = Field(64, ge=0, le=4096)
     pixel_weight: float = Field(1.0, gt=0)
-    pixel_side: int = Field(32, ge=4)
+    pixel_side: int = Field(32, ge=4, le=1024)
     truth: str | None = None
 
 

@@ -54,14 +54,19 @@ def ingest(
     source: Path | None = typer.Argument(
         None, help="ImageFolder directory, CSV/Parquet manifest (path,label[,split]) or IDX directory "
         "(default: params.yaml ingest.source)."),
-    out: Path = typer.Option(Path("data/ingested"), "--out", help="Output directory."),
+    out: Path = typer.Option(
+        Path("data/ingested"), "--out", help="Output directory. With a SOURCE or another --out than the project's "
+        "data/ingested the ingest is ad hoc: everything it writes (reports, decode cache) goes under --out."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with an `ingest` section."),
+    pool: Path | None = typer.Option(
+        None, "--pool", help="Also ingest the production batches under this directory (default: ingest.pool "
+        "for the project's ingest, none for an ad-hoc one)."),
 ) -> None:
     """Decode, validate and convert every image once; quarantine what cannot be used, with the reason."""
     from sslvision.ingest import ingest_cli
 
     try:
-        ingest_cli(source=source, out=out, params=params)
+        ingest_cli(source=source, out=out, params=params, pool=pool)
     except (ValueError, FileNotFoundError, OSError) as err:
         _fail(err)
 
@@ -155,10 +160,11 @@ def drift_eval(
     """Compare a production batch with the training reference: input drift, prediction shift, accuracy
     (estimated without labels), label noise; write trigger.json with each metric's threshold and stage."""
     from sslvision.drift import drift_eval_cli
+    from sslvision.registry import RegistryError
 
     try:
         result = drift_eval_cli(batch=batch, params=params, reports=out)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (RegistryError, ValueError, FileNotFoundError, OSError) as err:
         _fail(err)
     for name, m in result["metrics"].items():
         value = "n/a" if m["value"] is None else f"{m['value']:.4g}"
@@ -172,7 +178,8 @@ def synthesize(
     generator: str | None = typer.Option(
         None, "--generator", help="mae_inpaint | feature_interp | augment (default: params.yaml synthesize.generator)."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `synthesize` section."),
-    out: Path = typer.Option(Path("data/synthetic"), "--out", help="Output directory (images.npy, manifest.parquet)."),
+    out: Path = typer.Option(Path("data/synthetic"), "--out", help="Output directory (images.npy, manifest.parquet); "
+                             "an existing non-empty one is replaced only when it is an earlier synthesize output."),
     reports: Path = typer.Option(Path("reports/synthesize"), "--reports", help="Metrics, plots and sample grid."),
 ) -> None:
     """Make rare-class images from the clean data, keep those the SSL embedding finds class-consistent
@@ -224,15 +231,20 @@ def _decision_line(d: dict) -> str:
 def promote(
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `finetune` section "
                                 "(registry.model_name, promotion thresholds)."),
+    wait: float = typer.Option(600, "--wait", help="Seconds to wait for a pipeline run to finish before refusing."),
 ) -> None:
     """Gated promotion: evaluate `challenger` and `champion` on the golden set (the test split) with MLflow,
     check the thresholds; if all pass, `champion` moves and the former one stays reachable as `previous`.
-    Exits with 1 when the challenger is refused (the failed thresholds are printed)."""
+    Exits with 1 when the challenger is refused (the failed thresholds are printed). Holds the project
+    lock (of the working directory) throughout, as pipeline runs do: no run registers a challenger
+    while this one is evaluated."""
+    from sslvision.pipeline import PipelineBusy, pipeline_lock
     from sslvision.registry import RegistryError, promote_cli
 
     try:
-        decision = promote_cli(params)
-    except (RegistryError, ValueError, FileNotFoundError, OSError) as err:
+        with pipeline_lock(".", wait_s=wait):
+            decision = promote_cli(params)
+    except (PipelineBusy, RegistryError, ValueError, FileNotFoundError, OSError) as err:
         _fail(err)
     typer.echo(_decision_line(decision))
     if decision["decision"] == "refused":
@@ -242,13 +254,17 @@ def promote(
 @app.command("rollback")
 def rollback(
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `finetune` section."),
+    wait: float = typer.Option(600, "--wait", help="Seconds to wait for a pipeline run to finish before refusing."),
 ) -> None:
-    """Move `champion` back to the `previous` version (the champion before the last promotion)."""
+    """Move `champion` back to the `previous` version (the champion before the last promotion), under the
+    project lock as `promote`."""
+    from sslvision.pipeline import PipelineBusy, pipeline_lock
     from sslvision.registry import RegistryError, rollback_cli
 
     try:
-        decision = rollback_cli(params)
-    except (RegistryError, ValueError, FileNotFoundError, OSError) as err:
+        with pipeline_lock(".", wait_s=wait):
+            decision = rollback_cli(params)
+    except (PipelineBusy, RegistryError, ValueError, FileNotFoundError, OSError) as err:
         _fail(err)
     typer.echo(_decision_line(decision))
 
@@ -262,17 +278,29 @@ def run(
     wait: float = typer.Option(600, "--wait", help="Seconds to wait for another run to finish before refusing."),
     summary: bool = typer.Option(True, "--summary/--no-summary", help="Print the key metrics at the end."),
 ) -> None:
-    """Run the pipeline as the Prefect `train` flow: DVC stages as tasks, one MLflow parent run."""
+    """Run the pipeline as the Prefect `train` flow: DVC stages as tasks, one MLflow parent run.
+
+    The log (Prefect's, DVC's, the stages' stderr) goes to a file named first: a failed stage then ends
+    the run with its cause as the first line on stderr, not after hundreds of lines of tracebacks. The
+    file is kept when the run fails."""
+    import tempfile
+
     from pipelines.train import train
-    from sslvision.pipeline import PipelineBusy, pipeline_lock
+    from sslvision.pipeline import PipelineBusy, StageFailed, pipeline_lock, stderr_to
 
     try:
         # Wait for the project (or be refused) before a flow run starts: a refusal is then one line,
         # not a failed flow run and its traceback.
         with pipeline_lock(root, wait_s=wait):
-            ran = train(from_stage=from_stage, root=str(root), lock=False)
+            fd, log = tempfile.mkstemp(prefix="sslvision-run-", suffix=".log")
+            typer.echo(f"log: {log}")
+            with open(fd, "wb") as handle, stderr_to(handle.fileno()):
+                ran = train(from_stage=from_stage, root=str(root), lock=False)
+    except StageFailed as err:
+        _fail(StageFailed(f"{err}\nthe run's log: {log}"))
     except (PipelineBusy, ValueError) as err:
         _fail(err)
+    Path(log).unlink()
     for stage, did in ran.items():
         typer.echo(f"{stage:12s} {'ran' if did else 'up to date'}")
     if summary:

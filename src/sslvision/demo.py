@@ -62,8 +62,8 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from sslvision.idx import read_idx
-from sslvision.io import atomic_path, write_json, write_parquet
-from sslvision.params import Section, load_section
+from sslvision.io import check_replaceable, output_dir, write_json, write_parquet
+from sslvision.params import Section, Seed, load_section
 
 log = logging.getLogger(__name__)
 
@@ -105,28 +105,29 @@ BROKEN_KINDS = ("zero", "truncated", "text", "mode")
 WRONG_MODE_SIZE = (64, 48)  # (width, height) of the RGB "wrong mode and size" images
 NOT_AN_IMAGE = b"<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
 SCENARIO_FORMAT = 1
+DEMO_KIND = "demo-data"  # the output marker's kind (sslvision.io.output_dir)
 
 
 class DemoParams(Section):
     """The ``demo`` section of params.yaml (see the comments there)."""
 
-    seed: int = 0
+    seed: Seed = 0
     imbalance_ratio: float = Field(100.0, ge=1.0)
-    max_per_class: int = Field(5000, ge=1)
+    max_per_class: int = Field(5000, ge=1, le=1_000_000)
     noise_rate: float = Field(0.2, ge=0.0, lt=1.0)
     noise_type: Literal["symmetric", "asymmetric"] = "asymmetric"
-    exact_duplicates: int = Field(20, ge=0)
-    conflicting_duplicates: int = Field(10, ge=0)
-    broken_files: int = Field(2, ge=0)
-    test_per_class: int = Field(1000, ge=1)
-    incoming_batch_size: int = Field(500, ge=1)
-    clean_batches: int = Field(2, ge=0)
+    exact_duplicates: int = Field(20, ge=0, le=100_000)
+    conflicting_duplicates: int = Field(10, ge=0, le=100_000)
+    broken_files: int = Field(2, ge=0, le=100_000)
+    test_per_class: int = Field(1000, ge=1, le=1_000_000)
+    incoming_batch_size: int = Field(500, ge=1, le=1_000_000)
+    clean_batches: int = Field(2, ge=0, le=1000)
     corruptions: list[Corruption] = Field(default_factory=lambda: list(SEVERITIES))
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     prior_shift_classes: list[int] = Field(default_factory=lambda: [8, 9])
     prior_shift_share: float = Field(0.8, gt=0.0, le=1.0)
     noisy_batch_rate: float = Field(0.4, ge=0.0, lt=1.0)
-    workers: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1, le=256)
 
     @model_validator(mode="after")
     def _consistent(self) -> DemoParams:
@@ -475,11 +476,11 @@ def build_scenario(out: str | os.PathLike, params: DemoParams,
     """Write the scenario to ``out`` (atomically: built next to it, renamed at the end).
 
     ``out`` may be absent, empty, or a previous scenario (it is replaced); any other existing
-    directory is refused. Returns the scenario description also written to ``out/scenario.json``.
+    directory is refused before any work (``io.output_dir``). Returns the scenario description also
+    written to ``out/scenario.json``.
     """
     out = Path(out)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "scenario.json").exists())):
-        raise ValueError(f"{out}: exists and is not a demo scenario (no scenario.json); refusing to overwrite it")
+    check_replaceable(out, DEMO_KIND)
     source = Path(fmnist_dir or FASHION_MNIST_DIR)
     plan = _ScenarioPlan(params, load_fashion_mnist(source))
     scenario: dict[str, Any] = {
@@ -503,8 +504,7 @@ def build_scenario(out: str | os.PathLike, params: DemoParams,
     total = sum(len(t.paths) for t in plan.tasks)
     log.info("demo scenario: writing %d files (%d train, %d test, %d batches) to %s", len(truth),
              scenario["train"]["n"], scenario["test"]["n"], len(scenario["incoming"]), out)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    with output_dir(out, DEMO_KIND) as tmp:
         for t in plan.tasks:
             t.root = str(tmp)
         _run_tasks(plan.tasks, params.workers, total, progress)

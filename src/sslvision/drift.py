@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from sslvision.params import Section
+from sslvision.params import Section, Seed
 
 log = logging.getLogger("sslvision.drift")
 
@@ -76,19 +76,19 @@ class DriftParams(Section):
     embeddings: str = "data/embeddings"
     encoder: str = "models/encoder"
     classifier: str = "models/classifier"
-    reference_size: int = Field(2000, ge=10)
-    calibration_size: int = Field(2000, ge=10)
+    reference_size: int = Field(2000, ge=10, le=10_000_000)
+    calibration_size: int = Field(2000, ge=10, le=10_000_000)
     alpha: float = Field(0.01, gt=0, lt=1)
-    permutations: int = Field(500, ge=20)
-    bandwidths: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    permutations: int = Field(500, ge=20, le=1_000_000)
+    bandwidths: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=100)
     prediction_shift_alpha: float = Field(0.01, gt=0, lt=1)
     accuracy_drop_max: float = Field(0.05, gt=0, le=1)
     rare_class_share: float = Field(0.1, gt=0, le=1)
-    rare_min_count: int = Field(5, ge=1)
+    rare_min_count: int = Field(5, ge=1, le=1_000_000)
     tail_recall_drop_max: float = Field(0.2, gt=0, le=1)
     label_noise_max: float = Field(0.15, gt=0, lt=1)
-    batch_size: int = Field(256, gt=0)
-    seed: int = 0
+    batch_size: int = Field(256, gt=0, le=65536)
+    seed: Seed = 0
 
 
 # --- input drift: MMD with a permutation test ------------------------------------------------------
@@ -225,7 +225,8 @@ class Reference:
     on (:func:`classifier_reference_rows`: on its own training images a classifier is over-confident,
     which would bias the reference accuracy and predicted-class distribution). ``calib_probs``/``calib_labels``:
     a sample of the clean test split (ATC calibration, reference recall). ``train_counts``: images per
-    class in the classifier's training labels, to tell the rare classes.
+    class in the classifier's training labels, to tell the rare classes. ``model``: which classifier
+    (:func:`scored_classifier`).
     """
 
     embeddings: np.ndarray
@@ -234,6 +235,7 @@ class Reference:
     calib_labels: np.ndarray
     train_counts: np.ndarray
     classes: list[str]
+    model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         c = len(self.classes)
@@ -353,49 +355,75 @@ def to_json(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_batch(path: str | os.PathLike, classes: list[str], channels: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The images of a production batch as uint8 ``(N, size, size, channels)`` and their labels
-    (``-1`` = unlabeled), converted exactly as ingest converts training images.
+    """The images and labels of :func:`read_batch_files`, without the record of the files."""
+    images, labels, _ = read_batch_files(path, classes, channels, size)
+    return images, labels
+
+
+def read_batch_files(path: str | os.PathLike, classes: list[str], channels: int,
+                     size: int) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """The images of a production batch as uint8 ``(N, size, size, channels)``, their labels (``-1`` =
+    unlabeled), converted exactly as ingest converts training images, and the files they came from.
 
     ``path`` is a batch directory (flat image files are unlabeled; files in a subdirectory named after
     a class carry that class; other subdirectories are an error naming them) or an ingested directory
-    (``images.npy`` + ``manifest.parquet``). Files ingest would quarantine are skipped with a warning.
+    (``images.npy`` + ``manifest.parquet``). Files ingest would quarantine are skipped with a warning,
+    and so are symbolic links (never followed: a link can point anywhere outside the batch).
+
+    The files: ``{path relative to the batch: sha256}`` of every file decoded, its bytes the same
+    before and after decoding; what admitting the batch to the pool may copy (``trigger.admit_batch``),
+    so a file written to the batch during or after its evaluation never joins unevaluated. Empty for
+    an ingested directory.
     """
     from sslvision.ingest import Conversion, IngestParams, decode_one
+    from sslvision.io import file_sha256
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: production batch directory not found")
     if (path / "images.npy").exists():
-        return _read_ingested_batch(path, channels, size)
+        return (*_read_ingested_batch(path, channels, size), {})
     index = {name: i for i, name in enumerate(classes)}
     files: list[tuple[Path, int]] = []
+    links = []
     for entry in sorted(path.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():
+        if entry.is_symlink():
+            links.append(entry.name)
+        elif entry.is_dir():
             if entry.name not in index:
                 raise ValueError(f"{entry}: subdirectory is not a class of the training data {classes}")
-            files += [(f, index[entry.name]) for f in sorted(entry.rglob("*")) if f.is_file()
-                      and f.suffix.lower() in IMAGE_SUFFIXES]
+            for f in sorted(entry.rglob("*")):  # rglob does not descend into linked directories
+                if f.is_symlink():
+                    links.append(str(f.relative_to(path)))
+                elif f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append((f, index[entry.name]))
         elif entry.suffix.lower() in IMAGE_SUFFIXES:
             files.append((entry, -1))
+    if links:
+        log.warning("%s: %d symbolic link(s) skipped, never followed (%s%s)", path, len(links), ", ".join(links[:3]),
+                    ", ..." if len(links) > 3 else "")
     if not files:
         raise ValueError(f"{path}: no image files in the batch")
     limits = IngestParams()  # the same size guards as ingest's defaults
     conv = Conversion(channels, size, limits.max_file_bytes, limits.max_pixels)
-    images, labels, bad = [], [], []
+    images, labels, bad, evaluated = [], [], [], {}
     for f, label in files:
+        before = file_sha256(f)
         r = decode_one(str(f), None, None, conv)
         if r[0] == "ok":
             images.append(r[2])
             labels.append(label)
+            if before is not None and file_sha256(f) == before:
+                evaluated[f.relative_to(path).as_posix()] = before
         else:
             bad.append(f"{f.name}: {r[1]}")
     if bad:
         log.warning("%s: %d file(s) skipped (%s%s)", path, len(bad), "; ".join(bad[:3]), ", ..." if len(bad) > 3 else "")
     if not images:
         raise ValueError(f"{path}: none of the {len(files)} image files could be decoded")
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), evaluated
 
 
 def _read_ingested_batch(path: Path, channels: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -440,14 +468,44 @@ def classifier_reference_rows(finetune: Any, ingested_manifest: Any) -> tuple[np
     return np.sort(np.concatenate([val["index"].to_numpy(), dropped])), np.bincount(labels)
 
 
+def scored_classifier(p: DriftParams, finetune: Any) -> tuple[Any, dict[str, Any]]:
+    """The classifier monitoring scores, and the record of which one it is (``trigger.json``'s ``model``).
+
+    The registry's ``champion`` (``models:/NAME@champion``, NAME: ``finetune.registry.model_name``), its
+    files checked against the digests recorded at registration
+    (:func:`sslvision.registry.load_champion_classifier`): the model in production, never whatever
+    ``models/classifier`` the last run left (after a refused challenger, that is the refused model).
+    ``p.classifier`` is scored instead, with the reason recorded and a warning, only where no model is
+    in production: the registry is off (``finetune.registry.enabled: false``: the file is the only
+    model there is), or no version was ever promoted (the newest classifier is then the one a first
+    promotion would serve; refusing would fail a new project's first ``dvc repro`` at its last stage).
+    """
+    from sslvision import registry, tracking
+    from sslvision.finetune import load_classifier
+
+    if finetune.registry.enabled:
+        name = finetune.registry.model_name
+        tracking.setup()
+        champion = registry.load_champion_classifier(name)
+        if champion is not None:
+            return champion[0], {"source": "registry", "uri": f"models:/{name}@{registry.CHAMPION}",
+                                 "name": name, "version": champion[1]}
+        reason = f"model {name!r} has no {registry.CHAMPION!r} version (none promoted yet)"
+        log.warning("%s: scoring %s instead, which is not a model in production", reason, p.classifier)
+    else:
+        reason = "finetune.registry.enabled is false"
+    return load_classifier(p.classifier), {"source": "file", "path": p.classifier, "reason": reason}
+
+
 def build_reference(p: DriftParams, params: str | Path | None = None) -> tuple[Reference, Any, Any, tuple[int, ...]]:
-    """Load the ingested data, reference embeddings, encoder and classifier; compute the reference.
-    ``params`` is the params file whose ``finetune`` section says which rows finetune held out.
+    """Load the ingested data, reference embeddings, encoder and the classifier to score
+    (:func:`scored_classifier`); compute the reference. ``params`` is the params file whose ``finetune``
+    section says which rows finetune held out and which registered model is the champion.
 
     Returns ``(reference, encoder, classifier, image shape (H, W, C))``.
     """
     from sslvision.data import Ingested, load_embeddings
-    from sslvision.finetune import FinetuneParams, load_classifier
+    from sslvision.finetune import FinetuneParams
     from sslvision.models import load_encoder
     from sslvision.params import load_section
 
@@ -457,10 +515,12 @@ def build_reference(p: DriftParams, params: str | Path | None = None) -> tuple[R
         raise ValueError(f"{p.embeddings}/embeddings.npy has {len(all_embeddings)} rows but {p.ingested}/images.npy "
                          f"has {len(data.images)}; re-run pretrain (dvc repro pretrain)")
     encoder = load_encoder(p.encoder)
-    classifier = load_classifier(p.classifier)
+    finetune = load_section("finetune", FinetuneParams, params)
+    classifier, model = scored_classifier(p, finetune)
     classes = data.classes
     if list(classifier.classes) != list(classes):
-        raise ValueError(f"{p.classifier}: classes {classifier.classes} differ from {p.ingested}/classes.json {classes}")
+        raise ValueError(f"{model.get('uri', p.classifier)}: classes {classifier.classes} differ from "
+                         f"{p.ingested}/classes.json {classes}")
     rng = np.random.default_rng(p.seed)
     train = data.split("train")
     test = data.split("test")
@@ -468,8 +528,7 @@ def build_reference(p: DriftParams, params: str | Path | None = None) -> tuple[R
         raise ValueError(f"{p.ingested}: the reference needs train and test images (found {len(train)} train, "
                          f"{len(test)} test)")
     ref_rows = np.sort(rng.choice(train["index"].to_numpy(), min(p.reference_size, len(train)), replace=False))
-    val_rows, train_counts = classifier_reference_rows(load_section("finetune", FinetuneParams, params),
-                                                       data.manifest)
+    val_rows, train_counts = classifier_reference_rows(finetune, data.manifest)
     calib = test.sample(n=min(p.calibration_size, len(test)), random_state=p.seed).sort_values("index")
     log.info("reference: %d train images (embeddings), %d train images the classifier never saw, calibration: "
              "%d test images", len(ref_rows), len(val_rows), len(calib))
@@ -480,6 +539,7 @@ def build_reference(p: DriftParams, params: str | Path | None = None) -> tuple[R
         calib_labels=calib["label"].to_numpy(np.int64),
         train_counts=np.pad(train_counts, (0, len(classes) - len(train_counts))),
         classes=classes,
+        model=model,
     )
     return reference, encoder, classifier, tuple(data.images.shape[1:])
 
@@ -487,21 +547,22 @@ def build_reference(p: DriftParams, params: str | Path | None = None) -> tuple[R
 def run_drift_eval(p: DriftParams, batch: str | Path | None = None, reports: str | Path = REPORTS,
                    params: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the batch (default ``p.batch``): write ``trigger.json`` and the plots to ``reports``; return
-    the JSON result. ``params``: the params file (for finetune's held-out rows)."""
+    the JSON result and ``evaluated_files`` (see :func:`read_batch_files`). ``params``: the params file (for
+    finetune's held-out rows)."""
     from sslvision.io import write_json
     from sslvision.models import embed
 
     batch = Path(batch or p.batch)
     reference, encoder, classifier, (size, _, channels) = build_reference(p, params)
-    images, labels = read_batch(batch, reference.classes, channels, size)
+    images, labels, files = read_batch_files(batch, reference.classes, channels, size)
     log.info("%s: %d images (%d labeled)", batch, len(images), int(np.sum(labels >= 0)))
     embeddings = embed(encoder, images, p.batch_size)
     result = evaluate_batch(reference, embeddings, classifier.predict_proba(images, p.batch_size), labels, p)
     reports = Path(reports)
     write_plots(result, reference, reports, embeddings)
-    out = {"batch": str(batch), **to_json(result)}
+    out = {"batch": str(batch), "model": reference.model, **to_json(result)}
     write_json(reports / "trigger.json", out)
-    return out
+    return {**out, "evaluated_files": files}  # for trigger.admit_batch; not a metric, so not in trigger.json
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -570,8 +631,16 @@ def write_plots(result: dict[str, Any], reference: Reference, reports: str | Pat
     return written
 
 
+def scored_model_name(model: dict[str, Any]) -> str:
+    """One line for the record of :func:`scored_classifier`: ``NAME version V (champion)`` or the file and why."""
+    if model.get("source") == "registry":
+        return f"{model['name']} version {model['version']} (champion)"
+    return f"{model.get('path')} ({model.get('reason')})"
+
+
 def log_to_mlflow(result: dict[str, Any], reports: str | Path) -> None:
-    """Each metric's value and failed flag, the failed metrics as a tag, the report files as artifacts."""
+    """Each metric's value and failed flag, the failed metrics and the scored model (``sslvision.scored_model``)
+    as tags, the report files as artifacts."""
     import mlflow
 
     values = {}
@@ -582,6 +651,7 @@ def log_to_mlflow(result: dict[str, Any], reports: str | Path) -> None:
     values["mmd2"] = float(result["input_drift"]["statistic"])
     mlflow.log_metrics(values)
     mlflow.set_tag("sslvision.drift.failed", ",".join(result["failed"]) or "none")
+    mlflow.set_tag("sslvision.scored_model", scored_model_name(result.get("model", {})))
     for f in sorted(Path(reports).iterdir()):
         if f.is_file():
             mlflow.log_artifact(str(f), artifact_path="drift")

@@ -75,9 +75,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sslvision.data import Ingested
-from sslvision.io import atomic_path, write_csv, write_json
-from sslvision.models import Encoder, EncoderConfig, embed, load_encoder, load_weights, to_input
-from sslvision.params import Section, load_section
+from sslvision.io import atomic_path, check_replaceable, output_dir, write_csv, write_json
+from sslvision.models import (
+    MAX_CLASSES,
+    Encoder,
+    build_for_weights,
+    embed,
+    encoder_config,
+    load_encoder,
+    load_weights,
+    to_input,
+)
+from sslvision.params import Section, Seed, TrainingSplits, load_section
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +106,7 @@ class PromotionParams(Section):
     max_ece: float = Field(0.1, gt=0, le=1)
     min_improvement: float = Field(0.005, gt=0, le=1)
     worst_class_tolerance: float = Field(0.0, ge=0, le=1)
-    golden_per_class: int = Field(0, ge=0)
+    golden_per_class: int = Field(0, ge=0, le=1_000_000)
 
 
 class FinetuneParams(Section):
@@ -105,39 +114,39 @@ class FinetuneParams(Section):
     ingested: str = "data/ingested"
     manifest: str = "data/audit/manifest_clean.parquet"
     synthetic: str = "data/synthetic"
-    splits: list[str] = Field(default_factory=lambda: ["train", "pool"], min_length=1)
+    splits: TrainingSplits = Field(default_factory=lambda: ["train", "pool"], min_length=1)
     synthetic_weight: float = Field(1.0, ge=0)
     synthetic_ablation: Literal["auto", "on", "off"] = "auto"
     out: str = "models/classifier"
     init: Literal["ssl", "scratch"] = "ssl"
     mode: Literal["linear_probe", "finetune"] = "linear_probe"
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(256, ge=1)
+    epochs: int = Field(30, ge=1, le=100_000)
+    batch_size: int = Field(256, ge=1, le=65536)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     layer_decay: float = Field(0.75, gt=0, le=1)
-    warmup_epochs: int = Field(1, ge=0)
+    warmup_epochs: int = Field(1, ge=0, le=100_000)
     augment: bool = True
     loss: Literal["ce", "logit_adjusted", "balanced_softmax", "ldam"] = "logit_adjusted"
     tau: float = Field(1.0, ge=0)
     ldam_max_margin: float = Field(0.5, gt=0)
     ldam_scale: float = Field(30.0, gt=0)
-    drw_epoch: int = -1
+    drw_epoch: int = Field(-1, ge=-1, le=100_000)
     drw_beta: float = Field(0.9999, ge=0, lt=1)
     sampler: Literal["random", "class_balanced"] = "random"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup_alpha: float = Field(0.0, ge=0)
-    label_correction_epoch: int = -1
+    label_correction_epoch: int = Field(-1, ge=-1, le=100_000)
     label_correction_momentum: float = Field(0.9, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    patience: int = Field(5, ge=1)
+    patience: int = Field(5, ge=1, le=100_000)
     select_epoch: Literal["best", "last"] = "best"
     calibrate: bool = False
-    eval_batch_size: int = Field(512, ge=1)
-    threads: int = Field(0, ge=0)
+    eval_batch_size: int = Field(512, ge=1, le=65536)
+    threads: int = Field(0, ge=0, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     registry: RegistryParams = RegistryParams()
     promotion: PromotionParams = PromotionParams()
 
@@ -327,7 +336,7 @@ def build_classifier(p: FinetuneParams, classes: list[str]) -> Classifier:
 
 
 def save_classifier(directory: str | Path, classifier: Classifier, extra: dict[str, Any] | None = None) -> None:
-    """``classifier.safetensors`` + ``config.json``, written atomically."""
+    """``classifier.safetensors`` + ``config.json``, written atomically as a "classifier" ``output_dir``."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in classifier.state_dict().items()}
     config = {
         "encoder": asdict(classifier.encoder.config),
@@ -337,22 +346,29 @@ def save_classifier(directory: str | Path, classifier: Classifier, extra: dict[s
         "temperature": classifier.temperature,
         **(extra or {}),
     }
-    with atomic_path(directory) as tmp:
-        tmp.mkdir(parents=True)
+    with output_dir(directory, "classifier") as tmp:
         save_file(state, tmp / "classifier.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_classifier(directory: str | Path) -> Classifier:
-    """Rebuild a classifier saved by :func:`save_classifier` (eval mode)."""
+    """Rebuild a classifier saved by :func:`save_classifier` (eval mode). The config is checked before the
+    network is built (sizes in bounds, at most ``MAX_CLASSES`` classes, and a network that fits the
+    weights file: :func:`sslvision.models.build_for_weights`), so a bad file costs no memory."""
     directory = Path(directory)
     path = directory / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the finetune stage first (dvc repro finetune)")
     try:
         config = json.loads(path.read_text())
-        classifier = Classifier(Encoder(EncoderConfig(**config["encoder"])), config["classes"], head=config["head"],
-                                scale=config["scale"], temperature=config["temperature"])
+        cfg = encoder_config(config, path)
+        classes = config["classes"]
+        if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
+            raise ValueError(f"{path}: classes must be a list of 1 to {MAX_CLASSES} names")
+        classifier = build_for_weights(
+            lambda: Classifier(Encoder(cfg), classes, head=config["head"], scale=config["scale"],
+                               temperature=config["temperature"]),
+            directory / "classifier.safetensors", path)
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a classifier config: {err}") from err
     load_weights(classifier, directory / "classifier.safetensors")
@@ -890,6 +906,7 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = load_section("finetune", FinetuneParams, params)
+    check_replaceable(p.out, "classifier")  # a directory of someone's files: refuse before training, not after
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: train only; rank 0 evaluates, logs and writes
         if p.threads:
             torch.set_num_threads(p.threads)

@@ -13,8 +13,10 @@ Sources (``list_source`` detects which from the path):
 Plus the **pool**: each directory under ``pool`` is one production batch that joined the SSL pool
 (split ``pool``, batch = directory name); flat image files are unlabeled, class subdirectories labeled.
 
-Classes are those of the ``train`` split (named labels), or ``0..max label`` (integer labels); a test or
-pool label outside them is an "unknown label".
+Classes are those of the ``train`` split (named labels), or ``0..max label`` (integer labels that look
+like class indices: at most half of that range unused; other integer labels are each a class, by
+value); a test or pool label outside them is an "unknown label". More than ``ingest.max_classes``
+classes stops the stage.
 
 Every listed file ends in exactly one of two places: a row of ``manifest.parquet`` or a row of
 ``quarantine.parquet`` with its reason (``REASONS``) and what Pillow said. Decoding runs in chunks on a
@@ -49,7 +51,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
 from sslvision import io
@@ -57,6 +59,7 @@ from sslvision.params import Section, load_section
 
 log = logging.getLogger(__name__)
 
+OUT = Path("data/ingested")  # the stage's output (dvc.yaml); ingesting anywhere else is ad hoc (see ingest_cli)
 REPORTS = Path("reports/ingest")
 
 UNREADABLE = "unreadable"
@@ -79,6 +82,9 @@ IDX_FILES = {
 }
 # Signatures of image formats: a file that starts like an image but cannot be identified is truncated.
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+# Most classes a source may have unless ingest.max_classes says otherwise: one stray integer label
+# (100000000) must not make that many classes, each with its metrics, plot row and MLflow entries.
+MAX_CLASSES = 1000
 
 
 class IngestParams(Section):
@@ -88,13 +94,14 @@ class IngestParams(Section):
     pool: str = "data/pool"
     channels: Literal[1, 3] = 1
     size: int = Field(28, gt=0, le=4096)
-    max_file_bytes: int = Field(20_000_000, gt=0)
-    max_pixels: int = Field(40_000_000, gt=0)
-    chunk_size: int = Field(1024, gt=0)
-    workers: int = Field(2, ge=0)
+    max_file_bytes: int = Field(20_000_000, gt=0, le=2**31)
+    max_pixels: int = Field(40_000_000, gt=0, le=1_000_000_000)
+    chunk_size: int = Field(1024, gt=0, le=65536)
+    workers: int = Field(2, ge=0, le=256)
     near_duplicate_bits: int = Field(0, ge=0, le=16)
-    min_class_count: int = Field(1, ge=0)
+    min_class_count: int = Field(1, ge=0, le=1_000_000)
     class_names: list[str] = Field(default_factory=list)
+    max_classes: int = Field(MAX_CLASSES, ge=1, le=100_000)
     cache_dir: str = "data/.ingest_cache"
 
 
@@ -136,25 +143,28 @@ def check_source(source: str | os.PathLike) -> Path:
     return source
 
 
-def list_source(source: str | os.PathLike, class_names: list[str] | None = None) -> Listing:
-    """List every image of ``source`` (ImageFolder dir, CSV/Parquet manifest or IDX dir)."""
+def list_source(source: str | os.PathLike, class_names: list[str] | None = None,
+                max_classes: int = MAX_CLASSES) -> Listing:
+    """List every image of ``source`` (ImageFolder dir, CSV/Parquet manifest or IDX dir); more than
+    ``max_classes`` classes is an error."""
     source = check_source(source)
+    _check_class_count(len(class_names or []), "ingest.class_names", max_classes)
     if source.is_file():
         if source.suffix.lower() in (".csv", ".parquet", ".pq"):
-            return _list_manifest(source, class_names or [])
+            return _list_manifest(source, class_names or [], max_classes)
         raise ValueError(f"{source}: unknown source layout: a file source must be a .csv or .parquet "
                          "manifest with columns path,label[,split]")
     if _find_idx(source, IDX_FILES["train"][0]):
-        return _list_idx(source, class_names or [])
+        return _list_idx(source, class_names or [], max_classes)
     subdirs = sorted(d.name for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
     if "train" in subdirs or "test" in subdirs:
         splits = {s: source / s for s in ("train", "test") if s in subdirs}
         ignored = [d for d in subdirs if d not in splits]
         if ignored:
             log.warning("%s: ignoring directories %s (only train/ and test/ are splits)", source, ignored)
-        return _list_image_folder(source, splits, class_names)
+        return _list_image_folder(source, splits, class_names, max_classes)
     if subdirs:
-        return _list_image_folder(source, {"train": source}, class_names)
+        return _list_image_folder(source, {"train": source}, class_names, max_classes)
     raise ValueError(f"{source}: unknown source layout: no train/ or test/ split directories, no class "
                      "directories and no IDX files (train-images-idx3-ubyte[.gz]) in it")
 
@@ -177,8 +187,30 @@ def _relative(path: str, root: str | Path) -> str:
     return rel.replace(os.sep, "/")
 
 
-def _inside(path: str, root: Path) -> bool:
-    return Path(path).resolve().is_relative_to(root)
+def _check_class_count(n: int, where: str | Path, max_classes: int) -> None:
+    if n > max_classes:
+        raise ValueError(f"{where}: {n} classes, more than ingest.max_classes ({max_classes}); raise "
+                         "ingest.max_classes if the data really has that many")
+
+
+def _some(names: list[str], n: int = 10) -> str:
+    """``names`` for a message: a long class list is not repeated in every quarantine row."""
+    return str(names) if len(names) <= n else f"{str(names[:n])[:-1]}, ... ({len(names)} in all)]"
+
+
+def _clip(text: str, n: int = 100) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _refused_link(path: str, root: Path) -> tuple[str, str] | None:
+    """The reason and detail for refusing the symlink ``path`` (a loop, a target outside ``root``), or None."""
+    try:
+        target = Path(path).resolve()
+    except RuntimeError:  # a loop (Python 3.13 returns the path instead, and decoding reports the loop)
+        return UNREADABLE, "symlink loop: the link leads back to itself"
+    if not target.is_relative_to(root):
+        return OUTSIDE, f"symlink to {target}, outside {root}"
+    return None
 
 
 def _no_suffix(rel: str) -> str:
@@ -186,9 +218,11 @@ def _no_suffix(rel: str) -> str:
     return stem if dot and "/" not in suffix and stem and not stem.endswith("/") else rel
 
 
-def _list_image_folder(root: Path, splits: dict[str, Path], class_names: list[str] | None) -> Listing:
+def _list_image_folder(root: Path, splits: dict[str, Path], class_names: list[str] | None,
+                       max_classes: int) -> Listing:
     class_split = splits.get("train", splits.get("test"))
     classes = sorted(d.name for d in class_split.iterdir() if d.is_dir() and not d.name.startswith("."))
+    _check_class_count(len(classes), class_split, max_classes)
     if class_names:
         if sorted(class_names) != classes:
             raise ValueError(f"{class_split}: class directories {classes} differ from params class_names "
@@ -220,11 +254,11 @@ def _list_class_dirs(listing: Listing, directory: Path, split: str, batch: str, 
         for f, rel in files:
             shown = _relative(f.path, shown_root)
             if label == -2:
-                why = (f"class directory {entry.name!r} is not a class of the train split {listing.classes}"
+                why = (f"class directory {entry.name!r} is not a class of the train split {_some(listing.classes)}"
                        if entry.is_dir() else "file directly in the split directory, not in a class directory")
                 listing.refuse(shown, split, UNKNOWN_LABEL, why)
-            elif f.is_symlink() and not _inside(f.path, real_root):
-                listing.refuse(shown, split, OUTSIDE, f"symlink to {Path(f.path).resolve()}, outside {real_root}")
+            elif f.is_symlink() and (refused := _refused_link(f.path, real_root)):
+                listing.refuse(shown, split, *refused)
             else:
                 listing.items.append(Item(id=prefix + _no_suffix(rel), split=split,
                                           batch=batch, source_path=shown, label=label, path=f.path))
@@ -260,47 +294,67 @@ def _label_text(v: Any) -> str | None:
     return s or None
 
 
-def _list_manifest(path: Path, class_names: list[str]) -> Listing:
+def _integer_classes(values: set[int], path: Path) -> list[str]:
+    """Classes of integer labels: ``0..max`` when the labels look like class indices (at most half of that
+    range unused), else each distinct value, so that one stray label cannot make millions of empty classes."""
+    if not values:
+        return []
+    top = max(values)
+    if top < 2 * len(values):
+        return [str(i) for i in range(top + 1)]
+    log.warning("%s: the %d distinct integer labels (up to %d) are not class indices 0..K-1; each value is a class",
+                path, len(values), top)
+    return [str(v) for v in sorted(values)]
+
+
+def _list_manifest(path: Path, class_names: list[str], max_classes: int) -> Listing:
     df = _read_manifest(path)
     labels = [_label_text(v) for v in df["label"]]
     splits = ([str(s).strip().lower() or "train" for s in df["split"]] if "split" in df.columns
               else ["train"] * len(df))
     for row, s in enumerate(splits):
         if s not in ("train", "test"):
-            raise ValueError(f"{path}: row {row + 2}: unknown split {s!r} (expected train or test)")
+            raise ValueError(f"{path}: row {row + 2}: unknown split {_clip(s)!r} (expected train or test)")
     known = [lab for lab in labels if lab is not None]
-    integer = bool(known) and all(re.fullmatch(r"-?\d+", lab) for lab in known)
+    integer = bool(known) and all(re.fullmatch(r"-?\d{1,18}", lab) for lab in known)
     train_labels = [lab for lab, s in zip(labels, splits, strict=True) if lab is not None and s == "train"] or known
     if class_names:
         classes = list(class_names)
     elif integer:
-        classes = [str(i) for i in range(max(int(lab) for lab in known) + 1)]
+        classes = _integer_classes({int(lab) for lab in known if int(lab) >= 0}, path)
     else:
         classes = sorted(set(train_labels))
+    _check_class_count(len(classes), path, max_classes)
     names = {c: i for i, c in enumerate(classes)}
 
     def label_of(lab: str | None) -> int | None:
         if lab is None:
             return None
-        if integer:
+        if integer and class_names:  # integer labels index the class names
             return int(lab) if 0 <= int(lab) < len(classes) else None
-        return names.get(lab)
+        return names.get(str(int(lab)) if integer else lab)
 
     listing = Listing(layout="manifest", classes=classes)
     root = path.parent.resolve()
-    for raw_path, lab, split in zip(df["path"], labels, splits, strict=True):
+    for row, (raw_path, lab, split) in enumerate(zip(df["path"], labels, splits, strict=True)):
         shown = str(raw_path)
-        resolved = (root / shown).resolve()  # an absolute path stays itself
+        try:
+            resolved = (root / shown).resolve()  # an absolute path stays itself
+            is_file = resolved.is_file()
+        except (OSError, RuntimeError, ValueError) as err:  # a name too long, a symlink loop, a NUL byte
+            listing.refuse(shown.replace("\0", "\\0"), split, UNREADABLE,
+                           f"{path.name} row {row + 2}: {type(err).__name__}: {err}")
+            continue
         if not resolved.is_relative_to(root):
             listing.refuse(shown, split, OUTSIDE, f"{shown} resolves to {resolved}, outside {root}")
             continue
         rel = resolved.relative_to(root).as_posix()
         label = label_of(lab)
         if label is None:
-            listing.refuse(rel, split, UNKNOWN_LABEL,
-                           "no label" if lab is None else f"label {lab!r} is not one of the classes {classes}")
+            listing.refuse(rel, split, UNKNOWN_LABEL, "no label" if lab is None
+                           else f"label {_clip(lab)!r} is not one of the classes {_some(classes)}")
             continue
-        if not resolved.is_file():
+        if not is_file:
             listing.refuse(rel, split, MISSING,
                            f"{resolved}: " + ("is a directory" if resolved.is_dir() else "no such file"))
             continue
@@ -316,7 +370,7 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _list_idx(directory: Path, class_names: list[str]) -> Listing:
+def _list_idx(directory: Path, class_names: list[str], max_classes: int) -> Listing:
     from sslvision.idx import read_idx
 
     arrays: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
@@ -334,13 +388,16 @@ def _list_idx(directory: Path, class_names: list[str]) -> Listing:
             raise ValueError(f"{labels_file}: {labels.shape} labels for {len(images)} images in {images_file}")
         arrays[split] = (images, labels.astype(np.int64), images_file.name)
     n_classes = max(int(labels.max(initial=-1)) for _, labels, _ in arrays.values()) + 1
+    if not class_names:
+        _check_class_count(n_classes, directory, max_classes)
     classes = list(class_names) or [str(i) for i in range(n_classes)]
     listing = Listing(layout="idx", classes=classes)
     for split, (images, labels, name) in arrays.items():
         for i in range(len(images)):
             shown = f"{name}#{i}"
             if not 0 <= labels[i] < len(classes):
-                listing.refuse(shown, split, UNKNOWN_LABEL, f"label {int(labels[i])} is not one of the classes {classes}")
+                listing.refuse(shown, split, UNKNOWN_LABEL,
+                               f"label {int(labels[i])} is not one of the classes {_some(classes)}")
                 continue
             listing.items.append(Item(id=f"{split}/{i:05d}", split=split, batch="", source_path=shown,
                                       label=int(labels[i]), pixels=images[i]))
@@ -380,12 +437,16 @@ class Conversion:
     @property
     def tag(self) -> str:
         # Bump the version when decode_one, convert_image or perceptual_hash change what they return.
-        return f"v3-c{self.channels}-s{self.size}-p{self.max_pixels}"
+        return f"v4-c{self.channels}-s{self.size}-p{self.max_pixels}"
 
 
 def convert_image(im: Image.Image, channels: int, size: int) -> np.ndarray:
-    """The one conversion every image gets: first frame, to L or RGB, bilinear resize to size x size."""
+    """The one conversion every image gets: first frame, turned upright as its EXIF orientation says (as
+    image viewers show it), 16-bit samples scaled to 8 bits, to L or RGB, bilinear resize to size x size."""
     im.seek(0)
+    im = ImageOps.exif_transpose(im)
+    if im.mode == "I" or im.mode.startswith("I;16"):  # Pillow's own conversion clips these at 255: white
+        im = Image.fromarray((np.clip(np.asarray(im), 0, 65535) >> 8).astype(np.uint8))
     im = im.convert("L" if channels == 1 else "RGB")
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BILINEAR)
@@ -482,7 +543,8 @@ def decode_one(path: str | None, raw: bytes | None, shape: tuple | None, conv: C
         except UnidentifiedImageError as err:
             if data.startswith(IMAGE_MAGIC):
                 return _bad(TRUNCATED, f"{_pillow_said(err)}; the file starts like an image ({len(data)} bytes)")
-            return _bad(NOT_IMAGE, f"{_pillow_said(err)}; starts with {data[:16]!r}")
+            # never the bytes themselves: the reason reaches reports and MLflow (a link could point anywhere)
+            return _bad(NOT_IMAGE, f"{_pillow_said(err)}; no image format signature ({len(data)} bytes)")
         except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ...
             said = _pillow_said(err)
             return _bad(TRUNCATED if "truncat" in said.lower() else UNREADABLE, said)
@@ -789,7 +851,7 @@ def run_ingest(params: IngestParams, source: str | os.PathLike, out: str | os.Pa
     classes.json, quarantine.parquet, duplicates.parquet (see ``sslvision.data`` for the columns).
     """
     source, out = Path(source), Path(out)
-    listing = list_source(source, params.class_names)
+    listing = list_source(source, params.class_names, params.max_classes)
     if pool is not None and Path(pool).is_dir():
         list_pool(pool, listing)
     refuse_duplicate_ids(listing)
@@ -951,9 +1013,19 @@ def _metric_items(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def ingest_cli(source: str | os.PathLike | None, out: str | os.PathLike, params: str | os.PathLike) -> dict:
-    """Ingest as the stage does: params from ``params``, outputs in ``out``, reports in ``reports/ingest``,
-    one MLflow run with the params, the metrics, the dataset card and the plots."""
+def ingest_cli(source: str | os.PathLike | None, out: str | os.PathLike, params: str | os.PathLike,
+               pool: str | os.PathLike | None = None) -> dict:
+    """Ingest with the params from ``params``; one MLflow run with the params, the metrics, the dataset
+    card and the plots.
+
+    With no ``source`` and ``out`` the project's ``data/ingested`` this is the stage: it reads
+    ``ingest.source`` and the batches under ``ingest.pool``, writes the reports to ``reports/ingest`` and
+    shares the decode cache ``ingest.cache_dir``. Anything else is an ad-hoc ingest, which writes only
+    under ``out`` (reports in ``out/reports``, decode cache in ``out/.ingest_cache``) and reads no pool
+    but ``pool``: the project's reports and pool are DVC outputs and dependencies of the stage, and
+    touching them would make ``dvc status`` report the stage changed and its dataset card describe
+    another source.
+    """
     import mlflow
 
     from sslvision import tracking
@@ -962,12 +1034,19 @@ def ingest_cli(source: str | os.PathLike | None, out: str | os.PathLike, params:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = load_section("ingest", IngestParams, params)
     src = check_source(source if source is not None else p.source)  # before opening an MLflow run
-    pool = Path(p.pool) if p.pool else None
     out = Path(out)
-    run_params = {**p.model_dump(), "source": str(src), "out": str(out)}
+    ad_hoc = source is not None or out.resolve() != OUT.resolve()
+    reports = out / "reports" if ad_hoc else REPORTS
+    if ad_hoc:
+        p = p.model_copy(update={"cache_dir": str(out / ".ingest_cache") if p.cache_dir else ""})
+    elif pool is None and p.pool:
+        pool = p.pool
+    pool = Path(pool) if pool is not None else None
+    run_params = {**p.model_dump(), "source": str(src), "out": str(out), "pool": str(pool or "")}
     with tracking.stage_run("ingest", run_params):
+        mlflow.set_tag("sslvision.ingest.ad_hoc", str(ad_hoc).lower())
         metrics = run_ingest(p, src, out, pool)
-        paths = write_reports(metrics, out)
+        paths = write_reports(metrics, out, reports)
         mlflow.log_metrics(_metric_items(metrics))
         for path in paths:
             mlflow.log_artifact(str(path), artifact_path="ingest")

@@ -5,6 +5,10 @@ so a stage killed at any instant leaves either the old output or the new one, ne
 Temporary siblings are hidden and named after the host and process that writes them
 (``.NAME.HOST-PID.XXXXXXXX.tmp``); the next write of the same output removes those of dead processes,
 so a killed stage leaves no garbage behind once it is re-run.
+
+A directory output (:func:`output_dir`) carries a marker file, ``.sslvision-output``, naming its kind; an
+existing directory is replaced only when it is empty or an earlier output of the same kind, so pointing
+``--out`` at a directory of one's own files is an error, never a deletion.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:  # pandas costs ~60 MiB per process: the pretrain workers never need it
     import pandas as pd
@@ -118,11 +124,70 @@ def open_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any = "uint
     return array
 
 
+OUTPUT_MARKER = ".sslvision-output"
+# What directory outputs written before the marker existed hold (the first name always): such a
+# directory (from ``dvc repro`` or ``make demo`` of an earlier version) is still an output of its kind.
+_UNMARKED_OUTPUTS = {
+    "classifier": ("classifier.safetensors", "config.json"),
+    "encoder": ("encoder.safetensors", "decoder.safetensors", "config.json"),
+    "embeddings": ("embeddings.npy", "embeddings.json"),
+    "synthetic": ("images.npy", "manifest.parquet"),
+    "demo-data": ("scenario.json", "images", "incoming", "truth.parquet"),
+}
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+    """The kind of sslvision output directory ``path`` is (from its marker), or None."""
+    path = Path(path)
+    try:
+        kind = (path / OUTPUT_MARKER).read_text().strip()
+    except OSError:
+        kind = ""
+    if not kind:
+        names = _UNMARKED_OUTPUTS.items()
+        with contextlib.suppress(OSError):
+            entries = set(os.listdir(path))
+            kind = next((k for k, known in names if known[0] in entries and entries <= set(known)), "")
+    return kind or None
+
+
+def check_replaceable(path: str | os.PathLike, kind: str | None) -> None:
+    """Raise an ``OutputError`` naming ``path`` when it is a directory that writing an output of ``kind``
+    there would destroy: anything but an empty directory or an earlier output of the same kind."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return
+    try:
+        empty = not any(os.scandir(path))
+    except OSError as err:
+        raise OutputError(_describe_os_error(path, err)) from err
+    found = None if empty else output_kind(path)
+    if empty or (kind is not None and found == kind):
+        return
+    what = f"an earlier {found} output" if found else f"not an sslvision output (no {OUTPUT_MARKER} file)"
+    raise OutputError(f"{path}: refusing to replace this non-empty directory with {kind or 'a new'} output: "
+                      f"it is {what}; move its files away or choose another directory")
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, kind: str) -> Iterator[Path]:
+    """Yield a new empty directory next to ``path``; on success mark it as an output of ``kind`` and move
+    it over ``path``. Refused up front (before any work) when ``path`` holds something else
+    (:func:`check_replaceable`)."""
+    check_replaceable(path, kind)
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        yield tmp
+        with writing(tmp):
+            (tmp / OUTPUT_MARKER).write_text(kind + "\n")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success move it over ``path``.
 
-    Works for files and for directories (whatever the body creates at the yielded path).
+    Works for files and for directories (whatever the body creates at the yielded path). A directory
+    replaces an existing non-empty one only when both are outputs of the same kind (see :func:`output_dir`).
     """
     path = Path(path)
     tmp_path = temp_sibling(path, suffix or ".tmp")
@@ -130,6 +195,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp_path
         if path.is_dir() and not path.is_symlink() and tmp_path.is_dir():
+            check_replaceable(path, output_kind(tmp_path))
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -146,6 +212,31 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             shutil.rmtree(tmp_path, ignore_errors=True)
         elif tmp_path.exists():
             tmp_path.unlink()
+
+
+def open_regular_file(path: str | os.PathLike) -> BinaryIO | None:
+    """``path`` opened for reading when it is a regular file, never following a symbolic link; None for a
+    link, a directory, a FIFO or device, or a file that cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: opening a FIFO must not hang
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """sha256 of a regular file's bytes (see :func:`open_regular_file`); None for anything else."""
+    fh = open_regular_file(path)
+    if fh is None:
+        return None
+    digest = hashlib.sha256()
+    with fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -17,18 +17,20 @@ and loads the tensors: no pickles anywhere.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from sslvision.io import atomic_path
+from sslvision.io import output_dir
 
 MEAN, STD = 0.5, 0.5
 
@@ -216,8 +218,7 @@ class DINOHead(nn.Module):
 def save_encoder(directory: str | Path, encoder: Encoder, decoder: MAEDecoder | None = None,
                  extra: dict[str, Any] | None = None) -> None:
     """Write ``encoder.safetensors`` (+ ``decoder.safetensors``) and ``config.json`` atomically."""
-    with atomic_path(directory) as tmp:
-        tmp.mkdir(parents=True)
+    with output_dir(directory, "encoder") as tmp:
         save_file(_contiguous(encoder.state_dict()), tmp / "encoder.safetensors")
         config: dict[str, Any] = {"encoder": asdict(encoder.config), "dim": encoder.dim, "decoder": None}
         if decoder is not None:
@@ -254,11 +255,74 @@ def load_weights(module: nn.Module, path: Path) -> None:
                          f"({str(err).splitlines()[0]})") from err
 
 
+# What a config.json may ask for, checked before any network is built from it: a network's size follows
+# from these numbers, so a corrupt or hostile file (``in_chans: 10**9``) would otherwise allocate
+# gigabytes before anything fails. Generous for any real image model.
+ENCODER_BOUNDS = {"img_size": (1, 4096), "in_chans": (1, 64), "patch_size": (1, 4096), "stem_stride": (1, 16)}
+MAX_CONFIG_INT = 65536  # any other size in a config (backbone_args widths and depths, decoder dims...)
+MAX_CLASSES = 100_000
+
+
+def check_sizes(value: Any, path: Path, key: str, low: int = 0, high: int = MAX_CONFIG_INT) -> None:
+    """Refuse any integer in ``value`` (recursively through lists and objects) outside ``[low, high]``,
+    naming the file and the key."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_sizes(v, path, f"{key}.{k}" if key else str(k), low, high)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_sizes(v, path, f"{key}[{i}]", low, high)
+    elif isinstance(value, int) and not isinstance(value, bool) and not low <= value <= high:
+        raise ValueError(f"{path}: {key} = {str(value)[:40]} is out of bounds [{low}, {high}]")
+
+
+def encoder_config(config: dict[str, Any], path: Path) -> EncoderConfig:
+    """The ``encoder`` object of the config.json ``path`` as an :class:`EncoderConfig`, checked first: known
+    keys only, each size within :data:`ENCODER_BOUNDS` / :data:`MAX_CONFIG_INT` (the error names the key)."""
+    raw = config.get("encoder") if isinstance(config, dict) else None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: no 'encoder' object")
+    unknown = sorted(set(raw) - {f.name for f in fields(EncoderConfig)})
+    if unknown:
+        raise ValueError(f"{path}: encoder.{unknown[0][:80]}: unknown key")
+    for key, (low, high) in ENCODER_BOUNDS.items():
+        if key in raw and (not isinstance(raw[key], int) or isinstance(raw[key], bool)):
+            raise ValueError(f"{path}: encoder.{key} must be an integer")
+        check_sizes(raw.get(key), path, f"encoder.{key}", low, high)
+    if not isinstance(raw.get("backbone", ""), str) or not isinstance(raw.get("backbone_args", {}), dict):
+        raise ValueError(f"{path}: encoder.backbone must be a name and encoder.backbone_args an object")
+    check_sizes(raw.get("backbone_args", {}), path, "encoder.backbone_args")
+    return EncoderConfig(**raw)
+
+
+def build_for_weights(build: Callable[[], nn.Module], weights: Path, config: Path) -> nn.Module:
+    """``build()`` the network ``config`` describes, once on the meta device (which allocates nothing) to
+    check that it has exactly the tensors of the safetensors file ``weights`` (names and shapes, read
+    from the file's header alone), then for real: a config that does not fit its weights is refused
+    before any memory is spent on it."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ValueError(f"{weights}: not a safetensors weights file ({err})") from err
+    if shapes != stored:
+        key = next(k for k in sorted(set(shapes) | set(stored)) if shapes.get(k) != stored.get(k))
+        raise ValueError(f"{config}: describes a network that does not fit {weights.name} (tensor {key}: "
+                         f"{shapes.get(key)} in the network, {stored.get(key)} in the file)")
+    return build()
+
+
 def load_encoder(directory: str | Path) -> Encoder:
-    """Rebuild the encoder from ``config.json`` and load its safetensors weights (eval mode)."""
+    """Rebuild the encoder from ``config.json`` (checked: :func:`encoder_config`, :func:`build_for_weights`)
+    and load its safetensors weights (eval mode)."""
     directory = Path(directory)
     config = _read_config(directory)
-    encoder = Encoder(EncoderConfig(**config["encoder"]))
+    cfg = encoder_config(config, directory / "config.json")
+    encoder = build_for_weights(lambda: Encoder(cfg), directory / "encoder.safetensors", directory / "config.json")
     load_weights(encoder, directory / "encoder.safetensors")
     return encoder.eval()
 
@@ -269,9 +333,12 @@ def load_decoder(directory: str | Path) -> MAEDecoder:
     config = _read_config(directory)
     if not config.get("decoder"):
         raise ValueError(f"{directory}: this encoder was trained without an MAE decoder (method mae or cl_mim)")
-    enc = EncoderConfig(**config["encoder"])
-    decoder = MAEDecoder(config["dim"], (enc.img_size // enc.patch_size) ** 2, enc.patch_size, enc.in_chans,
-                         DecoderConfig(**config["decoder"]))
+    enc = encoder_config(config, directory / "config.json")
+    check_sizes({"dim": config.get("dim"), "decoder": config["decoder"]}, directory / "config.json", "", low=1)
+    decoder = build_for_weights(
+        lambda: MAEDecoder(config["dim"], (enc.img_size // enc.patch_size) ** 2, enc.patch_size, enc.in_chans,
+                           DecoderConfig(**config["decoder"])),
+        directory / "decoder.safetensors", directory / "config.json")
     load_weights(decoder, directory / "decoder.safetensors")
     return decoder.eval()
 

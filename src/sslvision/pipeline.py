@@ -4,21 +4,30 @@ The DAG is DVC's (``dvc.yaml``); nothing here re-declares it. A run holds a proj
 runs (two triggers, a schedule and a person) never reproduce at once: the second waits up to
 ``wait_s`` seconds, then is refused with a clear message. Each stage is reproduced through DVC's
 Python API, so DVC still skips what is up to date, and ``from_stage`` forces that stage and everything
-downstream of it (``dvc repro --force --downstream STAGE``).
+downstream of it (``dvc repro --force --downstream STAGE``). A stage that fails raises ``StageFailed``
+whose message is the cause in the stage's own words (its last error line), not DVC's "failed to reproduce".
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_NAME = ".sslvision-pipeline.lock"
+# stderr is one per process: stages run from two threads (two projects) take turns at capturing it.
+_STDERR_TAIL = threading.Lock()
 
 
 class PipelineBusy(RuntimeError):
     """Another pipeline run holds the project lock."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message names the stage and the cause its script reported."""
 
 
 def stage_order(root: str | os.PathLike = ".") -> list[str]:
@@ -70,19 +79,86 @@ def pipeline_lock(root: str | os.PathLike = ".", wait_s: float = 0) -> Iterator[
 
 def python_first_on_path() -> None:
     """Stage commands in dvc.yaml call ``python``: make it this interpreter (the project's venv)."""
-    import sys
-
     bindir = str(Path(sys.executable).parent)
     path = os.environ.get("PATH", "")
     if path.split(os.pathsep)[0] != bindir:
         os.environ["PATH"] = bindir + os.pathsep + path
 
 
+@contextlib.contextmanager
+def stderr_to(fd: int) -> Iterator[None]:
+    """Point file descriptor 2 at ``fd`` for the block: this process's stderr and that of every process
+    it starts (DVC runs a stage's command with the inherited descriptors, capturing nothing)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def stderr_tail(limit: int = 64 * 1024) -> Iterator[bytearray]:
+    """Pass everything written to stderr (this process's and its children's) through as it comes, keeping
+    the last ``limit`` bytes: the cause of a failed stage is the last thing its script wrote there."""
+    tail = bytearray()
+    with _STDERR_TAIL:
+        read, write = os.pipe()
+        out = os.dup(2)
+
+        def pump() -> None:
+            while chunk := os.read(read, 65536):
+                os.write(out, chunk)
+                tail.extend(chunk)
+                del tail[:-limit]
+
+        thread = threading.Thread(target=pump, name="stderr-tail", daemon=True)
+        thread.start()
+        try:
+            with stderr_to(write):
+                os.close(write)  # fd 2 is now the pipe's only writer: the pump ends when it is restored
+                yield tail
+        finally:
+            thread.join(timeout=5)  # longer only if a process the stage left behind still holds the pipe
+            if not thread.is_alive():
+                os.close(read)
+                os.close(out)
+
+
+def stage_error(stage: str, stderr: bytes, exit_message: str) -> str:
+    """The cause of a failed stage command from its stderr: the ``STAGE: error: ...`` line the stage
+    scripts exit with, else the last line written (a crash's traceback ends with the exception) beside
+    DVC's ``exit_message`` (the command and its exit status)."""
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    prefix = f"{stage}: error: "
+    reported = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+    if reported:
+        return reported[-1]
+    return f"{lines[-1]} ({exit_message})" if lines else exit_message
+
+
 def reproduce_stage(stage: str, force: bool = False, root: str | os.PathLike = ".") -> bool:
-    """Reproduce one stage (not its upstream); return True when DVC actually ran it."""
+    """Reproduce one stage (not its upstream); return True when DVC actually ran it.
+
+    A failed stage raises ``StageFailed`` with the stage's own error line; DVC's errors that are not a
+    stage failure (its lock is busy, say) pass through unchanged, so a caller can retry them."""
+    from dvc.exceptions import ReproductionError
     from dvc.repo import Repo
+    from dvc.stage.exceptions import StageCmdFailedError
 
     python_first_on_path()
-    with Repo(str(root)) as repo:
-        ran = repo.reproduce(stage, single_item=True, force=force)
-    return bool(ran)
+    failure = None
+    with Repo(str(root)) as repo, stderr_tail() as tail:
+        try:
+            ran = repo.reproduce(stage, single_item=True, force=force)
+        except ReproductionError as err:
+            failure = err
+    if failure is None:
+        return bool(ran)
+    cause = failure.__cause__ or failure
+    if isinstance(cause, StageCmdFailedError):  # the command ran: its own words, written by now
+        raise StageFailed(f"stage {stage} failed: {stage_error(stage, bytes(tail), str(cause))}") from failure
+    raise StageFailed(f"stage {stage} failed: {cause}") from failure  # DVC refused to run it (a missing dep)

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sslvision import objectives
 from sslvision.augment import AugmentConfig, ViewMaker
-from sslvision.io import atomic_path, write_csv, write_json
+from sslvision.io import atomic_path, output_dir, write_csv, write_json
 from sslvision.models import (
     DecoderConfig,
     DINOHead,
@@ -67,7 +67,7 @@ from sslvision.models import (
     save_encoder,
     to_input,
 )
-from sslvision.params import Section
+from sslvision.params import Section, Seed
 
 if TYPE_CHECKING:  # pandas is imported where manifests are read: train() and its workers never need it (~60 MiB)
     import pandas as pd
@@ -84,9 +84,9 @@ class PretrainParams(Section):
     backbone: str = "resnet18"
     backbone_args: dict[str, Any] = Field(default_factory=dict)
     stem_stride: int = Field(1, ge=1, le=4)
-    patch_size: int = Field(4, ge=1)
-    proj_hidden_dim: int = Field(512, gt=0)
-    proj_dim: int = Field(128, gt=0)
+    patch_size: int = Field(4, ge=1, le=1024)
+    proj_hidden_dim: int = Field(512, gt=0, le=65536)
+    proj_dim: int = Field(128, gt=0, le=65536)
     # simclr
     temperature: float = Field(0.1, gt=0)
     loss: Literal["infonce", "rince"] = "infonce"
@@ -97,21 +97,21 @@ class PretrainParams(Section):
     vicreg_var_weight: float = Field(25.0, ge=0)
     vicreg_cov_weight: float = Field(1.0, ge=0)
     # dino
-    dino_out_dim: int = Field(1024, gt=0)
+    dino_out_dim: int = Field(1024, gt=0, le=65536)
     student_temp: float = Field(0.1, gt=0)
     teacher_temp: float = Field(0.04, gt=0)
     warmup_teacher_temp: float = Field(0.04, gt=0)
-    warmup_teacher_temp_epochs: float = Field(0.0, ge=0)
+    warmup_teacher_temp_epochs: float = Field(0.0, ge=0, le=100_000)
     teacher_momentum: float = Field(0.996, ge=0, le=1)
     center_momentum: float = Field(0.9, ge=0, lt=1)
-    local_crops: int = Field(2, ge=0)
-    local_size: int = Field(12, gt=0)
+    local_crops: int = Field(2, ge=0, le=64)
+    local_size: int = Field(12, gt=0, le=1024)
     # mae / cl_mim
     mask_ratio: float = Field(0.75, gt=0, lt=1)
     norm_pix_loss: bool = True
-    decoder_dim: int = Field(128, gt=0)
-    decoder_depth: int = Field(2, ge=1)
-    decoder_heads: int = Field(4, ge=1)
+    decoder_dim: int = Field(128, gt=0, le=8192)
+    decoder_depth: int = Field(2, ge=1, le=64)
+    decoder_heads: int = Field(4, ge=1, le=256)
     cl_weight: float = Field(0.2, ge=0, le=1, alias="lambda")
     cl_mim_cl: Literal["simclr", "dino"] = "simclr"
     # augmentation
@@ -121,24 +121,24 @@ class PretrainParams(Section):
     blur_p: float = Field(0.2, ge=0, le=1)
     noise_p: float = Field(0.2, ge=0, le=1)
     # optimisation
-    epochs: int = Field(3, ge=1)
-    steps_per_epoch: int = Field(0, ge=0)
-    batch_size: int = Field(256, ge=2)
+    epochs: int = Field(3, ge=1, le=100_000)
+    steps_per_epoch: int = Field(0, ge=0, le=10_000_000)
+    batch_size: int = Field(256, ge=2, le=65536)
     optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
     lr: float = Field(2e-3, gt=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: float = Field(0.5, ge=0)
-    seed: int = 0
-    workers: int = Field(2, ge=0)
-    threads: int = Field(0, ge=0)
+    warmup_epochs: float = Field(0.5, ge=0, le=100_000)
+    seed: Seed = 0
+    workers: int = Field(2, ge=0, le=256)
+    threads: int = Field(0, ge=0, le=1024)
     device: str = "auto"
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1, le=10_000_000)
     checkpoint_dir: str = "checkpoints/pretrain"
     # evaluation / outputs
-    embed_batch_size: int = Field(512, gt=0)
-    knn_k: int = Field(200, gt=0)
+    embed_batch_size: int = Field(512, gt=0, le=65536)
+    knn_k: int = Field(200, gt=0, le=100_000)
     knn_temperature: float = Field(0.1, gt=0)
     collapse_min_effective_rank: float = Field(2.0, ge=0)
     collapse_min_std_ratio: float = Field(0.05, ge=0)
@@ -749,8 +749,7 @@ def embed_ingested(encoder_dir: str | Path = "models/encoder", ingested: str | P
     images_hash = hashlib.sha256((Path(ingested) / "images.parquet").read_bytes()).hexdigest()
     info = {"encoder": vars(encoder.config), "dim": int(features.shape[1]), "rows": int(features.shape[0]),
             "images_parquet_sha256": images_hash, "embed_img_s": len(images) / seconds if seconds else 0.0}
-    with atomic_path(embeddings_dir) as tmp:
-        tmp.mkdir(parents=True)
+    with output_dir(embeddings_dir, "embeddings") as tmp:
         np.save(tmp / "embeddings.npy", features)
         (tmp / "embeddings.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

@@ -14,9 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sslvision.params import ParamsError, _merge, params_path, read_params, validate_section
+from sslvision.params import ParamsError, _merge, load_yaml, params_path, read_params, validate_section
 
 # section -> "module:class" of its params model
 SECTIONS = {
@@ -47,11 +45,9 @@ def load_profile(path: str | os.PathLike, params: str | os.PathLike | None = Non
     """The profile's overrides, after checking that params.yaml with them applied is valid for every stage."""
     path = Path(path)
     try:
-        overrides = yaml.safe_load(path.read_text()) or {}
+        overrides = load_yaml(path.read_text(), path) or {}
     except OSError as err:
         raise ParamsError(f"{path}: cannot read the profile: {err.strerror or err}") from err
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(overrides, dict):
         raise ParamsError(f"{path}: a profile is a mapping of section.key: value, got {type(overrides).__name__}")
     base = read_params(params)

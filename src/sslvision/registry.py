@@ -29,14 +29,33 @@ With no champion (the first model) only the absolute thresholds apply. A refusal
 threshold. Aliases move only after every check passed, in an order where each intermediate state is
 a valid registry: ``previous`` first (the champion is still in place), then ``champion``, then the
 ``challenger`` alias is removed. A crash between two moves leaves a registry that serves a validated
-champion, and running ``promote`` (or ``rollback``) again completes the interrupted move.
+champion, and running ``promote`` (or ``rollback``) again completes the interrupted move. Just before
+the aliases move, both are read again: a challenger registered (or a champion moved) while the
+evaluation ran refuses the promotion instead of dropping a version nobody evaluated (``sslvision
+promote`` also holds the project lock, which every pipeline run holds).
+
+**Model files are code.** Loading the logged model runs its stored ``python_model`` file and its
+``code/sslvision`` copy, so write access to the artifact store would be code execution. At
+registration the SHA-256 of every file of the logged model is recorded as a tag of the model version
+(``sslvision.sha256/<path>``), in the tracking database rather than beside the files; every load
+(:func:`load_version` for the evaluation, :func:`load_champion_classifier` for monitoring) first copies
+the files to a private directory and compares them with those digests (:func:`verified_copy`), and a
+modified, missing or added file refuses the load, naming the file.
+
+**Interrupted runs** (:func:`recover`): a run killed after registering leaves a ``challenger`` that no
+gate saw; the next pipeline run gates it before anything else (with ``auto_promote``) and closes the
+killed processes' MLflow runs as ``FAILED`` (:func:`sslvision.tracking.close_orphaned_runs`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +66,8 @@ log = logging.getLogger(__name__)
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_classifier.py")
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+DIGEST_TAG = "sslvision.sha256/"  # + the file's path in the logged model: its SHA-256
+PROMOTION_TAG = "sslvision.promotion"  # set on a version by every gate decision (and a rollback)
 # mlflow.models.evaluate names a custom metric's aggregate "<metric>/<aggregate>".
 BALANCED_ACCURACY, WORST_CLASS_RECALL, ECE = "balanced_accuracy/score", "worst_class_recall/score", "ece/score"
 
@@ -102,10 +123,92 @@ def log_and_register(classifier_dir: str | Path, name: str, example_images: np.n
         registered_model_name=name,
     )
     version = str(info.registered_model_version)
+    record_digests(name, version)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, CHALLENGER, version)
     log.info("registered %s version %s as %s", name, version, CHALLENGER)
     return version
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``directory``, by its POSIX path relative to it."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                out[path.relative_to(directory).as_posix()] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+def _download(name: str, version: str, dst: str) -> Path:
+    """A copy of the files of ``name`` ``version`` under ``dst`` (for a local store too: never the store itself)."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dst))
+
+
+def record_digests(name: str, version: str) -> None:
+    """Tag the version with the SHA-256 of each file of the logged model, as stored (read back from the store)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="sslvision-model-") as tmp:
+        digests = file_digests(_download(name, version, tmp))
+    for path, digest in digests.items():
+        client.set_model_version_tag(name, version, DIGEST_TAG + path, digest)
+
+
+@contextlib.contextmanager
+def verified_copy(name: str, version: str) -> Iterator[Path]:
+    """A private copy of the files of ``name`` ``version``, checked against the digests recorded at
+    registration and against :func:`check_defined_in_code`; deleted after the block. Loading from this
+    copy (not from the store) means that the files checked are the files run.
+
+    Raises :class:`RegistryError` naming each modified, missing or added file, or when the version has no
+    digests (registered by an older sslvision or by other means: nothing vouches for its files)."""
+    import mlflow
+
+    uri = f"models:/{name}/{version}"
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags
+    recorded = {k.removeprefix(DIGEST_TAG): v for k, v in tags.items() if k.startswith(DIGEST_TAG)}
+    if not recorded:
+        raise RegistryError(f"{uri}: refusing to load it: no file digests were recorded when it was registered "
+                            "(not registered by this sslvision); register the model again (dvc repro finetune)")
+    with tempfile.TemporaryDirectory(prefix="sslvision-model-") as tmp:
+        local = _download(name, version, tmp)
+        actual = file_digests(local)
+        changed = [f"{path} ({'missing' if path not in actual else 'added' if path not in recorded else 'modified'})"
+                   for path in sorted(set(recorded) | set(actual)) if recorded.get(path) != actual.get(path)]
+        if changed:
+            raise RegistryError(f"{uri}: refusing to load it: its files in the artifact store differ from the "
+                                f"SHA-256 digests recorded at registration: {', '.join(changed[:10])}")
+        check_defined_in_code(str(local))
+        yield local
+
+
+def load_version(name: str, version: str) -> Any:
+    """The pyfunc model of ``name`` ``version``, loaded from a :func:`verified_copy`."""
+    import mlflow
+
+    with verified_copy(name, version) as local:
+        return mlflow.pyfunc.load_model(str(local))
+
+
+def load_champion_classifier(name: str) -> tuple[Any, str] | None:
+    """The ``champion`` of ``name`` as a :class:`~sslvision.finetune.Classifier` and its version, or None
+    when there is none. Only its weights and config are read (from a :func:`verified_copy`), by this
+    installed sslvision: none of the model's stored code runs."""
+    import mlflow
+    import yaml
+
+    from sslvision.finetune import load_classifier
+
+    version = alias_version(mlflow.MlflowClient(), name, CHAMPION)
+    if version is None:
+        return None
+    with verified_copy(name, version) as local:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        return load_classifier(local / flavor["artifacts"]["classifier"]["path"]), version
 
 
 def _requirements() -> list[str]:
@@ -181,11 +284,12 @@ def check_defined_in_code(uri: str) -> None:
 
 
 def evaluate_version(name: str, version: str, golden: pd.DataFrame) -> Any:
-    """``mlflow.models.evaluate`` of one registered version on the golden frame (in a nested run)."""
+    """``mlflow.models.evaluate`` of one registered version (loaded by :func:`load_version`: its files
+    checked first) on the golden frame (in a nested run)."""
     import mlflow
     from mlflow.models import make_metric
 
-    check_defined_in_code(f"models:/{name}/{version}")
+    model = load_version(name, version)
 
     metrics = [
         make_metric(eval_fn=_balanced_accuracy, greater_is_better=True, name="balanced_accuracy"),
@@ -196,7 +300,7 @@ def evaluate_version(name: str, version: str, golden: pd.DataFrame) -> Any:
     ]
     with mlflow.start_run(run_name=f"evaluate {name} v{version}", nested=True):
         mlflow.set_tag("sslvision.model_version", version)
-        return mlflow.models.evaluate(model=f"models:/{name}/{version}", data=golden, targets="label",
+        return mlflow.models.evaluate(model=model, data=golden, targets="label",
                                       predictions="prediction", model_type=None, evaluators=["default"],
                                       extra_metrics=metrics)
 
@@ -251,7 +355,9 @@ def promote(name: str, golden_images: np.ndarray, golden_labels: np.ndarray, pro
 
     Must run inside an MLflow run (the evaluations are nested under it). Returns the decision:
     ``decision`` (``promoted`` | ``refused`` | ``unchanged``), the versions, the metrics of both, and
-    ``failed`` (threshold name -> reason) on a refusal.
+    ``failed`` (threshold name -> reason) on a refusal. Raises :class:`RegistryError` when a version's
+    files fail their check (:func:`verified_copy`), or when the challenger or the champion moved while it
+    evaluated (nothing moves then; the newer challenger stays, for the next promotion).
     """
     import mlflow
 
@@ -279,13 +385,22 @@ def promote(name: str, golden_images: np.ndarray, golden_labels: np.ndarray, pro
     )
     if failed:
         log.warning("promotion of %s v%s refused: %s", name, challenger, "; ".join(failed))
-        client.set_model_version_tag(name, challenger, "sslvision.promotion", "refused: " + ", ".join(failed))
+        client.set_model_version_tag(name, challenger, PROMOTION_TAG, "refused: " + ", ".join(failed))
         return {**decision, "decision": "refused", "champion": champion, "failed": failed}
+    # The evaluation took a while: a version registered (or a champion moved) meanwhile must not be
+    # dropped, or replaced, by a decision about other versions. The registry has no compare-and-set;
+    # what is left is the instant between this read and the moves.
+    now = alias_version(client, name, CHALLENGER), alias_version(client, name, CHAMPION)
+    if now != (challenger, champion):
+        raise RegistryError(
+            f"model {name!r} changed during the evaluation of version {challenger} (challenger: {challenger} -> "
+            f"{now[0]}, champion: {champion} -> {now[1]}); no alias moved: run the promotion again to evaluate "
+            "the current challenger")
     if champion is not None:
         client.set_registered_model_alias(name, PREVIOUS, champion)
     client.set_registered_model_alias(name, CHAMPION, challenger)
     client.delete_registered_model_alias(name, CHALLENGER)
-    client.set_model_version_tag(name, challenger, "sslvision.promotion",
+    client.set_model_version_tag(name, challenger, PROMOTION_TAG,
                                  f"promoted {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     log.info("promoted %s v%s to %s (previous: %s)", name, challenger, CHAMPION, champion)
     return {**decision, "decision": "promoted", "champion": challenger, "previous": champion}
@@ -306,7 +421,7 @@ def rollback(name: str) -> dict[str, Any]:
                 "reason": f"version {champion} is already the champion"}
     client.set_registered_model_alias(name, CHAMPION, previous)
     if champion is not None:
-        client.set_model_version_tag(name, champion, "sslvision.promotion", "rolled back")
+        client.set_model_version_tag(name, champion, PROMOTION_TAG, "rolled back")
     client.delete_registered_model_alias(name, PREVIOUS)
     log.info("rolled %s back from v%s to v%s", name, champion, previous)
     return {"model": name, "decision": "rolled_back", "champion": previous, "demoted": champion}
@@ -339,6 +454,36 @@ def promote_cli(params: Any = None, golden: tuple[np.ndarray, np.ndarray] | None
         mlflow.set_tag("sslvision.decision", decision["decision"])
         mlflow.log_dict(json.loads(json.dumps(decision, default=str)), "promotion.json")
     return decision
+
+
+def recover(params: Any = None) -> dict[str, Any]:
+    """Finish what an interrupted run left; called at the start of every pipeline run, under the project lock.
+
+    Closes as ``FAILED`` the MLflow runs whose process is gone (:func:`sslvision.tracking.close_orphaned_runs`)
+    and, with ``finetune.registry.auto_promote``, gates a ``challenger`` that no gate has decided on (no
+    ``sslvision.promotion`` tag: its finetune stage was killed between registration and promotion, and
+    a stage restored from DVC's run cache would never gate it). Without ``auto_promote`` a waiting
+    challenger is the normal state (``sslvision promote`` decides). Returns ``orphaned_runs`` (the ids
+    closed) and ``promotion`` (the decision, or None when nothing was pending)."""
+    import mlflow
+
+    from sslvision import tracking
+    from sslvision.params import params_path, read_params
+
+    closed = tracking.close_orphaned_runs()
+    decision = None
+    if not hasattr(params, "registry") and "finetune" not in (
+            read_params(params) if params_path(params).exists() else {}):
+        return {"orphaned_runs": closed, "promotion": decision}  # a project without a finetune stage
+    p = _finetune_params(params)
+    if p.registry.enabled and p.registry.auto_promote:
+        name, client = p.registry.model_name, mlflow.MlflowClient()
+        challenger = alias_version(client, name, CHALLENGER)
+        if challenger is not None and PROMOTION_TAG not in client.get_model_version(name, challenger).tags:
+            log.warning("%s version %s was registered by an interrupted run and never gated: gating it now",
+                        name, challenger)
+            decision = promote_cli(p)
+    return {"orphaned_runs": closed, "promotion": decision}
 
 
 def rollback_cli(params: Any = None) -> dict[str, Any]:

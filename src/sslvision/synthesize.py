@@ -82,7 +82,7 @@ from sslvision.models import (
     to_input,
     unpatchify,
 )
-from sslvision.params import Section, load_section
+from sslvision.params import Section, Seed, load_section
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +103,24 @@ class MAEInpaintParams(Section):
     pre_augment: bool = False
     post_augment: bool = False
     decoder: Literal["auto", "pretrain", "train"] = "auto"
-    patch_size: int = Field(4, gt=0)
+    patch_size: int = Field(4, gt=0, le=1024)
     arch: Literal["unet", "conv"] = "unet"
-    width: int = Field(32, gt=0)
-    steps: int = Field(300, ge=0)
-    batch_size: int = Field(64, gt=0)
+    width: int = Field(32, gt=0, le=4096)
+    steps: int = Field(300, ge=0, le=10_000_000)
+    batch_size: int = Field(64, gt=0, le=65536)
     lr: float = Field(2e-3, gt=0)
 
 
 class FeatureInterpParams(Section):
     GENERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"neighbours", "t_min", "t_max", "noise"})
 
-    neighbours: int = Field(5, gt=0)
+    neighbours: int = Field(5, gt=0, le=10_000)
     t_min: float = Field(0.2, ge=0, le=1)
     t_max: float = Field(0.8, ge=0, le=1)
     noise: float = Field(0.1, ge=0)
-    width: int = Field(32, gt=1)
-    steps: int = Field(400, ge=0)
-    batch_size: int = Field(64, gt=0)
+    width: int = Field(32, gt=1, le=4096)
+    steps: int = Field(400, ge=0, le=10_000_000)
+    batch_size: int = Field(64, gt=0, le=65536)
     lr: float = Field(2e-3, gt=0)
 
 
@@ -135,7 +135,7 @@ class AugmentParams(Section):
 
 class FilterParams(Section):
     classifier: Literal["logreg", "knn"] = "logreg"
-    knn_k: int = Field(10, gt=0)
+    knn_k: int = Field(10, gt=0, le=10_000)
     min_confidence: float = Field(0.1, ge=0, le=1)
     max_source_similarity: float = Field(0.95, ge=-1)
 
@@ -143,16 +143,16 @@ class FilterParams(Section):
 class SynthesizeParams(Section):
     """The ``synthesize`` section of params.yaml (each key is commented there)."""
 
-    seed: int = 0
+    seed: Seed = 0
     generator: Literal["mae_inpaint", "feature_interp", "augment"] = "mae_inpaint"
     target: int | Literal["median", "max"] = "median"
     classes: list[str] = Field(default_factory=list)
-    max_per_class: int = Field(500, ge=0)
-    oversample: float = Field(6.0, ge=1)
-    batch_size: int = Field(256, gt=0)
+    max_per_class: int = Field(500, ge=0, le=1_000_000)
+    oversample: float = Field(6.0, ge=1, le=100)
+    batch_size: int = Field(256, gt=0, le=65536)
     device: str = "cpu"
-    fidelity_k: int = Field(3, gt=0)
-    grid_columns: int = Field(10, gt=0)
+    fidelity_k: int = Field(3, gt=0, le=10_000)
+    grid_columns: int = Field(10, gt=0, le=1000)
     cache_dir: str = "checkpoints/synthesize"
     mae_inpaint: MAEInpaintParams = Field(default_factory=MAEInpaintParams)
     feature_interp: FeatureInterpParams = Field(default_factory=FeatureInterpParams)
@@ -959,12 +959,12 @@ def sample_grid(result: Synthesis, real: RealSet, columns: int):
 
 def write_outputs(result: Synthesis, real: RealSet, params: SynthesizeParams, out: str | os.PathLike = OUT,
                   reports: str | os.PathLike = REPORTS) -> list[Path]:
-    """``out/images.npy`` + ``out/manifest.parquet`` (one atomic directory) and the reports; returns report paths."""
+    """``out/images.npy`` + ``out/manifest.parquet`` (one atomic directory, replacing only an earlier synthetic
+    output: ``io.output_dir``) and the reports; returns report paths."""
     import matplotlib.pyplot as plt
 
     out, reports = Path(out), Path(reports)
-    with io.atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
+    with io.output_dir(out, "synthetic") as tmp:
         np.save(tmp / "images.npy", result.images)
         result.manifest.to_parquet(tmp / "manifest.parquet", index=False)
     io.write_json(reports / "metrics.json", _json_safe(result.metrics))
@@ -1016,6 +1016,7 @@ def synthesize_cli(params: str | os.PathLike, manifest: str | os.PathLike = "dat
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = load_section("synthesize", SynthesizeParams, params, overrides=overrides)
+    io.check_replaceable(out, "synthetic")  # refuse someone's directory before the work, not after
     real = load_real(manifest, ingested, embeddings)
     encoder = load_encoder(encoder_dir)
     decoder, norm_pix = (load_pretrain_decoder(encoder_dir) if p.generator == "mae_inpaint" else (None, False))

@@ -21,11 +21,19 @@ forces the chosen stage and everything downstream of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sslvision import io
+
+log = logging.getLogger(__name__)
 
 STAGE_ORDER = ["ingest", "pretrain", "audit", "synthesize", "finetune", "drift_eval"]
 
@@ -84,14 +92,51 @@ def decide(metrics: dict[str, dict[str, Any]], order: list[str] | None = None, b
 
 def is_labeled_batch(batch_dir: str | Path) -> bool:
     """A batch directory with class subdirectories carries labels (ImageFolder layout)."""
-    return any(p.is_dir() for p in Path(batch_dir).iterdir())
+    return any(p.is_dir() and not p.is_symlink() for p in Path(batch_dir).iterdir())
 
 
-def admit_batch(batch_dir: str | Path, decision: Decision, pool: str | Path) -> Path | None:
-    """Copy the batch into the pool when the decision says it should join; return where it went.
+@dataclass
+class Admission:
+    """What admitting a batch to the pool did: where it went (None when no file qualified), the files
+    copied and the files left out, each with why (paths relative to the batch)."""
+
+    dest: Path | None
+    files: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _copy_verified(src: Path, dst: Path, sha256: str) -> str | None:
+    """Copy ``src`` (a regular file, never a link) to ``dst`` when its bytes still hash to ``sha256``;
+    return why not otherwise. What is hashed is what is written, so no later change slips in."""
+    fh = io.open_regular_file(src)
+    if fh is None:
+        return "no longer a regular file"
+    digest = hashlib.sha256()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with fh, open(dst, "wb") as out:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != sha256:
+        dst.unlink()
+        return "changed since it was evaluated"
+    return None
+
+
+def admit_batch(batch_dir: str | Path, decision: Decision, pool: str | Path,
+                evaluated: Mapping[str, str]) -> Admission | None:
+    """Copy the evaluated files of the batch into the pool when the decision says it should join; None
+    when it does not join.
+
+    ``evaluated``: ``{path relative to the batch: sha256}`` of the files drift_eval decoded
+    (``drift.read_batch_files``). Only those join, and only with the bytes that were evaluated: a file
+    that appeared, changed or vanished after the evaluation (a batch still being written) is left out,
+    as is every symbolic link (never followed: a link can point anywhere, and what it points to would
+    become pool data and reach the reports) and anything that is not a regular file. Each file left out
+    is in ``Admission.skipped`` with the reason, and logged.
 
     The copy is made next to its destination and renamed into place, so an interrupted admission leaves
-    no half batch in the pool; admitting the same batch twice is a no-op.
+    no half batch in the pool; admitting the same batch twice is a no-op (nothing copied).
     """
     batch_dir, pool = Path(batch_dir), Path(pool)
     if not batch_dir.is_dir():
@@ -102,13 +147,42 @@ def admit_batch(batch_dir: str | Path, decision: Decision, pool: str | Path) -> 
         return None
     dest = pool / batch_dir.name
     if dest.exists():
-        return dest
+        return Admission(dest)
+    found: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    for root, dirs, names in os.walk(batch_dir):  # does not descend into linked directories
+        here = Path(root)
+        for name in dirs + names:
+            path = here / name
+            rel = path.relative_to(batch_dir).as_posix()
+            if path.is_symlink():
+                skipped[rel] = "symbolic link (never followed)"
+            elif name in names:
+                found[rel] = path
+    admission = Admission(None, skipped=skipped)
     pool.mkdir(parents=True, exist_ok=True)
     tmp = pool / f".{batch_dir.name}.incoming"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(batch_dir, tmp)
-    tmp.rename(dest)
-    return dest
+    try:
+        for rel in sorted(found.keys() | evaluated.keys()):
+            if rel not in evaluated:
+                why = "not evaluated (not an image drift_eval decoded, or added after it read the batch)"
+            elif rel not in found:
+                why = skipped.pop(rel, None) or "gone since it was evaluated"
+            else:
+                why = _copy_verified(found[rel], tmp / rel, evaluated[rel])
+            if why:
+                admission.skipped[rel] = why
+            else:
+                admission.files.append(rel)
+        if admission.files:
+            tmp.rename(dest)
+            admission.dest = dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for rel, why in sorted(admission.skipped.items()):
+        log.warning("%s: %s not admitted to the pool: %s", batch_dir, rel, why)
+    return admission
 
 
 def read_trigger(path: str | Path) -> dict[str, dict[str, Any]]:
