@@ -1,45 +1,40 @@
-"""Input-drift detection on the demo scenario: this stage's MMD test on SSL embeddings against
-alibi-detect's MMDDrift (untrained-autoencoder preprocessing) and evidently's embedding drift.
+"""Monitoring on the demo scenario at any class mix: which metrics fire, which action the trigger takes,
+and how well the class prior and the accuracy are estimated without labels (issue 23).
 
-Batches (500 images each, the demo's size):
+Batches (500 images, the demo's size), all with their true labels kept aside for scoring:
 
+- **clean** at three class mixes, ``--clean-batches`` each: the training mix (the scenario's true
+  long-tailed prior), balanced, and reversed (the rarest class gets the head's share); Fashion-MNIST
+  train images the pipeline never trained on (in neither the scenario's train split nor a pool batch),
+  without replacement within a batch. A balanced or reversed batch IS a label shift: the right action is
+  a prior correction, and "re-run from pretrain" is a false alarm at every mix;
+- **label shift**: ``--shift-batches`` more at random mixes (Dirichlet(1) over the classes);
 - **corrupted**: the demo's own ``incoming/<corruption>_s<severity>`` batches (7 corruptions x 5
-  severities, one base set of unseen train images, as CIFAR-10-C); ``--repeats R`` adds R-1 more per
-  corruption and severity, made with the demo's own albumentations transforms from fresh clean batches;
-- **clean**: the demo's ``clean_*`` batches plus more, up to ``--clean-batches``, drawn like them:
-  Fashion-MNIST train images the pipeline never trained on (in neither the scenario's train split nor
-  a pool batch), with the train split's true class prior; without replacement within a batch and
-  independently across batches (the unseen head-class images are too few for 20 disjoint batches).
-- the demo's ``prior_shift`` batch (reported, not part of the targets).
+  severities, at the training mix, as CIFAR-10-C);
+- **labelled noisy**: clean batches at the training mix given to drift_eval with labels, a share
+  ``rate`` of them flipped to another class (0, 0.1, 0.2, 0.3, 0.4), ``--noisy-batches`` per rate.
 
-The reference is the stage's: a fixed random sample of ``drift_eval.reference_size`` ingested train
-images (``drift_eval.seed``), the same for every system. Detectors, each at the significance level
-``drift_eval.alpha`` of params.yaml:
+The unseen images are embedded and predicted once (``--per-class`` per class) and batches are drawn
+from that cache, so the whole run fits in a few minutes on 2 cores. Every batch goes through the stage's
+own evaluation (``sslvision.drift.evaluate_batch`` with ``build_reference``: the champion, or
+``models/classifier`` before there is one) and ``sslvision.trigger.decide``. The prior is estimated
+with both estimators (BBSE and EM) for the report; the pipeline uses ``drift_eval.prior_method``.
 
-- **sslvision**: ``sslvision.drift.mmd_permutation_test`` on the SSL embeddings of the pipeline's
-  encoder (``models/encoder``, reference embeddings from ``data/embeddings``; without them, a quick
-  encoder is trained with the pretrain library and the report says so), with the stage's
-  ``drift_eval`` params. When ``models/classifier`` exists (finetune has run), every batch also goes
-  through the stage's whole evaluation (``evaluate_batch``) and ``sslvision.trigger.decide``: the
-  report adds the share of clean batches where nothing re-runs, of corrupted ones re-run from
-  pretrain, and each metric's false alarms;
-- **alibi-detect** 0.13 ``MMDDrift`` (PyTorch backend) on raw pixels through the untrained
-  autoencoder of its documentation (three stride-2 convolutions and a linear layer to 32 dimensions,
-  random weights), with its default 100 permutations (``--peer-permutations``; it re-indexes the
-  whole kernel matrix once per permutation, so 500 would cost minutes per batch on 2 cores);
-- **evidently** 0.7 embedding drift on the same SSL embeddings, with the method its
-  ``EmbeddingsDriftMetric`` uses by default (``model``: a linear classifier tells reference from batch,
-  drift when its ROC AUC exceeds 0.55); called directly, without the report's t-SNE picture.
+Peers on the same batches:
 
-alibi-detect pins numpy<2 and evidently's legacy API needs pandas<3, so each runs in its own virtual
-environment under ``benchmarks/.venvs/`` (created on first use: ``pip install`` from the package
-index), in a subprocess that exchanges ``.npy`` files with this one. alibi-detect's venv reuses this
-environment's torch (a ``.pth`` line after its own site-packages) rather than downloading another;
-it needs only pixels, so it runs on one core while this process embeds the batches on the other.
+- **BBSD** (black-box shift detection, Rabanser et al. 2019): a two-sample Kolmogorov-Smirnov test on
+  each class's softmax output, batch vs the classifier's held-out train images, Bonferroni-corrected
+  (drift when any p-value < alpha / classes). It detects any shift and cannot say which;
+- **alibi-detect** 0.13 ``MMDDrift`` on raw pixels through its documented untrained autoencoder, in its
+  own virtual environment under ``benchmarks/.venvs/alibi`` (created on first use, ``pip install``;
+  ``--peers alibi``): alibi-detect pins numpy<2, so it runs in a subprocess that exchanges ``.npy`` files.
 
-Targets (issue 7): power >= 0.9 for every corruption from severity 2, false-positive rate <= 0.05.
+Targets (issue 23): "re-run from pretrain" false alarms <= 5 % over the clean batches of each mix;
+label-shift batches routed to the prior correction >= 90 %; corruption power >= 0.9 from severity 2;
+estimated accuracy within 5 points of the truth (mean absolute error) on labelled batches; the prior
+estimate's total-variation error <= 0.05 at batch size 500.
 
-    nice -n 10 .venv/bin/python benchmarks/drift.py            # after `dvc repro` (encoder, embeddings)
+    nice -n 10 .venv/bin/python benchmarks/drift.py            # after `make demo`
 """
 
 from __future__ import annotations
@@ -57,12 +52,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = Path(__file__).resolve().parent / ".venvs"
-PEERS = {"alibi": ["alibi-detect==0.13.0"], "evidently": ["evidently==0.7.23", "pandas<3"]}
-SYSTEMS = {"sslvision": "sslvision MMD (SSL embeddings)", "alibi": "alibi-detect MMDDrift (UAE)",
-           "evidently": "evidently embedding drift (model)"}
+PEERS = {"alibi": ["alibi-detect==0.13.0"]}
+LABEL = "sslvision drift_eval + trigger"
 
 
-# --- the peers (run inside their own venvs: numpy, torch, pandas and the peer only) -----------------
+# --- alibi-detect (runs inside its own venv: numpy, torch and alibi-detect only) ---------------------
 
 
 def run_alibi(exchange: Path, names: list[str], alpha: float, permutations: int, seed: int) -> dict:
@@ -73,88 +67,38 @@ def run_alibi(exchange: Path, names: list[str], alpha: float, permutations: int,
     from alibi_detect.cd.pytorch import preprocess_drift
     from torch import nn
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     torch.manual_seed(seed)
     channels = np.load(exchange / "reference_images.npy", mmap_mode="r").shape[-1]
-    # alibi-detect's documented UAE (its CIFAR-10 example), sized for 28x28: 28 -> 13 -> 5 -> 1
-    encoder = nn.Sequential(
-        nn.Conv2d(channels, 64, 4, stride=2), nn.ReLU(),
-        nn.Conv2d(64, 128, 4, stride=2), nn.ReLU(),
-        nn.Conv2d(128, 512, 4, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(512, 32)).eval()
+    encoder = nn.Sequential(  # alibi-detect's documented UAE (its CIFAR-10 example), sized for 28x28
+        nn.Conv2d(channels, 64, 4, stride=2), nn.ReLU(), nn.Conv2d(64, 128, 4, stride=2), nn.ReLU(),
+        nn.Conv2d(128, 512, 4, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(512, 32)).eval()
 
     def pixels(name: str) -> np.ndarray:
-        x = np.load(exchange / f"{name}_images.npy")
-        return (x.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+        return (np.load(exchange / f"{name}_images.npy").transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
 
     preprocess = partial(preprocess_drift, model=encoder, device=torch.device("cpu"), batch_size=512)
     detector = MMDDrift(pixels("reference"), backend="pytorch", p_val=alpha, preprocess_fn=preprocess,
                         n_permutations=permutations, device="cpu")
-    out = {}
-    for name in names:
-        t0 = time.perf_counter()
-        r = detector.predict(pixels(name))["data"]
-        out[name] = {"drift": bool(r["is_drift"]), "p_value": float(r["p_val"]), "seconds": time.perf_counter() - t0}
-    return out
-
-
-def run_evidently(exchange: Path, names: list[str], alpha: float, permutations: int, seed: int) -> dict:
-    import pandas as pd
-    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model
-
-    ref = np.load(exchange / "reference_embeddings.npy")
-    columns = [f"e{i}" for i in range(ref.shape[1])]
-    method = model(bootstrap=len(ref) < 1000)  # EmbeddingsDriftMetric's default
-    out = {}
-    for name in names:
-        cur = np.load(exchange / f"{name}_embeddings.npy")
-        t0 = time.perf_counter()
-        score, drift, _ = method(pd.DataFrame(cur, columns=columns), pd.DataFrame(ref, columns=columns))
-        out[name] = {"drift": bool(drift), "roc_auc": float(score), "seconds": time.perf_counter() - t0}
-    return out
-
-
-def peer_main(args: argparse.Namespace) -> None:
-    exchange = Path(args.exchange)
-    names = json.loads((exchange / "batches.json").read_text())
-    run = {"alibi": run_alibi, "evidently": run_evidently}[args.peer]
-    result = run(exchange, names, args.alpha, args.permutations, args.seed)
-    (exchange / f"result_{args.peer}.json").write_text(json.dumps(result))
+    return {name: {"drift": bool(detector.predict(pixels(name))["data"]["is_drift"])} for name in names}
 
 
 def peer_python(name: str) -> Path:
-    """The peer's own venv (created and installed on first use)."""
+    """The peer's own venv (created and installed on first use; torch from this environment)."""
     import sysconfig
 
     venv = VENVS / name
-    python = venv / "bin" / "python"
-    marker = venv / ".sslvision-requirements"
+    python, marker = venv / "bin" / "python", venv / ".sslvision-requirements"
     wanted = " ".join(PEERS[name])
     if python.exists() and marker.exists() and marker.read_text() == wanted:
         return python
     print(f">> creating {venv} with {wanted} (once)", flush=True)
     subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(venv)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS[name]], check=True)
-    if name == "alibi":  # torch from this environment, after the venv's own packages (its numpy wins)
-        site = next((venv / "lib").glob("python*/site-packages"))
-        (site / "zz_sslvision_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (site / "zz_sslvision_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     marker.write_text(wanted)
     return python
-
-
-def start_peer(name: str, exchange: Path, args: argparse.Namespace, threads: int) -> subprocess.Popen:
-    """Start the peer on the batches listed in ``exchange/batches.json``; ``finish_peer`` collects it."""
-    python = peer_python(name)
-    cmd = [str(python), str(Path(__file__).resolve()), "--peer", name, "--exchange", str(exchange),
-           "--alpha", str(args.alpha), "--permutations", str(args.peer_permutations), "--seed", str(args.seed)]
-    print(f">> {name}: {len(json.loads((exchange / 'batches.json').read_text()))} batches", flush=True)
-    return subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore", "BENCH_THREADS": str(threads)})
-
-
-def finish_peer(name: str, proc: subprocess.Popen, exchange: Path) -> dict:
-    if proc.wait() != 0:
-        sys.exit(f"{name}: the peer failed (exit {proc.returncode})")
-    return json.loads((exchange / f"result_{name}.json").read_text())
 
 
 # --- the batches ------------------------------------------------------------------------------------
@@ -171,62 +115,21 @@ def unseen_indices(scenario: Path, pool: Path) -> np.ndarray:
     return np.setdiff1d(np.arange(60000), used.to_numpy())
 
 
-def draw_clean(labels: np.ndarray, unseen: np.ndarray, prior: np.ndarray, n: int, k: int, seed: int) -> list[np.ndarray]:
-    """``k`` batches of ``n`` unseen train indices with class prior ``prior`` (each without replacement)."""
-    from sslvision.demo import allocate
+def draw(labels: np.ndarray, prior: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` rows of the cache (labels ``labels``) at class prior ``prior``, without replacement."""
+    from sslvision.drift import allocate
 
-    rng = np.random.default_rng(seed)
-    per_class = [unseen[labels[unseen] == c] for c in range(len(prior))]
     counts = allocate(n, prior)
-    return [rng.permutation(np.concatenate([rng.choice(per_class[c], m, replace=False)
-                                            for c, m in enumerate(counts) if m]))
-            for _ in range(k)]
+    return rng.permutation(np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
+                                           for c, k in enumerate(counts) if k]))
 
 
-def corrupt(images: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-    from sslvision.demo import corruption_transform
+def bbsd(reference_probs: np.ndarray, probs: np.ndarray, alpha: float) -> bool:
+    """Rabanser et al.'s BBSD: per-class KS tests on the softmax outputs, Bonferroni over the classes."""
+    from scipy.stats import ks_2samp
 
-    transform = corruption_transform(corruption, severity, seed)
-    return np.stack([transform(image=im)["image"].reshape(im.shape) for im in images])
-
-
-def ensure_encoder(args: argparse.Namespace) -> str:
-    """Use the pipeline's encoder and embeddings when a pretrain run left them; else train a quick SimCLR
-    encoder on the ingested images with the pretrain library (``--quick-steps`` steps, stem stride 2)
-    into ``benchmarks/.cache/drift/``. Returns where the encoder came from."""
-    if (Path(args.encoder) / "config.json").exists() and (Path(args.embeddings) / "embeddings.npy").exists():
-        return "the pretrain stage's output (dvc repro)"
-    from sslvision.pretrain import PretrainParams, run_stage
-
-    cache = Path("benchmarks/.cache/drift")
-    print(f">> no {args.encoder} / {args.embeddings}: training a quick encoder ({args.quick_steps} steps)", flush=True)
-    p = PretrainParams(epochs=1, steps_per_epoch=args.quick_steps, stem_stride=2, batch_size=128,
-                       threads=args.threads, checkpoint_dir=str(cache / "checkpoints"))
-    run_stage(p, args.ingested, cache / "encoder", cache / "embeddings", cache / "pretrain")
-    args.encoder, args.embeddings = str(cache / "encoder"), str(cache / "embeddings")
-    return f"a quick encoder this benchmark trained ({args.quick_steps} SimCLR steps), NOT the pipeline's"
-
-
-def trigger_rows(decisions: dict[str, dict], batches: dict, clean: list[str]) -> list[dict]:
-    """The trigger's decisions: nothing on clean batches, pretrain on corrupted ones (severity >= 2)."""
-    label = "sslvision drift_eval + trigger"
-    corrupted = [nm for nm, b in batches.items() if b[1] and b[2] >= 2]
-    rows = [{"system": label, "metric": "clean batches where nothing re-runs",
-             "value": float(np.mean([decisions[nm]["stage"] is None for nm in clean])),
-             "unit": f"share of {len(clean)}", "setting": "clean"},
-            {"system": label, "metric": "corrupted batches re-run from pretrain",
-             "value": float(np.mean([decisions[nm]["stage"] == "pretrain" for nm in corrupted])),
-             "unit": f"share of {len(corrupted)}", "setting": "severity >= 2"}]
-    metrics = sorted({m for nm in clean for m in decisions[nm]["failed"]})
-    rows += [{"system": label, "metric": f"false alarms of {m}",
-              "value": float(np.mean([m in decisions[nm]["failed"] for nm in clean])),
-              "unit": f"share of {len(clean)} clean batches", "setting": "clean"} for m in metrics]
-    if "prior_shift" in decisions:
-        rows.append({"system": label, "metric": "prior_shift batch: failed metrics",
-                     "value": len(decisions["prior_shift"]["failed"]),
-                     "unit": ", ".join(decisions["prior_shift"]["failed"]) or "none",
-                     "setting": f"re-run from {decisions['prior_shift']['stage']}"})
-    return rows
+    c = probs.shape[1]
+    return bool(min(ks_2samp(reference_probs[:, k], probs[:, k]).pvalue for k in range(c)) < alpha / c)
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -238,186 +141,253 @@ def main(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import command_line, report
 
-    from sslvision.data import Ingested, load_embeddings
     from sslvision.demo import load_fashion_mnist
-    from sslvision.drift import DriftParams, build_reference, evaluate_batch, mmd_permutation_test, read_batch
-    from sslvision.models import embed, load_encoder
+    from sslvision.drift import DriftParams, build_reference, evaluate_batch, read_batch
+    from sslvision.models import embed
     from sslvision.params import load_section
     from sslvision.trigger import decide
 
     torch.set_num_threads(args.threads)
-    os.environ["BENCH_THREADS"] = str(args.threads)
+    t_start = time.perf_counter()
     p = load_section("drift_eval", DriftParams, args.params)
-    args.alpha, args.permutations = p.alpha, p.permutations
     scenario_dir = Path(args.scenario)
     scenario = json.loads((scenario_dir / "scenario.json").read_text())
-    data = Ingested.load(args.ingested)
-    origin = ensure_encoder(args)
-    all_embeddings = load_embeddings(args.embeddings)
-    encoder = load_encoder(args.encoder)
-    encoder_config = json.loads((Path(args.encoder) / "config.json").read_text())
-    encoder_desc = (f"{args.encoder}: {encoder_config.get('method', '?')} on {encoder_config['encoder']['backbone']} "
-                    f"(stem stride {encoder_config['encoder']['stem_stride']}), {origin}; reference embeddings "
-                    f"{args.embeddings}")
-    size, _, channels = data.images.shape[1:]
-    rng = np.random.default_rng(p.seed)  # as the stage samples its reference
-    train_rows = data.split("train")["index"].to_numpy()
-    ref_rows = np.sort(rng.choice(train_rows, min(p.reference_size, len(train_rows)), replace=False))
-    ref_emb = np.asarray(all_embeddings[ref_rows], dtype=np.float32)
+    reference, encoder, classifier, (size, _, channels) = build_reference(p, args.params)
+    classes = reference.classes
+    c = len(classes)
+    print(f">> scoring {reference.model}; reference: {len(reference.embeddings)} test embeddings, calibration "
+          f"{len(reference.calib_labels)}", flush=True)
 
-    # batches: name -> (kind, corruption, severity, images)
-    batches: dict[str, tuple[str, str, int, np.ndarray]] = {}
-    for b in scenario["incoming"]:
-        if b["labeled"]:
-            continue
-        images, _ = read_batch(scenario_dir / "incoming" / b["name"], data.classes, channels, size)
-        batches[b["name"]] = (b["kind"], b.get("corruption") or "", b.get("severity") or 0, images)
-    demo_clean = sum(k == "clean" for k, *_ in batches.values())
+    # the cache: unseen clean images, embedded and predicted once
     fm = load_fashion_mnist()
-    prior = np.array(list(scenario["train"]["counts_true"].values()), dtype=float)
+    rng = np.random.default_rng(args.seed)
     unseen = unseen_indices(scenario_dir, Path(args.pool))
+    pick = np.concatenate([rng.choice(unseen[fm["train_labels"][unseen] == k], args.per_class, replace=False)
+                           for k in range(c)])
+    cache_images = fm["train_images"][pick][..., None]
+    cache_labels = fm["train_labels"][pick].astype(np.int64)
+    t0 = time.perf_counter()
+    cache_emb = embed(encoder, cache_images, 512)
+    cache_probs = classifier.predict_proba(cache_images, 512)
+    n_embedded, t_embed = len(pick), time.perf_counter() - t0
+
+    # batches: name -> dict(kind, mix, rows | images, labels given)
     n = scenario["params"]["incoming_batch_size"]
-    extra = draw_clean(fm["train_labels"], unseen, prior, n, max(0, args.clean_batches - demo_clean)
-                       + args.repeats - 1, args.seed)
-    for i, idx in enumerate(extra[: max(0, args.clean_batches - demo_clean)]):
-        batches[f"bench_clean_{i + 1:02d}"] = ("clean", "", 0, fm["train_images"][idx][..., None])
-    corruptions = scenario["params"]["corruptions"]
-    severities = scenario["params"]["severities"]
-    for r, idx in enumerate(extra[max(0, args.clean_batches - demo_clean):], start=2):
-        base = fm["train_images"][idx]
-        for c in corruptions:
-            for s in severities:
-                batches[f"bench_{c}_s{s}_r{r}"] = ("corrupted", c, s, corrupt(base, c, s, args.seed + r)[..., None])
-    names = list(batches)
-    print(f">> {len(names)} batches ({sum(k == 'clean' for k, *_ in batches.values())} clean), reference "
-          f"{len(ref_rows)} train images, alpha {args.alpha}, {args.permutations} permutations", flush=True)
+    train_prior = np.array(list(scenario["train"]["counts_true"].values()), dtype=float)
+    train_prior /= train_prior.sum()
+    mixes = {"training": train_prior, "balanced": np.full(c, 1.0 / c), "reversed": train_prior[::-1].copy()}
+    batches: dict[str, dict] = {}
+    for mix, prior in mixes.items():
+        for i in range(args.clean_batches):
+            batches[f"clean_{mix}_{i:02d}"] = {"kind": "clean", "mix": mix, "rows": draw(cache_labels, prior, n, rng)}
+    for i in range(args.shift_batches):
+        prior = rng.dirichlet(np.ones(c))
+        batches[f"shift_{i:02d}"] = {"kind": "label_shift", "mix": "dirichlet", "rows": draw(cache_labels, prior, n, rng)}
+    for rate in args.noise_rates:
+        for i in range(args.noisy_batches):
+            rows = draw(cache_labels, train_prior, n, rng)
+            given = cache_labels[rows].copy()
+            flip = rng.random(n) < rate
+            given[flip] = (given[flip] + rng.integers(1, c, flip.sum())) % c
+            batches[f"noisy_{rate:.1f}_{i:02d}"] = {"kind": "labelled", "mix": "training", "rows": rows,
+                                                    "given": given, "rate": rate}
+    import pandas as pd
 
-    # the whole drift_eval evaluation (every monitored metric, the trigger's decision) when finetune has run
-    reference = classifier = None
-    if args.trigger and (Path(p.classifier) / "config.json").exists():
-        reference, _, classifier, _ = build_reference(p, args.params)
-        if reference.embeddings.shape != ref_emb.shape or not np.allclose(reference.embeddings, ref_emb):
-            sys.exit("the stage's reference sample differs from this benchmark's (same seed and size expected)")
-        print(f">> trigger mode: {p.classifier} predicts every batch; decisions from sslvision.trigger.decide")
+    truth = pd.read_parquet(scenario_dir / "truth.parquet")
+    for b in scenario["incoming"]:
+        if b["kind"] != "corruption":
+            continue
+        images, _ = read_batch(scenario_dir / "incoming" / b["name"], classes, channels, size)
+        files = sorted(f.name for f in (scenario_dir / "incoming" / b["name"]).iterdir() if f.suffix == ".png")
+        t = truth[truth["batch"] == b["name"]]
+        by_file = dict(zip(t["path"].map(lambda s: Path(s).name), t["true_label"], strict=True))
+        true = np.array([by_file.get(f, -1) for f in files]) if len(files) == len(images) else np.full(len(images), -1)
+        t0 = time.perf_counter()
+        emb, probs = embed(encoder, images, 512), classifier.predict_proba(images, 512)
+        n_embedded, t_embed = n_embedded + len(images), t_embed + time.perf_counter() - t0
+        batches[b["name"]] = {"kind": "corrupted", "mix": "training", "corruption": b["corruption"],
+                              "severity": b["severity"], "emb": emb, "probs": probs, "true": true}
+    print(f">> {len(batches)} batches; {n_embedded} images embedded once ({n_embedded / t_embed:.0f} img/s)", flush=True)
 
-    # embeddings (the expensive part) and this stage's test
-    results: dict[str, dict[str, dict]] = {"sslvision": {}}
-    decisions: dict[str, dict] = {}
-    t_embed, n_embedded = 0.0, 0
-    with tempfile.TemporaryDirectory(prefix="drift-bench-") as tmp:
-        exchange = Path(tmp)
-        np.save(exchange / "reference_images.npy", np.asarray(data.images[ref_rows]))
-        np.save(exchange / "reference_embeddings.npy", ref_emb)
-        for name in names:
-            np.save(exchange / f"{name}_images.npy", batches[name][3])
-        (exchange / "batches.json").write_text(json.dumps(names))
-        # alibi-detect needs only pixels: it runs on one core while this process embeds on the other
-        peers = {"alibi": start_peer("alibi", exchange, args, threads=1)} if "alibi" in args.peers else {}
-        try:
-            for i, name in enumerate(names):
-                images = batches[name][3]
-                t0 = time.perf_counter()
-                emb = embed(encoder, images, 512)
-                t_embed += time.perf_counter() - t0
-                n_embedded += len(images)
-                if classifier is not None:  # the stage's whole evaluation; its MMD test is the one measured
-                    probs = classifier.predict_proba(images, p.batch_size)
-                    t0 = time.perf_counter()
-                    result = evaluate_batch(reference, emb, probs, None, p)
-                    decisions[name] = {"stage": decide(result["metrics"]).stage, "failed": result["failed"]}
-                    p_value = result["input_drift"]["p_value"]
-                else:
-                    t0 = time.perf_counter()
-                    p_value = mmd_permutation_test(ref_emb, emb, p.permutations, p.alpha, p.bandwidths, p.seed).p_value
-                results["sslvision"][name] = {"drift": p_value < p.alpha, "p_value": p_value,
-                                              "seconds": time.perf_counter() - t0}
-                np.save(exchange / f"{name}_embeddings.npy", emb)
-                if (i + 1) % 10 == 0 or i + 1 == len(names):
-                    print(f"   embedded + tested {i + 1}/{len(names)} batches ({n_embedded / t_embed:.0f} img/s)",
-                          flush=True)
-            if "evidently" in args.peers:
-                peers["evidently"] = start_peer("evidently", exchange, args, threads=args.threads)
-            for peer, proc in peers.items():
-                results[peer] = finish_peer(peer, proc, exchange)
-        finally:  # never leave a peer running
-            for proc in peers.values():
-                if proc.poll() is None:
-                    proc.kill()
+    per_batch: dict[str, dict] = {}
+    bbsd_ref = reference.probs
+    for i, (name, b) in enumerate(batches.items()):
+        if "rows" in b:
+            emb, probs, true = cache_emb[b["rows"]], cache_probs[b["rows"]], cache_labels[b["rows"]]
+        else:
+            emb, probs, true = b["emb"], b["probs"], b["true"]
+        given = b.get("given")
+        result = evaluate_batch(reference, emb, probs, given, p)
+        d = decide(result["metrics"], batch=name)
+        q_true = np.bincount(true[true >= 0], minlength=c) / max(np.sum(true >= 0), 1)
+        known = bool(np.all(true >= 0))
+        q = {m: estimate for m, estimate in (("bbse", None), ("em", None))}
+        for m in q:
+            reference.prior_method = m
+            q[m] = reference.estimate_prior(probs)
+        reference.prior_method = p.prior_method
+        acc_true = float(np.mean(probs.argmax(1) == true)) if known else None
+        per_batch[name] = {
+            "kind": b["kind"], "mix": b["mix"], "corruption": b.get("corruption"), "severity": b.get("severity"),
+            "rate": b.get("rate"), "failed": result["failed"], "action": d.action, "stage": d.stage,
+            "accuracy_estimate": result["accuracy"]["estimate"], "accuracy_true": acc_true,
+            "prior_tv_error": {m: float(0.5 * np.abs(v - q_true).sum()) for m, v in q.items()} if known else None,
+            "prior_estimate": np.round(q[p.prior_method], 4).tolist(), "prior_true": np.round(q_true, 4).tolist(),
+            "label_noise_estimate": result["label_noise"]["estimate"] if result["label_noise"] else None,
+            "threshold_warnings": result["threshold_warnings"],
+            "bbsd_drift": bbsd(bbsd_ref, probs, p.alpha)}
+        if (i + 1) % 20 == 0 or i + 1 == len(batches):
+            print(f"   evaluated {i + 1}/{len(batches)} batches ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
-    rows, summary = [], {}
-    clean = [nm for nm in names if batches[nm][0] == "clean"]
-    for system, res in results.items():
-        label = SYSTEMS[system]
-        fpr = float(np.mean([res[nm]["drift"] for nm in clean]))
-        rows.append({"system": label, "metric": "false-positive rate", "value": fpr,
-                     "unit": f"share of {len(clean)} clean batches", "setting": "clean"})
-        powers = {}
-        for c in corruptions:
-            for s in severities:
-                hits = [res[nm]["drift"] for nm in names if batches[nm][1:3] == (c, s)]
-                rows.append({"system": label, "metric": "power", "value": float(np.mean(hits)),
-                             "unit": f"share of {len(hits)} batches", "setting": f"{c} severity {s}"})
-            hits = [res[nm]["drift"] for nm in names if batches[nm][1] == c and batches[nm][2] >= 2]
-            powers[c] = float(np.mean(hits))
-            rows.append({"system": label, "metric": "power, severity >= 2", "value": powers[c],
-                         "unit": f"share of {len(hits)} batches", "setting": c})
-        if "prior_shift" in batches:
-            rows.append({"system": label, "metric": "detects class-prior shift", "value": int(res["prior_shift"]["drift"]),
-                         "unit": "1 = drift reported", "setting": "prior_shift"})
-        perms = {"alibi": args.peer_permutations, "evidently": 0}.get(system, args.permutations)
-        rows.append({"system": label, "metric": "seconds per batch", "value": float(np.mean(
-            [res[nm]["seconds"] for nm in names])), "unit": "s (detector only; SSL embedding not counted)",
-            "setting": f"{perms} permutations" if perms else "no permutations"})
-        summary[system] = {"fpr": fpr, "min_power_severity_2plus": min(powers.values()),
-                           "meets_targets": fpr <= 0.05 and min(powers.values()) >= 0.9}
-    if decisions:
-        rows += trigger_rows(decisions, batches, clean)
-    rows.append({"system": SYSTEMS["sslvision"], "metric": "embedding throughput", "value": n_embedded / t_embed,
-                 "unit": "images/s (encoder forward)", "setting": "all batches"})
+    alibi = {}
+    if "alibi" in args.peers:
+        python = peer_python("alibi")
+        with tempfile.TemporaryDirectory(prefix="drift-bench-") as tmp:
+            exchange = Path(tmp)
+            np.save(exchange / "reference_images.npy",
+                    np.asarray(cache_images[draw(cache_labels, train_prior, min(p.reference_size, 2000), rng)]))
+            names = list(batches)
+            for name in names:
+                b = batches[name]
+                np.save(exchange / f"{name}_images.npy", cache_images[b["rows"]] if "rows" in b else
+                        read_batch(scenario_dir / "incoming" / name, classes, channels, size)[0])
+            (exchange / "batches.json").write_text(json.dumps(names))
+            subprocess.run([str(python), str(Path(__file__).resolve()), "--peer", "alibi", "--exchange", tmp,
+                            "--alpha", str(p.alpha), "--seed", str(args.seed)], check=True,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore", "BENCH_THREADS": str(args.threads)})
+            alibi = json.loads((exchange / "result_alibi.json").read_text())
+
+    rows, table = summarise(per_batch, alibi, p.prior_method)
+    elapsed = time.perf_counter() - t_start
+    rows.append({"system": LABEL, "metric": "wall time", "value": round(elapsed, 1), "unit": "s (whole benchmark)",
+                 "setting": f"{len(batches)} batches"})
     report("drift", rows, command="nice -n 10 .venv/bin/" + command_line(script="benchmarks/drift.py"),
-           extra={"encoder": encoder_desc, "alpha": args.alpha, "permutations": args.permutations,
-                  "alibi_permutations": args.peer_permutations,
-                  "reference_size": int(len(ref_rows)), "batch_size": n, "clean_batches": len(clean),
-                  "repeats_per_corruption_severity": args.repeats,
-                  "targets": {"power_from_severity_2": 0.9, "false_positive_rate": 0.05}, "summary": summary,
-                  "per_batch": results, "trigger_decisions": decisions})
-    for system, s in summary.items():
-        print(f"{SYSTEMS[system]}: FPR {s['fpr']:.3f}, min power (severity >= 2) {s['min_power_severity_2plus']:.2f}"
-              f" -> targets {'met' if s['meets_targets'] else 'NOT met'}")
+           extra={"model": reference.model, "prior_method": p.prior_method, "batch_size": n,
+                  "clean_batches_per_mix": args.clean_batches, "alibi": "alibi" in args.peers,
+                  "targets": {"pretrain_false_alarms_per_mix": 0.05, "label_shift_to_prior_correction": 0.9,
+                              "corruption_power_from_severity_2": 0.9, "accuracy_mae": 0.05, "prior_tv_error": 0.05},
+                  "per_mix": table, "per_batch": per_batch})
+    print(f"\nper mix (clean batches; {n} images each):")
+    print(f"{'mix':10s} {'batches':>7s} {'pretrain':>9s} {'prior corr.':>11s} {'healthy':>8s} {'acc MAE':>8s} "
+          f"{'prior TV':>9s}  fired (share)")
+    for mix, r in table.items():
+        print(f"{mix:10s} {r['batches']:7d} {r['pretrain']:9.2f} {r['prior_correction']:11.2f} {r['healthy']:8.2f} "
+              f"{r['accuracy_mae']:8.3f} {r['prior_tv']:9.3f}  {r['fired']}")
+
+
+def summarise(per_batch: dict[str, dict], alibi: dict, method: str) -> tuple[list[dict], dict]:
+    """The report's rows and the per-mix table."""
+    rows: list[dict] = []
+
+    def share(names: list[str], test) -> float:
+        return float(np.mean([test(per_batch[nm]) for nm in names])) if names else float("nan")
+
+    def add(metric: str, value: float, unit: str, setting: str, system: str = LABEL) -> None:
+        rows.append({"system": system, "metric": metric, "value": round(float(value), 4), "unit": unit,
+                     "setting": setting})
+
+    table = {}
+    for mix in ("training", "balanced", "reversed"):
+        names = [nm for nm, b in per_batch.items() if b["kind"] == "clean" and b["mix"] == mix]
+        fired = {}
+        for nm in names:
+            for m in per_batch[nm]["failed"]:
+                fired[m] = fired.get(m, 0) + 1
+        table[mix] = {"batches": len(names), "pretrain": share(names, lambda b: b["stage"] == "pretrain"),
+                      "prior_correction": share(names, lambda b: b["action"] == "prior_correction"),
+                      "healthy": share(names, lambda b: b["action"] is None),
+                      "retrain_any": share(names, lambda b: b["action"] == "retrain"),
+                      "accuracy_mae": float(np.mean([abs(per_batch[nm]["accuracy_estimate"] -
+                                                         per_batch[nm]["accuracy_true"]) for nm in names])),
+                      "prior_tv": float(np.mean([per_batch[nm]["prior_tv_error"][method] for nm in names])),
+                      "fired": {m: round(k / len(names), 3) for m, k in sorted(fired.items())}}
+        add("re-run from pretrain (false alarm)", table[mix]["pretrain"], f"share of {len(names)} clean batches", mix)
+        add("any retrain (false alarm)", table[mix]["retrain_any"], f"share of {len(names)} clean batches", mix)
+        add("prior correction", table[mix]["prior_correction"], f"share of {len(names)} clean batches", mix)
+        for m, v in table[mix]["fired"].items():
+            add(f"fired: {m}", v, f"share of {len(names)} clean batches", mix)
+        add("BBSD reports drift", share(names, lambda b: b["bbsd_drift"]), f"share of {len(names)} clean batches",
+            mix, "BBSD (KS on softmax, Bonferroni)")
+        if alibi:
+            add("MMD reports drift", float(np.mean([alibi[nm]["drift"] for nm in names])),
+                f"share of {len(names)} clean batches", mix, "alibi-detect MMDDrift (UAE)")
+
+    shifted = [nm for nm, b in per_batch.items() if b["kind"] == "label_shift"
+               or (b["kind"] == "clean" and b["mix"] != "training")]
+    add("label-shift batches routed to prior correction", share(shifted, lambda b: b["action"] == "prior_correction"),
+        f"share of {len(shifted)} batches", "balanced + reversed + Dirichlet mixes")
+    add("label-shift batches re-run from pretrain", share(shifted, lambda b: b["stage"] == "pretrain"),
+        f"share of {len(shifted)} batches", "balanced + reversed + Dirichlet mixes")
+
+    corrupted = [nm for nm, b in per_batch.items() if b["kind"] == "corrupted"]
+    for corruption in sorted({per_batch[nm]["corruption"] for nm in corrupted}):
+        for sev in range(1, 6):
+            names = [nm for nm in corrupted if per_batch[nm]["corruption"] == corruption
+                     and per_batch[nm]["severity"] == sev]
+            add("re-run from pretrain", share(names, lambda b: b["stage"] == "pretrain"),
+                f"share of {len(names)} batches", f"{corruption} severity {sev}")
+    strong = [nm for nm in corrupted if per_batch[nm]["severity"] >= 2]
+    add("corruption power (re-run from pretrain)", share(strong, lambda b: b["stage"] == "pretrain"),
+        f"share of {len(strong)} batches", "severity >= 2")
+    add("corruption power (any action)", share(strong, lambda b: b["action"] is not None),
+        f"share of {len(strong)} batches", "severity >= 2")
+    add("detects corruption", share(strong, lambda b: b["bbsd_drift"]), f"share of {len(strong)} batches",
+        "severity >= 2", "BBSD (KS on softmax, Bonferroni)")
+    if alibi:
+        add("detects corruption", float(np.mean([alibi[nm]["drift"] for nm in strong])),
+            f"share of {len(strong)} batches", "severity >= 2", "alibi-detect MMDDrift (UAE)")
+
+    labelled = [nm for nm, b in per_batch.items() if b["accuracy_true"] is not None and b["kind"] != "labelled"]
+    errors = [abs(per_batch[nm]["accuracy_estimate"] - per_batch[nm]["accuracy_true"]) for nm in labelled]
+    add("accuracy estimate MAE (no labels used)", np.mean(errors), f"accuracy, over {len(errors)} batches",
+        "every batch with known truth")
+    for kind in ("clean", "label_shift", "corrupted"):
+        names = [nm for nm in labelled if per_batch[nm]["kind"] == kind]
+        if names:
+            add("accuracy estimate MAE (no labels used)", np.mean(
+                [abs(per_batch[nm]["accuracy_estimate"] - per_batch[nm]["accuracy_true"]) for nm in names]),
+                f"accuracy, over {len(names)} batches", kind)
+    for m in ("bbse", "em"):
+        names = [nm for nm, b in per_batch.items() if b["prior_tv_error"] and b["kind"] in ("clean", "label_shift")]
+        add(f"prior estimate TV error ({m})", np.mean([per_batch[nm]["prior_tv_error"][m] for nm in names]),
+            f"mean over {len(names)} clean + label-shift batches", "batch size 500")
+    for rate in sorted({b["rate"] for b in per_batch.values() if b["kind"] == "labelled"}):
+        names = [nm for nm, b in per_batch.items() if b["kind"] == "labelled" and b["rate"] == rate]
+        add("labelled batches re-run from audit", share(names, lambda b: b["stage"] == "audit"),
+            f"share of {len(names)} batches", f"label noise {rate:.1f}")
+        add("label noise estimate", np.mean([per_batch[nm]["label_noise_estimate"] for nm in names]),
+            "share of labels", f"label noise {rate:.1f}")
+    return rows, table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenario", default="data/demo", help="demo scenario directory (scenario.json, incoming/)")
-    ap.add_argument("--ingested", default="data/ingested")
-    ap.add_argument("--embeddings", default="data/embeddings")
-    ap.add_argument("--encoder", default="models/encoder")
-    ap.add_argument("--quick-steps", type=int, default=300,
-                    help="SimCLR steps of the quick encoder trained when there is no pretrain output")
     ap.add_argument("--pool", default="data/pool", help="pool batches (their images count as seen)")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--clean-batches", type=int, default=24, help="clean batches in all (demo's + drawn)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="batches per corruption and severity (1 = the demo's own; more are made from fresh images)")
-    ap.add_argument("--alpha", type=float, help=argparse.SUPPRESS)  # the peers get the stage's alpha
-    ap.add_argument("--permutations", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--peer-permutations", type=int, default=100,
-                    help="alibi-detect's permutations (its default, 100: it re-indexes the whole kernel matrix "
-                         "once per permutation, about 100x slower per permutation than the stage's test)")
-    ap.add_argument("--peers", nargs="*", default=["alibi", "evidently"], choices=["alibi", "evidently"])
-    ap.add_argument("--no-trigger", dest="trigger", action="store_false",
-                    help="skip the full drift_eval evaluation and trigger decisions (done when models/classifier exists)")
+    ap.add_argument("--clean-batches", type=int, default=20, help="clean batches per class mix")
+    ap.add_argument("--shift-batches", type=int, default=20, help="batches at random (Dirichlet) class mixes")
+    ap.add_argument("--noisy-batches", type=int, default=3, help="labelled batches per label-noise rate")
+    ap.add_argument("--noise-rates", type=float, nargs="*", default=[0.0, 0.1, 0.2, 0.3, 0.4])
+    ap.add_argument("--per-class", type=int, default=800,
+                    help="unseen images per class embedded once (a reversed batch needs ~0.35 x 500 of one class)")
+    ap.add_argument("--peers", nargs="*", default=[], choices=["alibi"],
+                    help="alibi: also run alibi-detect's MMDDrift in its own venv (installed on first use)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peer", choices=list(PEERS), help=argparse.SUPPRESS)
     ap.add_argument("--exchange", help=argparse.SUPPRESS)
+    ap.add_argument("--alpha", type=float, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.peer:
-        peer_main(arguments)
+        exchange_dir = Path(arguments.exchange)
+        result = run_alibi(exchange_dir, json.loads((exchange_dir / "batches.json").read_text()), arguments.alpha,
+                           100, arguments.seed)
+        (exchange_dir / "result_alibi.json").write_text(json.dumps(result))
     else:
         os.chdir(ROOT)
         main(arguments)

@@ -44,6 +44,9 @@ BENCHMARKS: dict[str, list[str]] = {
     "finetune": ["--epochs", "16", "--full-finetune"],
     "drift": [],
     "retrain": [],
+    # bf16 autocast vs fp32 pretraining on this CPU; small runs so that it fits a shared 2-core machine
+    "precision": ["--batch-size", "32", "--windows", "8", "--window-steps", "4", "--acc-steps", "60",
+                  "--vit-acc-steps", "30", "--train-images", "4000"],
 }
 NEEDS_DEMO = {"synthesize", "finetune", "drift", "retrain"}
 
@@ -100,10 +103,21 @@ HEADLINES: dict[str, Pick] = {
     # the same ladder (asymmetric noise) on an encoder pretrained twice as long (pretrain.epochs 100, 3,000 steps):
     # what more CPU pretraining buys; built by hand like finetune_symmetric
     "finetune_3000": _ladder("balanced accuracy (3,000-step encoder)"),
-    "drift": lambda rows: _head(rows, _startswith("sslvision"), {"false-positive rate": "false-positive rate",
-                                                                 "power, severity >= 2": "power, severity >= 2"},
-                                by_setting=True),
+    "drift": lambda rows: _head(rows, _startswith("sslvision"), {
+        "re-run from pretrain (false alarm)": "clean batches re-run from pretrain (false alarm)",
+        "BBSD reports drift": "clean batches re-run from pretrain (false alarm)",
+        "label-shift batches routed to prior correction": "label-shift batches routed to prior correction",
+        "corruption power (re-run from pretrain)": "corruption power, severity >= 2",
+        "detects corruption": "corruption power, severity >= 2",
+        "accuracy estimate MAE (no labels used)": "accuracy estimate MAE (no labels used)",
+        "prior estimate TV error (bbse)": "prior estimate TV error, batch 500"}, by_setting=True),
     "retrain": lambda rows: _head(rows, lambda s: True, {"wall time": "wall time"}, by_setting=True),
+    "precision": lambda rows: _head(rows, lambda s: True, {
+        "throughput ratio": "bf16 / fp32 pretrain throughput (>= 1.3 adopts bf16)",
+        "kNN accuracy difference": "bf16 - fp32 kNN accuracy, equal steps"}, lambda s: "/" in s),
+    # the same throughput at the stage's batch of 256 (throughput only: --acc-steps 0 --name precision_batch256)
+    "precision_batch256": lambda rows: _head(rows, lambda s: True, {
+        "throughput ratio": "bf16 / fp32 pretrain throughput, batch 256"}, lambda s: "/" in s),
 }
 
 

@@ -12,7 +12,11 @@ MLflow run (tag ``sslvision.scored_model``). Each decision is written to
 ``reports/monitor/<batch>/decision.json`` next to the batch's drift report, logged as an MLflow run,
 and emitted as a Prefect event ``sslvision.degradation`` that can start the ``train`` deployment (see
 ``prefect.yaml``). With ``retrain`` (the default for direct runs) the flow
-re-runs the pipeline itself from the decided stage and offers the new model for gated promotion.
+re-runs the pipeline itself from the decided stage and offers the new model for gated promotion; when only
+the class mix changed (action ``prior_correction``) it registers the champion with its prior corrected and
+gates it at that mix (``sslvision.trigger.correct_prior``): nothing is retrained. Without ``retrain``
+(``--no-retrain``) it decides and reports only: no batch joins the pool, no version is registered, DVC's
+state is untouched.
 """
 
 from __future__ import annotations
@@ -107,18 +111,20 @@ def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = No
                     continue
                 result = evaluate_batch(b, reports)
                 decision = trigger.decide(result["metrics"], pipeline.stage_order(root_path), batch=b.name)
-                logger.info("batch %s: %s", b.name,
-                            f"degraded, re-run from {decision.stage}: " + "; ".join(decision.reasons)
-                            if decision.degraded else "healthy, nothing re-runs")
+                logger.info("batch %s: %s", b.name, describe(decision))
                 logger.info("batch %s: scored %s", b.name, scored_model_name(result["model"]))
-                outcome: dict[str, Any] = {"decision": decision.to_dict(), "model": result["model"]}
-                if decision.degraded:
+                outcome: dict[str, Any] = {"decision": decision.to_dict(), "model": result["model"],
+                                           "class_prior": result["class_prior"]}
+                if decision.action == trigger.PRIOR_CORRECTION and retrain:
+                    outcome["prior_correction"] = trigger.correct_prior(result, params_path(), b.name)
+                elif decision.degraded:
                     _emit(decision)
-                    admitted = trigger.admit_batch(b, decision, pool, result["evaluated_files"])
-                    outcome["joined_pool"] = str(admitted.dest) if admitted and admitted.dest else None
-                    if admitted and admitted.skipped:
-                        outcome["not_admitted"] = admitted.skipped
-                    if retrain:
+                    if retrain:  # the batch joins only a retrain that runs now
+                        admitted = trigger.admit_batch(b, decision, pool, result["evaluated_files"],
+                                                       result["held_out_files"])
+                        outcome["joined_pool"] = str(admitted.dest) if admitted and admitted.dest else None
+                        if admitted and admitted.skipped:
+                            outcome["not_admitted"] = admitted.skipped
                         outcome["ran"] = train(from_stage=decision.stage, root=str(root_path), lock=False)
                         if promote:
                             outcome["promotion"] = promote_challenger(str(root_path))
@@ -127,6 +133,8 @@ def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = No
                 with mlflow.start_run(experiment_id=exp_id, run_name=f"monitor {b.name}",
                                       tags={"sslvision.kind": "monitor", "sslvision.batch": b.name,
                                             "sslvision.trigger.stage": decision.stage or "none",
+                                            "sslvision.trigger.action": decision.action or "none",
+                                            "sslvision.trigger.reasons": "; ".join(decision.reasons)[:5000],
                                             "sslvision.scored_model": scored_model_name(result["model"]),
                                             **tracking.owner_tags()}):
                     mlflow.log_dict(outcome, "decision.json")
@@ -138,6 +146,15 @@ def monitor(batch: str | None = None, root: str = ".", retrain: bool | None = No
         os.chdir(cwd)
 
 
+def describe(decision: trigger.Decision) -> str:
+    """One line for a decision: healthy, prior correction or the stage to re-run from, and why."""
+    if decision.action == trigger.PRIOR_CORRECTION:
+        return "class mix changed, correct the champion's prior (no retraining): " + "; ".join(decision.reasons)
+    if decision.degraded:
+        return f"degraded, re-run from {decision.stage}: " + "; ".join(decision.reasons)
+    return "healthy, nothing re-runs"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("batch", nargs="?", default=None, help="production batch directory (default: pending inbox batches)")
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     for o in monitor(batch=args.batch, root=args.root, retrain=False if args.no_retrain else None):
         d = o["decision"]
-        print(f"{d['batch']}: " + (f"re-run from {d['stage']}" if d["degraded"] else "healthy"))
+        print(f"{d['batch']}: " + (f"re-run from {d['stage']}" if d["degraded"] else d["action"] or "healthy"))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def train(from_stage: str | None = None, root: str = ".", wait_s: float = 600,
 
     from sslvision.params import params_path
     from sslvision.registry import recover
+    from sslvision.stages.preflight import check_inputs
 
     root = str(Path(root).resolve())
     cwd = os.getcwd()
@@ -95,6 +96,7 @@ def train(from_stage: str | None = None, root: str = ".", wait_s: float = 600,
         with pipeline.pipeline_lock(root, wait_s=wait_s) if lock else contextlib.nullcontext():
             # Read the DAG only under the lock: another run may be rewriting dvc.lock meanwhile.
             order = pipeline.stage_order(root)
+            check_inputs(root)  # a missing production batch is reported now, not after pretraining
             forced = set(pipeline.downstream_of(from_stage, root)) if from_stage else set()
             # A killed run left MLflow runs RUNNING and maybe a challenger no gate saw: finish that first.
             recovered = recover(Path(root) / params_path().name)

@@ -1,22 +1,7 @@
-"""DVC stage ``audit``: find wrong labels, near-duplicates and outliers with the SSL embeddings.
+"""DVC stage ``audit`` of this repository's demo project: the stage runner is ``sslvision.stages.audit``
+(a project made by ``sslvision init`` runs the same code as ``python -m sslvision.stages.audit``)."""
 
-Reads ``data/ingested/manifest.parquet`` (the labels), ``images.npy`` (for the gallery), ``classes.json``
-and ``data/embeddings/embeddings.npy``; writes ``data/audit/label_issues.parquet``,
-``data/audit/manifest_clean.parquet`` (what the next stages train on), ``reports/audit/`` (metrics,
-issues by class, gallery) and one MLflow run. Depends on the labels but pretrain does not, so changing
-a label re-runs this stage and what follows, never pretrain.
-
-Run from the project root: ``dvc repro audit``. All logic is in ``sslvision.audit``.
-"""
-
-import sys
-
-from sslvision.audit import audit_cli
-from sslvision.params import params_path, require_sections
+from sslvision.stages.audit import main
 
 if __name__ == "__main__":
-    try:
-        require_sections("audit", path=params_path())
-        audit_cli(params=params_path())
-    except (ValueError, OSError) as err:
-        sys.exit(f"audit: error: {err}")
+    main()

@@ -1,19 +1,7 @@
-"""DVC stage ``embed``: embeddings of every ingested image with the pretrained encoder.
+"""DVC stage ``embed`` of this repository's demo project: the stage runner is ``sslvision.stages.embed``
+(a project made by ``sslvision init`` runs the same code as ``python -m sslvision.stages.embed``)."""
 
-Reads ``models/encoder/`` and ``data/ingested/images.npy``; writes ``data/embeddings/`` (see
-``sslvision.data``). All logic is in ``sslvision.pretrain.embed_ingested``.
-"""
-
-import sys
-
-from sslvision.params import load_section, params_path, require_sections
-from sslvision.pretrain import PretrainParams, embed_ingested
+from sslvision.stages.embed import main
 
 if __name__ == "__main__":
-    try:
-        require_sections("pretrain", path=params_path())
-        p = load_section("pretrain", PretrainParams, params_path())
-        info = embed_ingested(batch_size=p.embed_batch_size, device=p.device)
-    except (ValueError, OSError) as err:
-        sys.exit(f"embed: error: {err}")
-    print(f"embed: {info['rows']} images -> {info['dim']}-d embeddings ({info['embed_img_s']:.0f} img/s)")
+    main()

@@ -1,18 +1,7 @@
-"""DVC stage ``ingest``: decode the source named in params.yaml (``ingest.source``, plus the batches
-under ``ingest.pool``) into ``data/ingested/``; metrics and plots in ``reports/ingest/``; one MLflow run.
+"""DVC stage ``ingest`` of this repository's demo project: the stage runner is ``sslvision.stages.ingest``
+(a project made by ``sslvision init`` runs the same code as ``python -m sslvision.stages.ingest``)."""
 
-Run from the project root (``dvc repro ingest``). All logic is in ``sslvision.ingest``.
-"""
-
-import sys
-from pathlib import Path
-
-from sslvision.ingest import ingest_cli
-from sslvision.params import params_path, require_sections
+from sslvision.stages.ingest import main
 
 if __name__ == "__main__":
-    try:
-        require_sections("ingest", path=params_path())
-        ingest_cli(source=None, out=Path("data/ingested"), params=params_path())
-    except (ValueError, OSError) as err:
-        sys.exit(f"ingest: error: {err}")
+    main()

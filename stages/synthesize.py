@@ -1,19 +1,7 @@
-"""DVC stage ``synthesize``: new images for the rare classes of ``data/audit/manifest_clean.parquet``,
-made from their real images (``data/ingested/images.npy``) with the generator named in params.yaml and
-filtered in the SSL space of ``models/encoder``; writes ``data/synthetic/`` (images + manifest) and
-``reports/synthesize/`` (metrics, per-class counts, filter scores, sample grid); one MLflow run.
+"""DVC stage ``synthesize`` of this repository's demo project: the stage runner is ``sslvision.stages.synthesize``
+(a project made by ``sslvision init`` runs the same code as ``python -m sslvision.stages.synthesize``)."""
 
-Run from the project root (``dvc repro synthesize``). All logic is in ``sslvision.synthesize``.
-"""
-
-import sys
-
-from sslvision.params import params_path, require_sections
-from sslvision.synthesize import synthesize_cli
+from sslvision.stages.synthesize import main
 
 if __name__ == "__main__":
-    try:
-        require_sections("synthesize", path=params_path())
-        synthesize_cli(params=params_path())
-    except (ValueError, OSError) as err:
-        sys.exit(f"synthesize: error: {err}")
+    main()

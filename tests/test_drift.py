@@ -42,10 +42,13 @@ def softmax_probs(x, temperature=1.0):
 @pytest.fixture(scope="module")
 def reference():
     rng = np.random.default_rng(0)
-    x, _, probs = sample(300, rng)
+    _, _, probs = sample(300, rng)
     calib_y = np.repeat(np.arange(3), 100)
     calib_x = MEANS[calib_y] + rng.normal(size=(300, MEANS.shape[1]))
-    return Reference(embeddings=x, probs=probs, calib_probs=softmax_probs(calib_x), calib_labels=calib_y,
+    held_out_y = np.repeat(np.arange(3), 200)
+    held_out_x = (MEANS[held_out_y] + rng.normal(size=(600, MEANS.shape[1]))).astype(np.float32)
+    return Reference(embeddings=held_out_x, embedding_labels=held_out_y, probs=probs,
+                     calib_probs=softmax_probs(calib_x), calib_labels=calib_y,
                      train_counts=np.array([1000, 500, 50]), classes=["a", "b", "c"])
 
 
@@ -155,7 +158,7 @@ def test_each_degradation_is_owned_by_its_stage(reference, name, metric, stage):
     result = evaluate_batch(reference, x, probs, labels, PARAMS)
     metrics = result["metrics"]
     assert set(metrics) == {"embedding_mmd_pvalue", "label_noise_rate", "tail_class_recall_drop", "accuracy",
-                            "prediction_shift_pvalue"}
+                            "class_prior_shift_pvalue"}
     for m in metrics.values():
         assert set(m) == {"value", "threshold", "direction", "stage", "failed"}
         assert m["direction"] in ("max", "min")
@@ -173,13 +176,21 @@ def test_each_degradation_is_owned_by_its_stage(reference, name, metric, stage):
         assert result["label_noise"]["estimate"] == pytest.approx(0.4, abs=0.1)
 
 
-def test_prior_shift_batch_fails_prediction_shift(reference):
-    x, _, probs = sample(200, np.random.default_rng(4), prior=np.array([0.1, 0.1, 0.8]))
+@pytest.mark.parametrize("shifted", [[0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]])
+def test_a_new_class_mix_alone_routes_to_prior_correction(reference, shifted):
+    """Clean images at another class mix: only the prior metric fails (input drift is tested against the
+    held-out images re-sampled to the estimated prior, accuracy against the held-out accuracy at it), and
+    the trigger's action is a prior correction, not a retrain."""
+    x, y, probs = sample(300, np.random.default_rng(4), prior=np.array(shifted))
     result = evaluate_batch(reference, x, probs, None, PARAMS)
-    m = result["metrics"]["prediction_shift_pvalue"]
-    assert m["failed"] and m["value"] < 1e-6 and m["stage"] == "finetune"
-    assert result["prediction_shift"]["tv"] > 0.5
-    assert result["prediction_shift"]["per_class_shift"]["c"] > 0.5
+    m = result["metrics"]["class_prior_shift_pvalue"]
+    assert m["failed"] and m["stage"] == "prior_correction"
+    assert result["failed"] == ["class_prior_shift_pvalue"], result["failed"]
+    estimate = np.array(list(result["class_prior"]["estimate"].values()))
+    assert 0.5 * np.abs(estimate - np.bincount(y, minlength=3) / len(y)).sum() < 0.05
+    d = decide(result["metrics"])
+    assert d.stage is None and d.action == "prior_correction" and not d.degraded
+    assert "class_prior_shift_pvalue" in d.reasons[0]
 
 
 def test_result_is_json_serialisable(reference):
@@ -287,7 +298,9 @@ def test_reference_rows_are_the_rows_finetune_held_out(workdir):
     reference, *_ = build_reference(DriftParams(reference_size=300, calibration_size=200), "params.yaml")
     expected = load_classifier("models/classifier").predict_proba(np.asarray(data.images[held_out]), 256)
     np.testing.assert_allclose(reference.probs, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(reference.predicted_counts, np.bincount(expected.argmax(1), minlength=10))
+    # the input-drift reference is the labeled test split (re-sampled per batch to its estimated prior)
+    test = data.split("test")
+    assert reference.embedding_labels.tolist() == test["label"].tolist() and len(reference.embeddings) == len(test)
 
 
 def unseen_images(offset=30000):
@@ -339,7 +352,7 @@ def test_stage_writes_trigger_json_plots_and_an_mlflow_run(workdir):
 
     assert noisy_result["batch"].endswith("noisy") and noisy_result["n_images"] == len(noisy)
     assert noisy_result["metrics"]["embedding_mmd_pvalue"]["stage"] == "pretrain"
-    assert noisy_result["accuracy"]["source"] == "atc" and 0 <= noisy_result["accuracy"]["value"] <= 1
+    assert noisy_result["accuracy"]["source"] == "atc_at_estimated_prior" and 0 <= noisy_result["accuracy"]["value"] <= 1
     for name in ("mmd.png", "prediction_shift.png", "prediction_shift.csv", "embeddings_pca.png"):
         assert (workdir / "reports/noisy" / name).stat().st_size > 0
 
@@ -350,3 +363,140 @@ def test_stage_writes_trigger_json_plots_and_an_mlflow_run(workdir):
         ",".join(r["failed"]) or "none" for r in (clean_result, noisy_result))
     assert sorted(runs["metrics.embedding_mmd_pvalue"]) == sorted(
         r["metrics"]["embedding_mmd_pvalue"]["value"] for r in (clean_result, noisy_result))
+
+
+# --- label shift: the prior estimators, the correction, accuracy at any class mix ----------------
+
+
+def _labeled(n, prior, rng):
+    y = rng.choice(len(prior), size=n, p=prior)
+    return softmax_probs(MEANS[y] + rng.normal(size=(n, MEANS.shape[1]))), y
+
+
+@pytest.mark.parametrize("method", ["em", "bbse"])
+@pytest.mark.parametrize("target", [[0.7, 0.2, 0.1], [0.05, 0.15, 0.8], [1 / 3, 1 / 3, 1 / 3]])
+def test_prior_estimators_recover_a_known_prior(method, target):
+    """Calibrated on a balanced labeled sample, both estimators recover the class prior of an unlabeled
+    sample of 500 drawn at another mix within 0.05 total variation (the issue's target), on average over
+    draws; plain predicted-class shares are further off (the classifier confuses the classes)."""
+    from sslvision.drift import estimate_class_prior
+
+    rng = np.random.default_rng(0)
+    ref_probs, ref_labels = _labeled(2000, [1 / 3] * 3, rng)
+    errors, naive = [], []
+    for _ in range(10):
+        probs, y = _labeled(500, target, rng)
+        truth = np.bincount(y, minlength=3) / len(y)
+        q = estimate_class_prior(probs, reference_probs=ref_probs, reference_labels=ref_labels, method=method)
+        assert q.sum() == pytest.approx(1.0) and q.min() > 0
+        errors.append(0.5 * np.abs(q - truth).sum())
+        naive.append(0.5 * np.abs(np.bincount(probs.argmax(1), minlength=3) / len(y) - truth).sum())
+    assert np.mean(errors) < 0.05, errors
+    if target[0] != target[1]:
+        assert np.mean(errors) < np.mean(naive)
+
+
+def test_em_without_a_reference_needs_the_source_prior_and_rejects_bad_input():
+    from sslvision.drift import estimate_class_prior
+
+    rng = np.random.default_rng(1)
+    probs, y = _labeled(3000, [0.6, 0.3, 0.1], rng)  # softmax_probs are posteriors under a uniform prior
+    q = estimate_class_prior(probs, source_prior=np.ones(3) / 3)
+    assert q == pytest.approx([0.6, 0.3, 0.1], abs=0.03)
+    with pytest.raises(ValueError, match="needs"):
+        estimate_class_prior(probs)
+    with pytest.raises(ValueError, match="unknown method"):
+        estimate_class_prior(probs, source_prior=np.ones(3) / 3, method="magic")
+
+
+def test_prior_adjustment_gives_the_posteriors_at_the_new_prior():
+    """Adding the adjustment to the logits makes the predictions Bayes-optimal at the new mix: accuracy at
+    that mix rises, and the mean corrected posterior is the new prior (calibrated)."""
+    from sslvision.drift import estimate_class_prior, fit_bias_calibration, prior_adjustment
+
+    rng = np.random.default_rng(2)
+    ref_probs, ref_labels = _labeled(2000, [1 / 3] * 3, rng)
+    calibration = fit_bias_calibration(ref_probs, ref_labels)
+    probs, y = _labeled(3000, [0.8, 0.15, 0.05], rng)
+    q = estimate_class_prior(probs, calibration=calibration)
+    v = prior_adjustment(calibration, q)
+    corrected = np.exp(np.log(probs) + v)
+    corrected /= corrected.sum(1, keepdims=True)
+    assert np.mean(corrected.argmax(1) == y) > np.mean(probs.argmax(1) == y) + 0.01
+    assert corrected.mean(0) == pytest.approx(np.bincount(y) / len(y), abs=0.03)
+    assert np.abs(prior_adjustment(calibration, np.array([1.0, 0.0, 0.0]), bound=5.0)).max() <= 5.0
+
+
+def test_resample_to_prior_never_repeats_a_row():
+    from sslvision.drift import resample_to_prior
+
+    labels = np.repeat(np.arange(3), [100, 50, 10])
+    rows = resample_to_prior(labels, np.array([0.2, 0.3, 0.5]), 1000)
+    assert len(set(rows)) == len(rows) == 20  # class 2 (10 rows, half the sample) limits it
+    assert np.bincount(labels[rows]).tolist() == [4, 6, 10]
+
+
+def test_accuracy_estimate_holds_at_another_class_mix():
+    """ATC fitted on the held-out sample re-weighted to the batch's prior estimates a batch's accuracy at a
+    mix far from the held-out one, where the held-out accuracy itself is far off."""
+    from sslvision.drift import accuracy_at_prior, atc_estimate, atc_threshold_at_prior, per_class_recall
+
+    rng = np.random.default_rng(3)
+    means = MEANS * np.array([[1.0], [0.3], [0.3]])  # class a is easy, b and c overlap
+
+    def posterior(x):  # under the held-out (uniform) prior
+        logits = -((x[:, None, :] - means[None]) ** 2).sum(-1) / 2
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    y_ref = np.repeat(np.arange(3), 1000)
+    p_ref = posterior(means[y_ref] + rng.normal(size=(3000, 6)))
+    target = np.array([0.02, 0.49, 0.49])
+    y = rng.choice(3, 1000, p=target)
+    p = posterior(means[y] + rng.normal(size=(1000, 6)))
+    truth = np.mean(p.argmax(1) == y)
+    correct = p_ref.argmax(1) == y_ref
+    assert abs(np.mean(correct) - truth) > 0.05  # the balanced held-out accuracy is the wrong yardstick
+    t = atc_threshold_at_prior(p_ref.max(1), correct, y_ref, target)
+    assert atc_estimate(p.max(1), t) == pytest.approx(truth, abs=0.03)
+    recall, _ = per_class_recall(y_ref, p_ref.argmax(1), 3)
+    assert accuracy_at_prior(recall, target) == pytest.approx(truth, abs=0.03)
+
+
+def test_a_threshold_below_its_clean_floor_is_raised_and_reported(reference):
+    """A label-noise threshold clean labels already exceed is raised to the clean floor and named in the
+    warnings, so a clean labeled batch does not fail it; a really noisy batch still does."""
+    strict = PARAMS.model_copy(update={"label_noise_max": 0.001})
+    x, probs, labels = _scenario("clean_labeled", np.random.default_rng(5))
+    result = evaluate_batch(reference, x, probs, labels, strict)
+    check = result["threshold_checks"]["label_noise_rate"]
+    assert not check["met"] and check["effective"] == pytest.approx(check["clean_floor"]) and check["effective"] > 0.001
+    assert any(w.startswith("label_noise_rate: threshold 0.001 is below its clean floor")
+               for w in result["threshold_warnings"])
+    assert not result["metrics"]["label_noise_rate"]["failed"]
+    x, probs, labels = _scenario("noisy_labels", np.random.default_rng(5))
+    assert evaluate_batch(reference, x, probs, labels, strict)["metrics"]["label_noise_rate"]["failed"]
+
+
+def test_a_prior_correction_survives_save_and_load_and_shifts_the_probabilities(tmp_path):
+    """The correction lives in the classifier's config: reloaded, predict_proba adds it to the scaled logits;
+    a correction out of bounds or of the wrong length is refused naming the file."""
+    import json
+
+    from sslvision.finetune import Classifier, load_classifier, save_classifier, softmax
+    from tests.finetune_project import CLASSES, fmnist, tiny_encoder
+
+    images = fmnist()["test_images"][:20][..., None]
+    classifier = Classifier(tiny_encoder(), CLASSES)
+    adjustment = np.linspace(-2, 2, 10)
+    classifier.prior_correction = {"adjustment": adjustment.tolist(), "prior": (np.ones(10) / 10).tolist()}
+    save_classifier(tmp_path / "c", classifier)
+    loaded = load_classifier(tmp_path / "c")
+    assert loaded.prior_correction["adjustment"] == adjustment.tolist()
+    expected = softmax(loaded.logits(images) / loaded.temperature + adjustment)
+    np.testing.assert_allclose(loaded.predict_proba(images), expected, rtol=1e-6)
+    config = json.loads((tmp_path / "c/config.json").read_text())
+    for bad in ({"adjustment": [99.0] * 10, "prior": [0.1] * 10}, {"adjustment": [0.0] * 3, "prior": [0.1] * 10}):
+        (tmp_path / "c/config.json").write_text(json.dumps({**config, "prior_correction": bad}))
+        with pytest.raises(ValueError, match="config.json: prior_correction"):
+            load_classifier(tmp_path / "c")

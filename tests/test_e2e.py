@@ -96,17 +96,23 @@ def test_a_label_change_reruns_audit_but_never_pretrain(project):
     assert after == {"ingest": before["ingest"] + 1, "pretrain": before["pretrain"], "audit": before["audit"] + 1}
 
 
-def test_monitor_a_noisier_labeled_batch_reruns_from_audit_not_pretrain(project):
+def test_monitor_says_when_its_classifier_cannot_judge_label_noise_and_leaves_pretrain_alone(project):
+    """The tiny encoder's classifier is at chance, so cleanlab counts ~90 % of any batch's labels as wrong,
+    clean or not: the label-noise check is calibrated on clean held-out batches, found unmeetable, raised to
+    its clean floor and reported (rather than sending every labeled batch to audit, as a fixed threshold
+    did). Audit routing itself is covered on a real classifier by tests/test_trigger.py and the drift benchmark."""
+    import json
+
     from pipelines.monitor import monitor
 
     before = stage_runs(project, "pretrain")
     (outcome,) = monitor(batch=str(project / "data/demo/incoming/noisy_labels"), root=str(project))
-    decision = outcome["decision"]
-    assert decision["stage"] == "audit", decision["reasons"]
-    assert outcome["joined_pool"] and (project / "data/pool/noisy_labels").is_dir()
-    ran = outcome["ran"]
-    assert ran["ingest"] and ran["embed"] and ran["audit"] and ran["finetune"]
-    assert not ran["pretrain"] and stage_runs(project, "pretrain") == before
+    assert outcome["decision"]["stage"] != "pretrain", outcome["decision"]["reasons"]
+    trigger = json.loads((project / "reports/monitor/noisy_labels/trigger.json").read_text())
+    noise = trigger["threshold_checks"]["label_noise_rate"]
+    assert not noise["met"] and noise["effective"] == noise["clean_floor"] > noise["threshold"]
+    assert any(w.startswith("label_noise_rate: threshold") for w in trigger["threshold_warnings"])
+    assert stage_runs(project, "pretrain") == before
     assert (project / "reports/monitor/noisy_labels/decision.json").exists()
 
 

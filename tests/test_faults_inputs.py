@@ -348,6 +348,7 @@ def test_registry_refuses_a_pickled_model(workdir, marker, migrated_mlflow_db): 
     import mlflow
 
     from sslvision import registry, tracking
+    from sslvision.finetune import PromotionParams
 
     shutil.copy(migrated_mlflow_db, workdir / "mlflow.db")
 
@@ -362,7 +363,7 @@ def test_registry_refuses_a_pickled_model(workdir, marker, migrated_mlflow_db): 
     mlflow.MlflowClient().set_registered_model_alias("planted", registry.CHALLENGER, version)
     golden = np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int64)
     with mlflow.start_run(), pytest.raises(registry.RegistryError, match="refusing to load it"):
-        registry.promote("planted", *golden, promotion=None)
+        registry.promote("planted", *golden, promotion=PromotionParams())
 
 
 def _calls(tree: ast.AST, module: str, func: str):

@@ -110,6 +110,7 @@ def broken_tree(root: Path, good: np.ndarray) -> dict[str, str]:
     (root / "train/b/good2.png").write_bytes(png_bytes(255 - good))
     (root / "test/a/good3.png").write_bytes(png_bytes(good // 2))
     (root / "train/a/wrong_mode_size.png").write_bytes(png_bytes(np.full((40, 50, 3), 90, np.uint8)))
+    (root / "train/b/good.png").write_bytes(png_bytes(good[::-1]))  # the name of train/a/good.png: kept too
     expected = {
         "train/a/empty.png": (b"", ingest.EMPTY),
         "train/a/truncated.png": (ok[: len(ok) // 2], ingest.TRUNCATED),
@@ -118,7 +119,6 @@ def broken_tree(root: Path, good: np.ndarray) -> dict[str, str]:
         "train/a/huge.png": (png_bytes(np.zeros((300, 300), np.uint8)), ingest.TOO_LARGE),
         "train/a/padded.png": (ok + b"\0" * 5000, ingest.TOO_LARGE),
         "test/zzz/unknown.png": (ok, ingest.UNKNOWN_LABEL),
-        "train/b/good.png": (png_bytes(good[::-1]), ingest.DUPLICATE_ID),  # id train/good taken by train/a
     }
     corrupt = bytearray(ok)
     corrupt[corrupt.index(b"IDAT") + 8] ^= 0xFF  # breaks the chunk's CRC
@@ -145,14 +145,14 @@ def test_every_broken_kind_is_quarantined_with_its_reason_and_nothing_is_lost(tm
     assert "cannot identify image file" in q.set_index("source_path").loc["train/a/text.png", "detail"]
     m = pd.read_parquet(out / "manifest.parquet")
     assert sorted(m["source_path"]) == ["test/a/good3.png", "train/a/good.png", "train/a/wrong_mode_size.png",
-                                        "train/b/good2.png"]
+                                        "train/b/good.png", "train/b/good2.png"]
     odd = m.set_index("source_path").loc["train/a/wrong_mode_size.png"]
     assert (odd["orig_width"], odd["orig_height"], odd["orig_mode"]) == (50, 40, "RGB")
     # nothing lost: every file on disk is in exactly one of the two tables
     assert sorted([*m["source_path"], *q["source_path"]]) == sorted(files_under(root))
     assert metrics["images"] + metrics["quarantined"] == metrics["listed"] == len(files_under(root))
     assert metrics["quarantine"][ingest.TRUNCATED] == 2 and metrics["quarantine"][ingest.TOO_LARGE] == 2
-    assert np.load(out / "images.npy").shape == (4, 28, 28, 1)
+    assert np.load(out / "images.npy").shape == (5, 28, 28, 1)
 
 
 def test_manifest_paths_outside_the_root_missing_files_and_unknown_labels_are_refused(tmp_path, fmnist):
@@ -177,10 +177,11 @@ def test_manifest_paths_outside_the_root_missing_files_and_unknown_labels_are_re
     assert q.set_index("source_path").loc["img/nope.png", "reason"] == ingest.MISSING
     assert q.set_index("source_path").loc["img/2.png", "reason"] == ingest.UNKNOWN_LABEL
     m = pd.read_parquet(out / "manifest.parquet")
-    assert m["id"].tolist() == ["train/img/0", "train/img/1", "test/img/2"]
+    digest = {i: hashlib.sha256((root / f"img/{i}.png").read_bytes()).hexdigest()[:8] for i in range(3)}
+    assert m["id"].tolist() == [f"train/0-{digest[0]}", f"train/1-{digest[1]}", f"test/2-{digest[2]}"]
     assert json.loads((out / "classes.json").read_text())["classes"] == ["bag", "shirt"]
     assert m["label_name"].tolist() == ["shirt", "bag", "bag"]
-    assert pd.read_parquet(out / "eval_labels.parquet")["id"].tolist() == ["test/img/2"]
+    assert pd.read_parquet(out / "eval_labels.parquet")["id"].tolist() == [f"test/2-{digest[2]}"]
 
 
 def test_cache_decodes_only_new_pool_files_and_survives_damage(tmp_path, fmnist):
@@ -240,15 +241,15 @@ def test_duplicates_conflicting_labels_and_leakage_are_flagged_and_kept(tmp_path
     assert d["exact"] == 2 and d["exact_groups"] == 1
     assert d["near"] == 1 and d["near_groups"] == 1
     assert d["conflicting_label_groups"] == 1 and d["leakage_groups"] == 1 and d["leaked_test_images"] == 1
-    m = pd.read_parquet(out / "manifest.parquet").set_index("id")
+    m = pd.read_parquet(out / "manifest.parquet").set_index("source_path")
     assert len(m) == 13  # duplicates are kept
-    assert m.loc["train/copy", "exact_duplicate_of"] == "train/a_orig"
-    assert m.loc["test/leak", "exact_duplicate_of"] == "train/a_orig"
-    assert m.loc["train/near2", "near_duplicate_of"] == "train/near"
-    assert pd.isna(m.loc["train/u0", "exact_duplicate_of"])
+    assert m.loc["train/b/copy.png", "exact_duplicate_of"] == m.loc["train/a/a_orig.png", "id"]
+    assert m.loc["test/a/leak.png", "exact_duplicate_of"] == m.loc["train/a/a_orig.png", "id"]
+    assert m.loc["train/a/near2.png", "near_duplicate_of"] == m.loc["train/a/near.png", "id"]
+    assert pd.isna(m.loc["train/a/u0.png", "exact_duplicate_of"])
     report = pd.read_parquet(out / "duplicates.parquet")
     exact = report[report["kind"] == "exact"]
-    assert set(exact["id"]) == {"train/a_orig", "train/copy", "test/leak"}
+    assert set(exact["source_path"]) == {"train/a/a_orig.png", "train/b/copy.png", "test/a/leak.png"}
     assert exact["conflicting_labels"].all() and exact["leakage"].all()
 
 
@@ -309,6 +310,7 @@ def test_dvc_repro_ingest_runs_then_is_a_no_op_and_a_label_change_keeps_the_imag
     shutil.copy(REPO / "stages/ingest.py", repo / "stages/ingest.py")
     for dep in stage["deps"]:
         if dep.startswith("src/"):
+            (repo / dep).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / dep, repo / dep)
     raw = repo / "data/raw"
     (raw / "img").mkdir(parents=True)

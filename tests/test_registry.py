@@ -101,7 +101,7 @@ def test_promotion_refusal_and_rollback(trained, store):
 
     # the champion loads back through the registry and predicts what the trained classifier predicts
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    out = model.predict(registry.flatten(golden[0]))
+    out = model.predict(registry.pixel_frame(golden[0]))
     expected = load_classifier(trained["strong"]).predict_proba(golden[0])
     np.testing.assert_array_equal(out["prediction"].to_numpy(), expected.argmax(1))
     np.testing.assert_allclose(out[[f"prob_{k}" for k in range(10)]].to_numpy(), expected, rtol=1e-5, atol=1e-7)
@@ -148,7 +148,7 @@ def test_against_a_real_mlflow_server(trained, mlflow_server, tmp_path, monkeypa
     assert _promote(golden)["decision"] == "promoted"
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     expected = load_classifier(trained["strong"]).predict_proba(golden[0]).argmax(1)
-    np.testing.assert_array_equal(model.predict(registry.flatten(golden[0]))["prediction"].to_numpy(), expected)
+    np.testing.assert_array_equal(model.predict(registry.pixel_frame(golden[0]))["prediction"].to_numpy(), expected)
     assert _aliases() == {"champion": version}
     assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
 
@@ -337,3 +337,36 @@ def test_cli_promote_holds_the_project_lock(store):
         result = CliRunner().invoke(app, ["promote", "--params", "params.yaml", "--wait", "0"])
     assert result.exit_code == 2
     assert "another sslvision pipeline run holds" in result.output
+
+
+def test_promotion_refuses_a_challenger_below_the_pixel_baseline_or_the_worst_class_floor(trained, store):
+    """The gate reads the pixel baseline recorded with the version at registration (so a later `sslvision
+    promote` compares with the same number), only when it was measured on the same golden set."""
+    golden = trained["golden"]
+    digest = registry.golden_digest(*golden)
+    v1 = _register(trained["strong"], golden)
+
+    registry.record_pixel_baseline(NAME, v1, {"golden_balanced_accuracy": 0.3,
+                                              "golden_sha256": registry.golden_digest(golden[0][:10], golden[1][:10])})
+    elsewhere = _promote(golden)
+    assert elsewhere["decision"] == "refused" and "another golden set" in elsewhere["failed"]["pixel_baseline"]
+
+    registry.record_pixel_baseline(NAME, v1, {"golden_balanced_accuracy": 0.99, "golden_sha256": digest})
+    below = _promote(golden)
+    assert below["decision"] == "refused" and set(below["failed"]) == {"pixel_baseline"}, below
+    assert "does not beat the pixel baseline's 0.9900" in below["failed"]["pixel_baseline"]
+    assert below["pixel_baseline"] == {"balanced_accuracy": 0.99, "source": f"recorded with version {v1}"}
+    assert _aliases() == {"challenger": v1}  # nothing moved
+
+    registry.record_pixel_baseline(NAME, v1, {"golden_balanced_accuracy": 0.3, "golden_sha256": digest})
+    assert _promote(golden)["decision"] == "promoted"
+
+    # a version registered outside the finetune stage has no baseline of its own: the champion's applies
+    v2 = _register(trained["weak"], golden)
+    with tracking.stage_run("promote"):
+        floor = registry.promote(NAME, *golden, PROMOTION.model_copy(update={
+            "min_worst_class_recall": 0.99, "baseline_margin": 0.6, "min_improvement": 0.001}))
+    assert floor["decision"] == "refused" and floor["pixel_baseline"]["source"] == f"recorded with version {v1}"
+    assert {"pixel_baseline", "worst_class_floor", "worst_class_recall"} <= set(floor["failed"]), floor
+    assert floor["challenger_metrics"]["worst_class_recall"] < floor["champion_metrics"]["worst_class_recall"] - 0.05
+    assert _aliases() == {"champion": v1, "challenger": v2}

@@ -45,7 +45,8 @@ def test_finetune_stage_logs_and_registers_on_a_tracking_server(mlflow_server, t
     from mlflow import MlflowClient
 
     project = _tiny_finetune_project(tmp_path, registry={"enabled": True, "model_name": "scaling-classifier"},
-                                     promotion={"min_balanced_accuracy": 0.0, "max_ece": 1.0})  # the path, not the quality
+                                     promotion={"min_balanced_accuracy": 0.0, "max_ece": 1.0,  # the path, not the quality
+                                                "beat_pixel_baseline": False})
     out = _run([sys.executable, str(REPO / "stages/finetune.py")], project,
                {"MLFLOW_TRACKING_URI": mlflow_server.url, "SSLVISION_EXPERIMENT": "scaling-mlflow"})
     assert "promotion: promoted" in out, out[-2000:]

@@ -71,3 +71,30 @@ def test_what_joins_the_pool(tmp_path, labeled, stage, joins):
         assert sorted(p.name for p in dest.rglob("*.png")) == ["x.png"]
         assert admit_batch(batch, Decision(stage=stage), tmp_path / "pool", evaluated).dest == dest
         assert [p.name for p in (tmp_path / "pool").iterdir()] == [batch.name]
+
+
+def test_a_class_mix_change_alone_is_a_prior_correction_not_a_retrain():
+    metrics = {**HEALTHY, "class_prior_shift_pvalue": m(1e-9, 0.01, "prior_correction")}
+    d = decide(metrics)
+    assert d.stage is None and d.action == "prior_correction" and not d.degraded
+    assert d.to_dict()["action"] == "prior_correction" and "class_prior_shift_pvalue" in d.reasons[0]
+    assert "no retraining" in d.reasons[-1]
+    assert decide(HEALTHY).action is None
+
+
+def test_drift_the_prior_cannot_explain_still_retrains():
+    metrics = {**HEALTHY, "class_prior_shift_pvalue": m(1e-9, 0.01, "prior_correction"),
+               "embedding_mmd_pvalue": m(0.001, 0.01, "pretrain")}
+    d = decide(metrics)
+    assert d.stage == "pretrain" and d.action == "retrain" and d.degraded
+    assert [r.split(" ")[0] for r in d.reasons] == ["embedding_mmd_pvalue", "class_prior_shift_pvalue"]
+
+
+def test_held_out_images_never_join_the_pool(tmp_path):
+    batch = _batch(tmp_path, labeled=False)
+    (batch / "y.png").write_bytes(b"png2")
+    evaluated = {p.relative_to(batch).as_posix(): file_sha256(p) for p in batch.rglob("*.png")}
+    admitted = admit_batch(batch, Decision(stage="pretrain"), tmp_path / "pool", evaluated,
+                           held_out={"y.png": "identical to an image of the held-out test split"})
+    assert admitted.files == ["x.png"] and "held-out test split" in admitted.skipped["y.png"]
+    assert sorted(p.name for p in admitted.dest.rglob("*.png")) == ["x.png"]

@@ -64,6 +64,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -609,7 +610,7 @@ def audit_cli(params: str | os.PathLike, ingested: str | os.PathLike = "data/ing
     from sslvision.data import Ingested, load_embeddings
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     p = load_section("audit", AuditParams, params, overrides=overrides)
     ing = Ingested.load(ingested)
     emb = load_embeddings(embeddings)

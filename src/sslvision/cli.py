@@ -48,6 +48,40 @@ def demo_data(
         _fail(err)
 
 
+# --- init ------------------------------------------------------------------------------------------
+@app.command("init")
+def init(
+    directory: Path = typer.Argument(..., help="The new project's directory (absent or empty)."),
+    data: Path = typer.Option(..., "--data", help="Your labelled images: an ImageFolder directory (class "
+                              "directories, optionally under train/ and test/) or a CSV/Parquet manifest "
+                              "(path,label[,split]). Read where they are, never copied."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", min=0.01, max=0.9,
+                                        help="Share of each class held out for testing when the data has no test split."),
+    max_size: int | None = typer.Option(None, "--max-size", min=8, max=4096,
+                                        help="Largest image size to choose (default: 64 on a CPU, 128 with a GPU)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the held-out split and the image sample."),
+) -> None:
+    """Make a ready project for your labelled images: inspect them (layout, classes, channels, size, a
+    held-out test split when there is none), write params.yaml (choices explained in comments), dvc.yaml
+    and prefect.yaml, initialise git and DVC. Then `cd DIRECTORY && sslvision run` (or `dvc repro`)."""
+    from sslvision.project import create_project, default_max_size, inspect_data
+
+    try:
+        found = inspect_data(data, test_fraction=test_fraction, seed=seed, max_size=max_size or default_max_size())
+        root = create_project(directory, found)
+    except (ValueError, OSError) as err:
+        _fail(err)
+    typer.echo(f"data:     {found.data}")
+    for key in ("layout", "split", "channels", "size"):
+        if key in found.why:
+            value = {"channels": f"{found.channels} ({found.why['channels']})",
+                     "size": f"{found.size} ({found.why['size']})"}.get(key, found.why[key])
+            typer.echo(f"{key + ':':9s} {value}")
+    typer.echo(f"classes:  {', '.join(f'{c} ({n})' for c, n in found.counts.items())}   (images)")
+    typer.echo(f"project:  {root}   (params.yaml says why for each choice; production batches go in data/inbox/)")
+    typer.echo(f"next:     cd {root} && sslvision run")
+
+
 # --- ingest ----------------------------------------------------------------------------------------
 @app.command("ingest")
 def ingest(
@@ -154,7 +188,10 @@ def drift_eval(
     batch: Path | None = typer.Argument(
         None, help="Production batch directory: flat images (unlabeled) or class subdirectories (labeled) "
         "(default: params.yaml drift_eval.batch)."),
-    out: Path = typer.Option(Path("reports/drift"), "--out", help="Report directory (trigger.json and plots)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Report directory (trigger.json and plots); default reports/drift-eval/BATCH for a batch "
+        "given here (reports/drift is the drift_eval stage's DVC output: evaluating a batch must not change it), "
+        "reports/drift without one."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `drift_eval` section."),
 ) -> None:
     """Compare a production batch with the training reference: input drift, prediction shift, accuracy
@@ -163,6 +200,7 @@ def drift_eval(
     from sslvision.registry import RegistryError
 
     try:
+        out = out or (Path("reports/drift-eval") / batch.resolve().name if batch else Path("reports/drift"))
         result = drift_eval_cli(batch=batch, params=params, reports=out)
     except (RegistryError, ValueError, FileNotFoundError, OSError) as err:
         _fail(err)
@@ -280,9 +318,9 @@ def run(
 ) -> None:
     """Run the pipeline as the Prefect `train` flow: DVC stages as tasks, one MLflow parent run.
 
-    The log (Prefect's, DVC's, the stages' stderr) goes to a file named first: a failed stage then ends
-    the run with its cause as the first line on stderr, not after hundreds of lines of tracebacks. The
-    file is kept when the run fails."""
+    The stages' progress (their log, on stdout) shows as it happens; stderr (Prefect's log, warnings,
+    tracebacks) goes to a file named first: a failed stage then ends the run with its cause as the first
+    line on stderr, not after hundreds of lines of tracebacks. The file is kept when the run fails."""
     import tempfile
 
     from pipelines.train import train
@@ -353,8 +391,12 @@ def monitor_cmd(
         _fail(err)
     for o in outcomes:
         d = o["decision"]
-        typer.echo(f"{d['batch']}: " + ("healthy, nothing re-runs" if not d["degraded"] else
-                                       f"degraded -> re-run from {d['stage']}: " + "; ".join(d["reasons"])))
+        typer.echo(f"{d['batch']}: " + (f"degraded -> re-run from {d['stage']}: " if d["degraded"] else
+                                       "class mix changed -> prior correction: " if d.get("action") else
+                                       "healthy, nothing re-runs") + ("; ".join(d["reasons"]) if d.get("action") else ""))
+        if "prior_correction" in o:
+            typer.echo(f"  prior correction: version {o['prior_correction']['version']}, "
+                       f"{o['prior_correction']['promotion']['decision']}")
         ran = o.get("ran")
         if ran:
             typer.echo("  re-ran: " + (", ".join(s for s, r in ran.items() if r) or "nothing"))
@@ -378,6 +420,68 @@ def serve() -> None:
     except ParamsError as err:
         _fail(err)
     prefect_serve(*build_deployments(cron))
+
+
+# --- predict ---------------------------------------------------------------------------------------
+@app.command("predict")
+def predict(
+    paths: list[Path] = typer.Argument(..., help="Image files, folders (recursively) or CSV/Parquet manifests "
+                                       "with a `path` column."),
+    model: str | None = typer.Option(None, "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a "
+                                     "classifier directory (default: models:/<finetune.registry.model_name>@champion)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the rows to this CSV (.parquet: Parquet) file "
+                                    "instead of printing them."),
+    log_batch: bool = typer.Option(False, "--log-batch", help="Also copy the files predicted into the monitor "
+                                   "inbox (params.yaml monitor.inbox) as one new batch, for the scheduled monitor."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, max=65536, help="Files decoded and predicted at a time."),
+    top_k: int = typer.Option(3, "--top-k", min=1, max=100, help="Classes listed per file, most probable first."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file (the default model's name, "
+                                "the inbox)."),
+) -> None:
+    """Predict the class of each image with the registered champion (or --model), converting each file
+    exactly as ingest converted the model's training images. One row per file: path, label, confidence,
+    the top classes with their probabilities, and the reason when a file could not be used."""
+    import contextlib
+
+    from sslvision.finetune import FinetuneParams
+    from sslvision.io import OutputError, write_csv, write_parquet
+    from sslvision.params import ParamsError, load_section
+    from sslvision.predict import InboxBatch, list_inputs, load_model, predict_files
+    from sslvision.registry import RegistryError
+
+    try:
+        if model is None:
+            model = f"models:/{load_section('finetune', FinetuneParams, params).registry.model_name}@champion"
+        files = list_inputs(paths)
+        if not files:
+            raise ValueError(f"no files in {', '.join(map(str, paths))}")
+        classifier, source = load_model(model)
+        batch = None
+        if log_batch:
+            from pipelines.monitor import MonitorParams
+
+            batch = InboxBatch(load_section("monitor", MonitorParams, params).inbox, model=source)
+        with batch or contextlib.nullcontext():
+            frame = predict_files(files, classifier, batch_size=batch_size, top_k=top_k, batch=batch, progress=True)
+        if out is not None:
+            (write_parquet if out.suffix.lower() == ".parquet" else write_csv)(out, frame)
+    except (ParamsError, RegistryError, OutputError, ValueError, OSError) as err:
+        _fail(err)
+    failed = int(frame["error"].notna().sum())
+    if out is None:  # one line per file, the full path first (a table would cut long paths)
+        width = min(max(map(len, frame["path"]), default=0), 60)
+        for r in frame.itertuples(index=False):
+            tops = ", ".join(f"{getattr(r, f'top{k}')} {getattr(r, f'top{k}_prob'):.2f}" for k in range(1, top_k + 1)
+                             if getattr(r, f"top{k}", None) is not None)
+            typer.echo(f"{r.path:{width}s}  " + (f"error: {r.error}" if r.error else
+                                                  f"{r.label}  {r.confidence:.3f}  (top {top_k}: {tops})"))
+    where = f" -> {out}" if out is not None else ""
+    typer.echo(f"{len(frame)} files: {len(frame) - failed} predicted, {failed} not readable as images{where} "
+               f"(model: {source.get('uri', source.get('path'))}"
+               + (f" version {source['version']})" if "version" in source else ")"))
+    if batch is not None:
+        typer.echo(f"production batch: {batch.path} ({len(batch.files)} files)" if batch.path else
+                   "production batch: none written (no file could be predicted)")
 
 
 # --- report ----------------------------------------------------------------------------------------

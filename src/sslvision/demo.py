@@ -26,14 +26,22 @@ Choices (each one is recorded in ``scenario.json``):
 - **File names never encode the label** (``train_01234.png`` is IDX image 1234, ``test_00042.png`` t10k
   image 42, ``dup_003.png``, ``broken_zero_000.png``, ``clean_01_0007.png``), so an image keeps its
   id when its label is corrected. Names are unique across the whole scenario.
-- **Long tail** (as CIFAR-10-LT): class ``c`` keeps ``floor(max_per_class * ratio^(-c/(C-1)))`` images,
-  in class-index order (T-shirt is the head, ankle boot the tail); images drawn at random.
+- **Long tail** (as CIFAR-10-LT): the class at position ``k`` of ``long_tail_order`` (head first, rarest
+  last) keeps ``floor(max_per_class * ratio^(-k/(C-1)))`` images; images drawn at random. ``natural`` is
+  class-index order (T-shirt is the head, ankle boot the tail), which makes the easy footwear and bags
+  rare. ``hard_rare`` (:data:`HARD_RARE_ORDER`) makes the confusable classes rare instead: classes ordered
+  from easiest to hardest by the per-class recall of :func:`sslvision.baselines.pixel_logreg` trained on all
+  60,000 (balanced) Fashion-MNIST train images and tested on t10k, so shirt (52.9 %), pullover (70.4 %) and
+  coat (73.8 %) are the three rarest. A list of the 10 class names (``Shirt`` or ``6_shirt``) sets any order.
 - **Label noise** hits exactly ``round(noise_rate * N)`` train images, spread over the classes in
   proportion to their size (every class has the same flip rate). ``symmetric``: the new label is
   uniform over the other classes. ``asymmetric``: the realistic Fashion-MNIST confusions, shirt<->T-shirt,
   pullover<->coat, sneaker->sandal->ankle boot->sneaker; trouser, dress and bag have no look-alike, so
   their flips are uniform over the other classes (a careless annotator rather than a confusion). This
-  keeps the flip rate of every class, and the overall rate, at ``noise_rate``. The 10x10 matrix of
+  keeps the flip rate of every class, and the overall rate, at ``noise_rate``. ``pairflip``: every wrong
+  label of class ``c`` is ``c + 1`` (mod 10, class-index order), the "pair flipping" of Han et al. (2018,
+  Co-teaching): one fixed wrong class per class, the hardest structure for noise-robust methods since the
+  wrong class is always the same. The 10x10 matrix of
   (true, given) counts is in ``scenario.json``; duplicates and broken files are not part of that rate.
 - **Production batches** are drawn from train IDX images that are in neither split (unseen), without
   replacement across batches, with the train split's class prior (a clean batch is "no shift").
@@ -82,6 +90,10 @@ NUM_CLASSES = len(CLASS_NAMES)
 
 # Realistic confusions: true class -> the label a hurried annotator gives instead.
 ASYMMETRIC_FLIPS = {0: 6, 6: 0, 2: 4, 4: 2, 7: 5, 5: 9, 9: 7}
+# Pair flipping (Han et al., 2018): class c -> c + 1.
+PAIRFLIP_FLIPS = {c: (c + 1) % NUM_CLASSES for c in range(NUM_CLASSES)}
+# long_tail_order "hard_rare", head first: easiest to hardest by the pixel baseline's recall (module docstring).
+HARD_RARE_ORDER = (1, 9, 8, 7, 5, 3, 0, 4, 2, 6)
 
 Corruption = Literal["gaussian_noise", "motion_blur", "brightness", "contrast", "pixelate", "jpeg", "elastic"]
 
@@ -115,7 +127,8 @@ class DemoParams(Section):
     imbalance_ratio: float = Field(100.0, ge=1.0)
     max_per_class: int = Field(5000, ge=1, le=1_000_000)
     noise_rate: float = Field(0.2, ge=0.0, lt=1.0)
-    noise_type: Literal["symmetric", "asymmetric"] = "asymmetric"
+    noise_type: Literal["symmetric", "asymmetric", "pairflip"] = "asymmetric"
+    long_tail_order: Literal["natural", "hard_rare"] | list[str] = "natural"
     exact_duplicates: int = Field(20, ge=0, le=100_000)
     conflicting_duplicates: int = Field(10, ge=0, le=100_000)
     broken_files: int = Field(2, ge=0, le=100_000)
@@ -141,7 +154,25 @@ class DemoParams(Section):
         shift = self.prior_shift_classes
         if not shift or any(not 0 <= c < NUM_CLASSES for c in shift) or len(set(shift)) != len(shift):
             raise ValueError(f"prior_shift_classes must be distinct class indices in 0..9, got {shift}")
+        tail_order(self.long_tail_order)
         return self
+
+
+def tail_order(order: str | list[str]) -> list[int]:
+    """The class indices of ``demo.long_tail_order``, head first, rarest last (module docstring)."""
+    if order == "natural":
+        return list(range(NUM_CLASSES))
+    if order == "hard_rare":
+        return list(HARD_RARE_ORDER)
+    names = {n.lower(): c for c, n in enumerate(CLASS_NAMES)} | {d: c for c, d in enumerate(CLASS_DIRS)}
+    if not isinstance(order, list):
+        raise ValueError(f"long_tail_order must be natural, hard_rare or a list of class names, got {order!r}")
+    out = [names.get(str(n).lower(), -1) for n in order]
+    if -1 in out or sorted(out) != list(range(NUM_CLASSES)):
+        raise ValueError(f"long_tail_order must name each of the {NUM_CLASSES} classes once (head first, rarest "
+                         f"last) by name ({', '.join(CLASS_NAMES)}) or directory ({', '.join(CLASS_DIRS)}); "
+                         f"got {order}")
+    return out
 
 
 # --- building blocks -----------------------------------------------------------------------------
@@ -173,6 +204,8 @@ def inject_noise(labels: np.ndarray, rate: float, noise_type: str, rng: np.rando
         flipped = rng.choice(members, size=per_class[c], replace=False)
         if noise_type == "asymmetric" and c in ASYMMETRIC_FLIPS:
             given[flipped] = ASYMMETRIC_FLIPS[c]
+        elif noise_type == "pairflip":
+            given[flipped] = PAIRFLIP_FLIPS[c]
         else:
             given[flipped] = (c + rng.integers(1, NUM_CLASSES, size=len(flipped))) % NUM_CLASSES
     return given
@@ -310,11 +343,13 @@ class _ScenarioPlan:
         self.blobs: dict[str, bytes] = {}
 
     def train_split(self) -> dict[str, Any]:
-        """Long tail in class-index order, then label noise at exactly ``noise_rate``."""
+        """Long tail in ``long_tail_order``, then label noise at exactly ``noise_rate``."""
         p, rng = self.params, self.rng
-        counts = long_tail_counts(p.max_per_class, p.imbalance_ratio)
+        order = tail_order(p.long_tail_order)
+        by_rank = long_tail_counts(p.max_per_class, p.imbalance_ratio)
+        counts = [by_rank[order.index(c)] for c in range(NUM_CLASSES)]
         chosen = []
-        for c, n in enumerate(counts):
+        for c, n in enumerate(counts):  # class-index order whatever the tail order: the same draws as before
             members = np.flatnonzero(self.y_train == c)
             if n > len(members):
                 raise ValueError(f"demo.max_per_class: class {c} ({CLASS_NAMES[c]}) needs {n} images, "
@@ -331,14 +366,14 @@ class _ScenarioPlan:
         transitions = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=int)
         np.add.at(transitions, (true, given), 1)
         n_noisy = int(transitions.sum() - np.trace(transitions))
-        train = {"n": len(idx), "long_tail_order": list(CLASS_DIRS), "counts_true": _class_counts(true),
-                 "counts_given": _class_counts(given), "imbalance_ratio": counts[0] / counts[-1]}
+        train = {"n": len(idx), "long_tail_order": [CLASS_DIRS[c] for c in order], "counts_true": _class_counts(true),
+                 "counts_given": _class_counts(given), "imbalance_ratio": by_rank[0] / by_rank[-1]}
+        flips = {"asymmetric": ASYMMETRIC_FLIPS, "pairflip": PAIRFLIP_FLIPS}.get(p.noise_type, {})
         noise = {
             "type": p.noise_type, "rate": p.noise_rate, "realised_rate": n_noisy / len(idx), "n_noisy": n_noisy,
-            "flips": ({CLASS_DIRS[a]: CLASS_DIRS[b] for a, b in ASYMMETRIC_FLIPS.items()}
-                      if p.noise_type == "asymmetric" else "uniform over the other classes"),
-            "uniform_flips": [CLASS_DIRS[c] for c in range(NUM_CLASSES)
-                              if p.noise_type == "symmetric" or c not in ASYMMETRIC_FLIPS],
+            "flips": ({CLASS_DIRS[a]: CLASS_DIRS[b] for a, b in flips.items()} if flips
+                      else "uniform over the other classes"),
+            "uniform_flips": [CLASS_DIRS[c] for c in range(NUM_CLASSES) if c not in flips],
             "transition_counts": transitions.tolist(),
             "transition_counts_axes": "rows: true label, columns: given label",
             "scope": "train images only (not duplicates or broken files)",

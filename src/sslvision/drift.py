@@ -7,60 +7,72 @@ pipeline stage that owns it. The trigger (``sslvision.trigger.decide``) re-runs 
 stage that owns a failed metric, so each rule below only has to say what it measures:
 
 ================================  ==========  ====================================================
-metric (``trigger.json``)         stage       fails when
+metric (``trigger.json``)         owner       fails when
 ================================  ==========  ====================================================
-``embedding_mmd_pvalue``          pretrain    MMD permutation p-value on SSL embeddings < ``alpha``
+``embedding_mmd_pvalue``          pretrain    MMD permutation p-value on SSL embeddings < ``alpha``,
+                                              against held-out images at the batch's estimated prior
 ``label_noise_rate``              audit       (labeled batch) estimated share of wrong labels > max
 ``tail_class_recall_drop``        synthesize  (labeled batch) worst rare-class recall fall > max
-``accuracy``                      finetune    accuracy (true if labeled, else ATC estimate) below
-                                              the reference's by more than ``accuracy_drop_max``
-``prediction_shift_pvalue``       finetune    chi-square test of the predicted-class counts of
-                                              batch vs reference: p-value < ``prediction_shift_alpha``
+``accuracy``                      finetune    accuracy (true if labeled, else estimated) below the
+                                              held-out accuracy at the batch's class mix by more
+                                              than ``accuracy_drop_max``
+``class_prior_shift_pvalue``      prior_      chi-square test of the predicted-class counts against
+                                  correction  held-out images at the prior the classifier is set for:
+                                              p-value < ``prediction_shift_alpha``
 ================================  ==========  ====================================================
 
 ``direction`` says which way is good, as the trigger reads it: ``"max"`` (higher is better: fails below
 the threshold) or ``"min"`` (lower is better: fails above it). A metric that cannot be computed for
 this batch (the labeled-only ones on an unlabeled batch) has ``value: null`` and ``failed: false``.
+``prior_correction`` is an action, not a stage (:mod:`sslvision.trigger`): a class mix that changed and
+nothing else corrects the champion's prior; only what the estimated prior cannot explain retrains.
 
 The methods:
 
+- **Class prior without labels** (:func:`estimate_class_prior`): BBSE (Lipton et al. 2018: the
+  held-out confusion matrix inverted on the batch's predicted-class shares) or EM (Saerens et al. 2002,
+  on probabilities bias-calibrated on the held-out split). Every later test is made *given* it.
 - **Input drift**: the unbiased squared maximum mean discrepancy (MMD², Gretton et al. 2012) between
-  the batch's SSL embeddings and a fixed random sample of the reference's (the ``train`` split
-  embeddings that pretrain wrote, from the same encoder), with a Gaussian kernel whose bandwidth is the
-  median pairwise distance of the pooled sample (the median heuristic; ``bandwidths`` multiplies it
+  the batch's SSL embeddings and held-out ``test`` split embeddings re-sampled without repeats to the
+  batch's estimated class prior (:func:`resample_to_prior`), with a Gaussian kernel whose bandwidth is
+  the median pairwise distance of the pooled sample (the median heuristic; ``bandwidths`` multiplies it
   and sums kernels for a multi-scale test). The p-value comes from a permutation test: the kernel matrix
   is computed once, and a chunk of permutations costs one matrix product with their 0/1 membership rows.
-- **Prediction shift**: the classifier's predicted classes on the batch against the same on the
-  reference images, per class: a chi-square test of homogeneity on the 2 x classes table of counts
-  (its p-value, which accounts for the sampling noise of both samples, is monitored), and the total
-  variation (half the L1 distance between the two distributions) as the effect size.
-- **Accuracy without labels**: average thresholded confidence (ATC, Garg et al. 2022): on the clean,
-  labeled ``test`` split the threshold ``t`` is chosen so that the share of images whose max softmax
-  confidence exceeds ``t`` equals the classifier's accuracy there; on the batch the estimate is the
-  share above ``t``. The reference accuracy is the ATC estimate on train images the classifier never
-  trained on (finetune's validation rows plus as large a share of the rows the audit dropped: same
-  images and class prior as production, no labels needed). The
-  average (temperature-calibrated) confidence is reported too. With labels, the accuracy against the
-  given labels and the per-class recall are used.
+- **Class-prior shift**: the classifier's predicted classes on the batch against the same on test images
+  re-sampled to the deployed prior (the prior correction the classifier carries, else its training
+  labels'), per class: a chi-square test of homogeneity on the 2 x classes table of counts, and the
+  total variation as the effect size.
+- **Accuracy without labels**: average thresholded confidence (ATC, Garg et al. 2022) with its
+  threshold fitted on the clean labeled test sample re-weighted to the batch's estimated prior
+  (:func:`atc_threshold_at_prior`), compared with the test split's per-class recall weighted by the
+  same prior (:func:`accuracy_at_prior`): a balanced batch is judged against what a balanced batch
+  can reach. With labels, the accuracy against the given labels (and the estimate's error) and the
+  per-class recall are used.
 - **Label noise** (labeled batch): cleanlab's confident-learning count of label issues
   (``cleanlab.count.num_label_issues``) on the classifier's probabilities, which are out-of-sample
-  for a batch the classifier never trained on. The same estimator on the clean test labels gives the
-  estimator's floor, reported as ``label_noise_floor``.
+  for a batch the classifier never trained on.
+- **Thresholds that can be met** (:func:`threshold_checks`): each threshold is checked against its
+  clean floor, the ``floor_quantile`` of the statistic over clean batches of the batch's size drawn
+  from the held-out sample; one below it is raised to it, and the warning is logged and written
+  (``threshold_warnings``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from sslvision.params import Section, Seed
+from sslvision.trigger import PRIOR_CORRECTION
 
 log = logging.getLogger("sslvision.drift")
 
@@ -87,6 +99,9 @@ class DriftParams(Section):
     rare_min_count: int = Field(5, ge=1, le=1_000_000)
     tail_recall_drop_max: float = Field(0.2, gt=0, le=1)
     label_noise_max: float = Field(0.15, gt=0, lt=1)
+    prior_method: Literal["em", "bbse"] = "bbse"
+    floor_batches: int = Field(200, ge=20, le=100_000)
+    floor_quantile: float = Field(0.99, gt=0.5, lt=1)
     batch_size: int = Field(256, gt=0, le=65536)
     seed: Seed = 0
 
@@ -194,6 +209,166 @@ def atc_estimate(confidence: np.ndarray, threshold: float) -> float:
     return float(np.mean(confidence > threshold))
 
 
+def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of ``values`` where each value counts ``weights`` times (inverse of the weighted
+    empirical distribution function)."""
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(np.asarray(weights, dtype=float)[order])
+    return float(np.asarray(values)[order][min(np.searchsorted(cum, q * cum[-1]), len(cum) - 1)])
+
+
+# --- label shift: the class prior of a batch, and what the classifier should score at that prior ----
+
+
+@dataclass
+class BiasCalibration:
+    """``softmax(log p / temperature + bias)``: bias-corrected temperature scaling (BCTS, Alexandari et al.
+    2020), fitted on labeled held-out probabilities whose class prior is ``source_prior``."""
+
+    temperature: float
+    bias: np.ndarray
+    source_prior: np.ndarray
+
+    def __call__(self, probs: np.ndarray) -> np.ndarray:
+        logits = np.log(np.clip(probs, 1e-12, 1.0)) / self.temperature + self.bias
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+
+def fit_bias_calibration(probs: np.ndarray, labels: np.ndarray) -> BiasCalibration:
+    """Fit BCTS on held-out ``probs`` ``(n, C)`` and their true ``labels``: the temperature and per-class
+    biases minimising the negative log-likelihood. EM's prior estimate is only as good as the
+    calibration of the posteriors it re-weights; a class-wise bias absorbs a classifier trained for the
+    balanced error (logit adjustment) scoring a long-tailed sample, which plain temperature cannot."""
+    c = probs.shape[1]
+    if len(labels) != len(probs) or len(labels) == 0:
+        raise ValueError(f"prior calibration: {len(probs)} probabilities and {len(labels)} labels")
+    counts = np.bincount(labels, minlength=c)
+    if np.any(counts == 0):
+        missing = np.flatnonzero(counts == 0).tolist()
+        raise ValueError(f"prior calibration: the held-out labels have no image of classes {missing}")
+    from scipy.optimize import minimize
+
+    x = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0))
+    onehot = np.eye(c)[labels]
+
+    def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        t, bias = np.exp(theta[0]), theta[1:]
+        z = x / t + bias
+        z = z - z.max(1, keepdims=True)
+        lse = np.log(np.exp(z).sum(1))
+        residual = np.exp(z - lse[:, None]) - onehot  # d nll / d z, per row
+        grad_t = np.mean(np.sum(residual * (-x / t), axis=1))
+        return float(np.mean(lse - (z * onehot).sum(1))), np.concatenate([[grad_t], residual.mean(0)])
+
+    theta = minimize(nll, np.zeros(c + 1), jac=True, method="L-BFGS-B",
+                     bounds=[(np.log(0.05), np.log(20.0))] + [(-20.0, 20.0)] * c).x
+    b = theta[1:]
+    return BiasCalibration(float(np.exp(theta[0])), b - b.mean(), counts / counts.sum())
+
+
+def _normalise(prior: np.ndarray, floor: float) -> np.ndarray:
+    prior = np.clip(np.nan_to_num(np.asarray(prior, dtype=float)), floor, None)
+    return prior / prior.sum()
+
+
+def estimate_class_prior(probs: np.ndarray, *, reference_probs: np.ndarray | None = None,
+                         reference_labels: np.ndarray | None = None, method: str = "em",
+                         source_prior: np.ndarray | None = None, calibration: BiasCalibration | None = None,
+                         max_iter: int = 500, tol: float = 1e-8, floor: float = 1e-4) -> np.ndarray:
+    """The class prior ``q(y)`` of the sample whose classifier probabilities are ``probs`` ``(n, C)``, without
+    its labels, assuming label shift (``p(x|y)`` as on the held-out reference).
+
+    ``method="em"`` (Saerens et al. 2002): the posteriors, calibrated on the labeled held-out
+    ``reference_probs``/``reference_labels`` (:func:`fit_bias_calibration`, or ``calibration`` fitted
+    before), are re-weighted by ``q / p`` until ``q`` is their mean (maximum likelihood of ``q``). Without a
+    reference, ``probs`` must be calibrated posteriors under ``source_prior``.
+    ``method="bbse"`` (black-box shift estimation, Lipton et al. 2018): the confusion matrix ``C[i, j] =
+    P(predicted i, true j)`` of the held-out reference and the batch's predicted-class shares ``mu``
+    give the weights ``w = C⁻¹ mu`` (least squares, clipped at 0) and ``q = w * p``: no calibration
+    needed, more variance. Both return a prior clipped at ``floor`` and renormalised.
+    """
+    c = probs.shape[1]
+    if method == "bbse":
+        if reference_probs is None or reference_labels is None:
+            raise ValueError("estimate_class_prior(method='bbse') needs reference_probs and reference_labels")
+        source = np.bincount(reference_labels, minlength=c) / len(reference_labels)
+        joint = np.zeros((c, c))
+        np.add.at(joint, (reference_probs.argmax(1), reference_labels), 1.0 / len(reference_labels))
+        mu = np.bincount(probs.argmax(1), minlength=c) / max(len(probs), 1)
+        w = np.clip(np.linalg.lstsq(joint, mu, rcond=None)[0], 0, None)
+        return _normalise(w * source, floor)
+    if method != "em":
+        raise ValueError(f"estimate_class_prior: unknown method {method!r} (em or bbse)")
+    if calibration is None and reference_probs is not None and reference_labels is not None:
+        calibration = fit_bias_calibration(reference_probs, reference_labels)
+    if calibration is not None:
+        posteriors, source = calibration(probs), calibration.source_prior
+    elif source_prior is not None:
+        posteriors, source = probs, _normalise(source_prior, 1e-12)
+    else:
+        raise ValueError("estimate_class_prior(method='em') needs a labeled reference, a calibration or source_prior")
+    q = source.copy()
+    for _ in range(max_iter):
+        weighted = posteriors * (q / source)
+        new = (weighted / weighted.sum(1, keepdims=True)).mean(0)
+        if np.abs(new - q).max() < tol:
+            q = new
+            break
+        q = new
+    return _normalise(q, floor)
+
+
+def prior_adjustment(calibration: BiasCalibration, prior: np.ndarray, bound: float = 10.0) -> np.ndarray:
+    """The vector added to a classifier's (temperature-scaled) logits so that its probabilities are the
+    posteriors at class prior ``prior``: the calibration's bias plus ``log(prior / source prior)``, centred
+    and clipped to ``[-bound, bound]`` (a bounded correction: no class is ever ruled out). The temperature
+    of the calibration is not part of it, so the network and its temperature stay as registered."""
+    v = calibration.bias + np.log(_normalise(prior, 1e-6) / calibration.source_prior)
+    return np.clip(v - v.mean(), -bound, bound)
+
+
+def allocate(total: int, prior: np.ndarray) -> np.ndarray:
+    """``total`` split into integers proportional to ``prior`` (largest remainder; they sum to ``total``)."""
+    exact = total * np.asarray(prior, dtype=float) / np.sum(prior)
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]] += 1
+    return counts
+
+
+def resample_to_prior(labels: np.ndarray, prior: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Row indices of ``labels`` drawn WITHOUT replacement so that their class shares follow ``prior``: as many
+    rows as every class can supply (at most ``size``). No row is repeated, which matters for a two-sample
+    test: a duplicated reference row looks like a batch unlike the reference."""
+    prior = np.asarray(prior, dtype=float)
+    available = np.bincount(labels, minlength=len(prior))
+    with np.errstate(divide="ignore"):
+        most = np.where(prior > 0, available / np.maximum(prior, 1e-12), np.inf).min()
+    counts = allocate(int(min(size, np.floor(most))), prior)
+    counts = np.minimum(counts, available)
+    rng = np.random.default_rng(seed)
+    rows = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in enumerate(counts) if k]
+    return np.sort(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+
+
+def accuracy_at_prior(recall: np.ndarray, prior: np.ndarray) -> float:
+    """The accuracy a classifier with per-class ``recall`` has at class prior ``prior`` (recall does not
+    change under label shift); classes with no held-out recall count as 0."""
+    return float(np.sum(np.nan_to_num(recall) * prior))
+
+
+def atc_threshold_at_prior(confidence: np.ndarray, correct: np.ndarray, labels: np.ndarray,
+                           prior: np.ndarray) -> float:
+    """ATC's threshold fitted on the labeled held-out sample re-weighted to class prior ``prior`` (each row
+    weighs ``prior[y] / held-out share of y``): the share of re-weighted confidences above it equals the
+    re-weighted accuracy. Under pure label shift the batch's share above it is then unbiased for its
+    accuracy, at any class mix."""
+    counts = np.bincount(labels, minlength=len(prior)).astype(float)
+    w = (prior / np.maximum(counts, 1))[labels]
+    accuracy = float(np.sum(w * correct) / w.sum())
+    return weighted_quantile(confidence, w, 1.0 - accuracy)
+
+
 def estimate_label_noise(labels: np.ndarray, probs: np.ndarray) -> float:
     """Share of ``labels`` that cleanlab's confident learning counts as wrong, given out-of-sample
     ``probs`` (the classifier never trained on these images)."""
@@ -220,45 +395,109 @@ def per_class_recall(labels: np.ndarray, predicted: np.ndarray, num_classes: int
 class Reference:
     """What a batch is compared with, computed once per (encoder, classifier).
 
-    ``embeddings``: SSL embeddings of a fixed random sample of the train split (the input-drift
-    reference). ``probs``: the classifier's probabilities on train-distribution images it never trained
-    on (:func:`classifier_reference_rows`: on its own training images a classifier is over-confident,
-    which would bias the reference accuracy and predicted-class distribution). ``calib_probs``/``calib_labels``:
-    a sample of the clean test split (ATC calibration, reference recall). ``train_counts``: images per
-    class in the classifier's training labels, to tell the rare classes. ``model``: which classifier
-    (:func:`scored_classifier`).
+    ``embeddings``/``embedding_labels``: SSL embeddings of held-out labeled images (the clean ``test``
+    split) and their labels: the input-drift reference, re-sampled to each batch's estimated class prior
+    so that a new class mix alone is not input drift. ``probs``: the classifier's probabilities on
+    train-distribution images it never trained on (:func:`classifier_reference_rows`): the prior
+    estimator's self-check. ``calib_probs``/``calib_labels``: a sample of the clean test split (the
+    prior estimator's calibration, ATC, per-class recall, the clean floors). ``train_counts``: images per
+    class in the classifier's training labels (the rare classes; the prior production is expected at
+    unless the classifier carries a prior correction). ``deployed_prior``: the class prior the scored
+    classifier is set for (its prior correction's, else the training labels'). ``model``: which
+    classifier (:func:`scored_classifier`).
     """
 
     embeddings: np.ndarray
+    embedding_labels: np.ndarray
     probs: np.ndarray
     calib_probs: np.ndarray
     calib_labels: np.ndarray
     train_counts: np.ndarray
     classes: list[str]
     model: dict[str, Any] = field(default_factory=dict)
+    deployed_prior: np.ndarray | None = None
+    prior_method: str = "bbse"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         c = len(self.classes)
         if self.probs.shape[1:] != (c,) or self.calib_probs.shape[1:] != (c,) or len(self.train_counts) != c:
             raise ValueError(f"reference: probabilities {self.probs.shape}/{self.calib_probs.shape} or class counts "
                              f"{self.train_counts.shape} do not match {c} classes")
+        if len(self.embedding_labels) != len(self.embeddings):
+            raise ValueError(f"reference: {len(self.embeddings)} embeddings but {len(self.embedding_labels)} labels")
+        if self.deployed_prior is None:
+            self.deployed_prior = self.train_counts / max(self.train_counts.sum(), 1)
+        self.deployed_prior = _normalise(self.deployed_prior, 1e-6)
         calib_pred = self.calib_probs.argmax(1)
-        self.calib_accuracy = float(np.mean(calib_pred == self.calib_labels))
-        self.atc_threshold = atc_threshold(self.calib_probs.max(1), calib_pred == self.calib_labels)
-        self.accuracy = atc_estimate(self.probs.max(1), self.atc_threshold)
-        self.predicted_counts = np.bincount(self.probs.argmax(1), minlength=c)
+        self.calib_correct = calib_pred == self.calib_labels
+        self.calib_accuracy = float(np.mean(self.calib_correct))
+        self.calibration = fit_bias_calibration(self.calib_probs, self.calib_labels)
         self.recall, _ = per_class_recall(self.calib_labels, calib_pred, c)
+        # the predictions a batch at the deployed prior is expected to make (test rows re-sampled to it)
+        at_deployed = resample_to_prior(self.calib_labels, self.deployed_prior, len(self.calib_labels), self.seed)
+        self.predicted_counts = np.bincount(calib_pred[at_deployed], minlength=c)
+        self.accuracy = accuracy_at_prior(self.recall, self.deployed_prior)
         self.noise_floor = estimate_label_noise(self.calib_labels, self.calib_probs)
+        held_out_prior = self.estimate_prior(self.probs)
+        self.held_out_prior_tv = float(0.5 * np.abs(held_out_prior - self.train_counts / max(self.train_counts.sum(), 1))
+                                       .sum())
+        self._floors: dict[tuple, dict[str, np.ndarray]] = {}
+
+    def estimate_prior(self, probs: np.ndarray) -> np.ndarray:
+        """The class prior of a sample from its probabilities (:func:`estimate_class_prior`)."""
+        return estimate_class_prior(probs, reference_probs=self.calib_probs, reference_labels=self.calib_labels,
+                                    method=self.prior_method, calibration=self.calibration)
+
+    def estimate_accuracy(self, probs: np.ndarray, prior: np.ndarray) -> float:
+        """ATC with the threshold fitted on the held-out sample re-weighted to ``prior``."""
+        t = atc_threshold_at_prior(self.calib_probs.max(1), self.calib_correct, self.calib_labels, prior)
+        return atc_estimate(probs.max(1), t)
 
     def rare_classes(self, share: float) -> list[int]:
         """Classes with fewer train images than ``share`` times the largest class."""
         return [c for c, n in enumerate(self.train_counts) if n < share * self.train_counts.max()]
 
+    def clean_statistics(self, n: int, prior: np.ndarray, p: DriftParams, labeled: bool) -> dict[str, np.ndarray]:
+        """Each monitored statistic on ``p.floor_batches`` clean batches of ``n`` held-out images at class
+        prior ``prior`` (drawn with replacement per class from the calibration sample): what a batch with
+        nothing wrong scores. ``accuracy_drop`` (reference accuracy at the mix minus the estimate: the
+        true accuracy when ``labeled``, else the unlabeled estimate at the estimated prior),
+        ``label_noise_rate`` and ``tail_class_recall_drop`` (labeled only). Cached per argument."""
+        key = (n, tuple(np.round(prior, 6)), labeled)
+        if key in self._floors:
+            return self._floors[key]
+        rng = np.random.default_rng(self.seed)
+        by_class = [np.flatnonzero(self.calib_labels == c) for c in range(len(self.classes))]
+        rare = self.rare_classes(p.rare_class_share)
+        out: dict[str, list[float]] = {"accuracy_drop": [], "label_noise_rate": [], "tail_class_recall_drop": []}
+        counts = allocate(n, prior)
+        for _ in range(p.floor_batches):
+            rows = np.concatenate([rng.choice(by_class[c], k) for c, k in enumerate(counts) if k and len(by_class[c])])
+            probs, labels = self.calib_probs[rows], self.calib_labels[rows]
+            if labeled:
+                mix = np.bincount(labels, minlength=len(self.classes)) / len(labels)
+                out["accuracy_drop"].append(accuracy_at_prior(self.recall, mix) - float(np.mean(self.calib_correct[rows])))
+                out["label_noise_rate"].append(estimate_label_noise(labels, probs))
+                rec, cnt = per_class_recall(labels, probs.argmax(1), len(self.classes))
+                drops = [self.recall[c] - rec[c] for c in rare if cnt[c] >= p.rare_min_count]
+                out["tail_class_recall_drop"].append(max(drops) if drops else 0.0)
+            else:
+                q = self.estimate_prior(probs)
+                out["accuracy_drop"].append(accuracy_at_prior(self.recall, q) - self.estimate_accuracy(probs, q))
+        self._floors[key] = {k: np.asarray(v) for k, v in out.items() if v}
+        return self._floors[key]
+
     def summary(self) -> dict[str, Any]:
         return {"size": len(self.embeddings), "classifier_reference_size": len(self.probs),
                 "calibration_size": len(self.calib_labels),
-                "test_accuracy": self.calib_accuracy, "atc_threshold": self.atc_threshold,
-                "estimated_accuracy": self.accuracy, "label_noise_floor": self.noise_floor,
+                "test_accuracy": self.calib_accuracy, "accuracy_at_deployed_prior": self.accuracy,
+                "label_noise_floor": self.noise_floor,
+                "prior_estimator": self.prior_method,
+                "prior_calibration": {"temperature": round(self.calibration.temperature, 6),
+                                      "bias": _by_class(self.classes, _floats(self.calibration.bias))},
+                "prior_estimate_tv_on_held_out_train_rows": round(self.held_out_prior_tv, 6),
+                "deployed_prior": _by_class(self.classes, _floats(self.deployed_prior)),
                 "test_recall": _by_class(self.classes, _floats(self.recall)),
                 "predicted": _by_class(self.classes, _floats(self.predicted_counts / max(self.predicted_counts.sum(), 1)))}
 
@@ -276,33 +515,84 @@ def _metric(value: float | None, threshold: float, direction: str, stage: str) -
     return {"value": value, "threshold": threshold, "direction": direction, "stage": stage, "failed": bool(failed)}
 
 
+def threshold_checks(reference: Reference, n: int, p: DriftParams, prior: np.ndarray | None = None,
+                     labeled: bool = False) -> dict[str, dict[str, Any]]:
+    """Each threshold against its clean floor: the ``p.floor_quantile`` quantile of the statistic over
+    clean held-out batches of ``n`` images at class prior ``prior`` (default: the deployed prior;
+    :meth:`Reference.clean_statistics`). A threshold a clean batch would fail (``met: false``) is
+    raised to the floor (``effective``) and reported, rather than failing every batch in production.
+    The two tests with a level (the MMD permutation test, the chi-square test of the predicted
+    classes) are calibrated by construction: their false-alarm rate on clean batches is their level."""
+    prior = reference.deployed_prior if prior is None else prior
+    stats = reference.clean_statistics(n, prior, p, labeled)
+    configured = {"accuracy_drop": p.accuracy_drop_max, "label_noise_rate": p.label_noise_max,
+                  "tail_class_recall_drop": p.tail_recall_drop_max}
+    out = {}
+    for name, values in stats.items():
+        floor = float(np.quantile(values, p.floor_quantile))
+        out[name] = {"threshold": configured[name], "clean_floor": round(floor, 6), "met": floor <= configured[name],
+                     "effective": round(max(configured[name], floor), 6), "quantile": p.floor_quantile,
+                     "batch_size": n, "clean_batches": len(values), "labeled": labeled}
+    return out
+
+
+def threshold_warnings(checks: dict[str, dict[str, Any]]) -> list[str]:
+    """One line for each threshold below its clean floor."""
+    return [f"{name}: threshold {c['threshold']} is below its clean floor {c['clean_floor']:.4g} (quantile "
+            f"{c['quantile']} of {c['clean_batches']} clean {'labeled ' if c['labeled'] else ''}batches of "
+            f"{c['batch_size']} held-out images); using {c['effective']:.4g}: raise it in params.yaml drift_eval"
+            for name, c in checks.items() if not c["met"]]
+
+
 def evaluate_batch(reference: Reference, embeddings: np.ndarray, probs: np.ndarray,
                    labels: np.ndarray | None = None, params: DriftParams | None = None) -> dict[str, Any]:
     """Every monitored metric of one batch against ``reference``.
 
     ``embeddings``: the batch's SSL embeddings ``(n, D)`` from the reference's encoder; ``probs``: the
     classifier's probabilities ``(n, C)``; ``labels``: given labels (``-1`` = unlabeled), or None.
+
+    First the batch's class prior is estimated without labels (:meth:`Reference.estimate_prior`); each
+    test then asks what that prior cannot explain: input drift is the MMD test against held-out images
+    re-sampled to the estimated prior, accuracy is compared with the held-out accuracy at that prior.
+    What the prior itself says is one metric, ``class_prior_shift_pvalue``, owned by the
+    ``prior_correction`` action (:mod:`sslvision.trigger`): a chi-square test of the predicted classes
+    against held-out images at the prior the classifier is set for.
+
     Returns ``{"metrics": {name: {value, threshold, direction, stage, failed}}, "failed": [names],
-    "input_drift", "prediction_shift", "accuracy", "recall", "label_noise", "reference"}`` (plain JSON types
-    except the arrays ``input_drift["null"]`` and ``prediction_shift["batch"|"reference"]`` kept for plots).
+    "class_prior", "input_drift", "prediction_shift", "accuracy", "recall", "label_noise",
+    "threshold_checks", "reference"}`` (plain JSON types except the arrays ``input_drift["null"]`` and
+    ``prediction_shift["batch"|"reference"]`` kept for plots).
     """
     p = params or DriftParams()
     c = len(reference.classes)
     if probs.shape != (len(embeddings), c):
         raise ValueError(f"batch: probabilities {probs.shape} do not match {len(embeddings)} images and {c} classes")
-    mmd = mmd_permutation_test(reference.embeddings, embeddings, p.permutations, p.alpha, p.bandwidths, p.seed)
+    prior = reference.estimate_prior(probs)
+    rows = resample_to_prior(reference.embedding_labels, prior, p.reference_size, p.seed)
+    mmd = mmd_permutation_test(reference.embeddings[rows], embeddings, p.permutations, p.alpha, p.bandwidths, p.seed)
+    given = "estimated class prior"
     predicted = probs.argmax(1)
     shift = prediction_shift(reference.predicted_counts, predicted)
-    confidence = probs.max(1)
-    atc = atc_estimate(confidence, reference.atc_threshold)
+    estimate = reference.estimate_accuracy(probs, prior)
 
     labeled = labels is not None and bool(np.any(labels >= 0))
-    accuracy, recall, noise, tail_drop = atc, None, None, None
+    if labeled:
+        # The given labels are a second account of the mix (noisy, but independent of how well the classifier
+        # estimates it): input drift is what NEITHER mix explains, so the larger p-value counts. A weak
+        # classifier's skewed prior estimate then cannot pass for drift (max of two p-values: conservative).
+        label_mix = np.bincount(labels[labels >= 0], minlength=c) / int(np.sum(labels >= 0))
+        label_rows = resample_to_prior(reference.embedding_labels, label_mix, p.reference_size, p.seed)
+        by_labels = mmd_permutation_test(reference.embeddings[label_rows], embeddings, p.permutations, p.alpha,
+                                         p.bandwidths, p.seed)
+        if by_labels.p_value > mmd.p_value:
+            mmd, rows, given = by_labels, label_rows, "class mix of the given labels"
+    accuracy, mix, recall, noise, tail_drop, true_prior = estimate, prior, None, None, None, None
     worst_tail = None
     if labeled:
         keep = labels >= 0
         y, yhat = labels[keep], predicted[keep]
         accuracy = float(np.mean(y == yhat))
+        true_prior = mix = np.bincount(y, minlength=c) / len(y)
         rec, counts = per_class_recall(y, yhat, c)
         noise = estimate_label_noise(y, probs[keep])
         drops = {cls: float(reference.recall[cls] - rec[cls]) for cls in reference.rare_classes(p.rare_class_share)
@@ -315,30 +605,49 @@ def evaluate_batch(reference: Reference, embeddings: np.ndarray, probs: np.ndarr
                   "rare_classes": [reference.classes[i] for i in reference.rare_classes(p.rare_class_share)],
                   "rare_recall_drop": {reference.classes[k]: v for k, v in drops.items()},
                   "worst_rare_class": reference.classes[worst_tail] if worst_tail is not None else None}
+    checks = threshold_checks(reference, int(np.sum(labels >= 0)) if labeled else len(probs), p, mix, labeled)
+    reference_accuracy = accuracy_at_prior(reference.recall, mix)
+    drop_max = checks["accuracy_drop"]["effective"]
+
+    def effective(name: str, configured: float) -> float:
+        return checks[name]["effective"] if name in checks else configured
 
     metrics = {
         "embedding_mmd_pvalue": _metric(mmd.p_value, p.alpha, "max", "pretrain"),
-        "label_noise_rate": _metric(noise, p.label_noise_max, "min", "audit"),
-        "tail_class_recall_drop": _metric(tail_drop, p.tail_recall_drop_max, "min", "synthesize"),
-        "accuracy": _metric(accuracy, round(reference.accuracy - p.accuracy_drop_max, 6), "max", "finetune"),
-        "prediction_shift_pvalue": _metric(shift["pvalue"], p.prediction_shift_alpha, "max", "finetune"),
+        "label_noise_rate": _metric(noise, effective("label_noise_rate", p.label_noise_max), "min", "audit"),
+        "tail_class_recall_drop": _metric(tail_drop, effective("tail_class_recall_drop", p.tail_recall_drop_max),
+                                          "min", "synthesize"),
+        "accuracy": _metric(accuracy, round(reference_accuracy - drop_max, 6), "max", "finetune"),
+        "class_prior_shift_pvalue": _metric(shift["pvalue"], p.prediction_shift_alpha, "max", PRIOR_CORRECTION),
     }
+    tv = float(0.5 * np.abs(prior - reference.deployed_prior).sum())
     return {
         "metrics": metrics,
         "failed": [name for name, m in metrics.items() if m["failed"]],
         "n_images": len(embeddings),
         "labeled": labeled,
-        "input_drift": {"test": "mmd2_permutation", "statistic": mmd.statistic, "p_value": mmd.p_value,
-                        "alpha": p.alpha, "critical_value": mmd.critical_value, "permutations": p.permutations,
-                        "bandwidth": mmd.bandwidth, "bandwidth_scales": list(p.bandwidths),
-                        "reference_size": len(reference.embeddings), "null": mmd.null},
+        "class_prior": {"method": reference.prior_method, "estimate": _by_class(reference.classes, _floats(prior)),
+                        "deployed": _by_class(reference.classes, _floats(reference.deployed_prior)),
+                        "tv_to_deployed": tv,
+                        "adjustment": _by_class(reference.classes, _floats(
+                            prior_adjustment(reference.calibration, prior))),
+                        "true": _by_class(reference.classes, _floats(true_prior)) if labeled else None,
+                        "tv_error": float(0.5 * np.abs(prior - true_prior).sum()) if labeled else None},
+        "input_drift": {"test": "mmd2_permutation", "given": given, "statistic": mmd.statistic,
+                        "p_value": mmd.p_value, "alpha": p.alpha, "critical_value": mmd.critical_value,
+                        "permutations": p.permutations, "bandwidth": mmd.bandwidth,
+                        "bandwidth_scales": list(p.bandwidths), "reference_size": len(rows), "null": mmd.null},
         "prediction_shift": {**shift, "per_class_shift": _by_class(
             reference.classes, _floats(shift["batch"] - shift["reference"]))},
-        "accuracy": {"source": "labels" if labeled else "atc", "value": accuracy, "atc_estimate": atc,
-                     "average_confidence": float(confidence.mean()), "reference_estimate": reference.accuracy,
+        "accuracy": {"source": "labels" if labeled else "atc_at_estimated_prior", "value": accuracy,
+                     "estimate": estimate, "estimate_error": estimate - accuracy if labeled else None,
+                     "reference_at_mix": reference_accuracy, "mix": "true" if labeled else "estimated",
+                     "average_confidence": float(probs.max(1).mean()),
                      "reference_test_accuracy": reference.calib_accuracy},
         "recall": recall,
         "label_noise": {"estimate": noise, "floor_on_clean_test": reference.noise_floor} if labeled else None,
+        "threshold_checks": checks,
+        "threshold_warnings": threshold_warnings(checks),
         "reference": reference.summary(),
     }
 
@@ -521,25 +830,29 @@ def build_reference(p: DriftParams, params: str | Path | None = None) -> tuple[R
     if list(classifier.classes) != list(classes):
         raise ValueError(f"{model.get('uri', p.classifier)}: classes {classifier.classes} differ from "
                          f"{p.ingested}/classes.json {classes}")
-    rng = np.random.default_rng(p.seed)
     train = data.split("train")
     test = data.split("test")
     if len(train) < 2 or len(test) < 2:
         raise ValueError(f"{p.ingested}: the reference needs train and test images (found {len(train)} train, "
                          f"{len(test)} test)")
-    ref_rows = np.sort(rng.choice(train["index"].to_numpy(), min(p.reference_size, len(train)), replace=False))
     val_rows, train_counts = classifier_reference_rows(finetune, data.manifest)
     calib = test.sample(n=min(p.calibration_size, len(test)), random_state=p.seed).sort_values("index")
-    log.info("reference: %d train images (embeddings), %d train images the classifier never saw, calibration: "
-             "%d test images", len(ref_rows), len(val_rows), len(calib))
+    test_rows, test_labels = test["index"].to_numpy(), test["label"].to_numpy(np.int64)
+    log.info("reference: %d test images (embeddings, re-sampled to each batch's class prior), %d train images the "
+             "classifier never saw, calibration: %d test images", len(test_rows), len(val_rows), len(calib))
+    correction = classifier.prior_correction
     reference = Reference(
-        embeddings=np.asarray(all_embeddings[ref_rows], dtype=np.float32),
+        embeddings=np.asarray(all_embeddings[test_rows], dtype=np.float32),
+        embedding_labels=test_labels,
         probs=classifier.predict_proba(np.asarray(data.images[val_rows]), p.batch_size),
         calib_probs=classifier.predict_proba(np.asarray(data.images[calib["index"].to_numpy()]), p.batch_size),
         calib_labels=calib["label"].to_numpy(np.int64),
         train_counts=np.pad(train_counts, (0, len(classes) - len(train_counts))),
         classes=classes,
         model=model,
+        deployed_prior=np.asarray(correction["prior"]) if correction else None,
+        prior_method=p.prior_method,
+        seed=p.seed,
     )
     return reference, encoder, classifier, tuple(data.images.shape[1:])
 
@@ -549,8 +862,10 @@ def run_drift_eval(p: DriftParams, batch: str | Path | None = None, reports: str
     """Evaluate the batch (default ``p.batch``): write ``trigger.json`` and the plots to ``reports``; return
     the JSON result and ``evaluated_files`` (see :func:`read_batch_files`). ``params``: the params file (for
     finetune's held-out rows)."""
+    from sslvision.data import Ingested
     from sslvision.io import write_json
     from sslvision.models import embed
+    from sslvision.trigger import decide
 
     batch = Path(batch or p.batch)
     reference, encoder, classifier, (size, _, channels) = build_reference(p, params)
@@ -558,11 +873,39 @@ def run_drift_eval(p: DriftParams, batch: str | Path | None = None, reports: str
     log.info("%s: %d images (%d labeled)", batch, len(images), int(np.sum(labels >= 0)))
     embeddings = embed(encoder, images, p.batch_size)
     result = evaluate_batch(reference, embeddings, classifier.predict_proba(images, p.batch_size), labels, p)
+    for warning in result["threshold_warnings"]:
+        log.warning("%s", warning)
+    data = Ingested.load(p.ingested)
+    test_hashes = {hashlib.sha256(np.ascontiguousarray(data.images[i]).tobytes()).hexdigest()
+                   for i in data.split("test")["index"]}  # ingest's content_hash: sha256 of the converted pixels
+    held_out = held_out_files(batch, files, test_hashes, channels, size)
+    if held_out:
+        log.warning("%s: %d image(s) identical to held-out test images (%s%s): they are evaluated but never join the "
+                    "pool", batch, len(held_out), ", ".join(list(held_out)[:3]), ", ..." if len(held_out) > 3 else "")
     reports = Path(reports)
     write_plots(result, reference, reports, embeddings)
-    out = {"batch": str(batch), "model": reference.model, **to_json(result)}
+    out = {"batch": str(batch), "model": reference.model, **to_json(result),
+           "decision": decide(result["metrics"], batch=batch.name).to_dict(), "held_out_files": held_out}
     write_json(reports / "trigger.json", out)
     return {**out, "evaluated_files": files}  # for trigger.admit_batch; not a metric, so not in trigger.json
+
+
+def held_out_files(batch: str | Path, evaluated: dict[str, str], held_out_hashes: set[str], channels: int,
+                   size: int) -> dict[str, str]:
+    """The evaluated files of ``batch`` whose pixels, converted as ingest converts them, are identical to a
+    held-out image (``held_out_hashes``: the test split's ``content_hash`` column): ``{path: why}``. Such a
+    file must never join the pool: pretraining on it would leak the test split into every later
+    evaluation."""
+    from sslvision.ingest import Conversion, IngestParams, decode_one
+
+    limits = IngestParams()
+    conv = Conversion(channels, size, limits.max_file_bytes, limits.max_pixels)
+    out = {}
+    for rel in evaluated:
+        r = decode_one(str(Path(batch) / rel), None, None, conv)
+        if r[0] == "ok" and r[3][3] in held_out_hashes:
+            out[rel] = "identical to an image of the held-out test split (never pooled: it would leak the test set)"
+    return out
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -660,11 +1003,18 @@ def log_to_mlflow(result: dict[str, Any], reports: str | Path) -> None:
 def drift_eval_cli(batch: str | Path | None, params: str | Path, reports: str | Path = REPORTS) -> dict[str, Any]:
     """``sslvision drift-eval`` and the stage: params from the file, one MLflow run, the report written."""
     from sslvision import tracking
+    from sslvision.io import write_json
     from sslvision.params import load_section
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     p = load_section("drift_eval", DriftParams, params)
+    if not (batch or p.batch):  # a new project (sslvision init) has no production batch yet: say so, evaluate nothing
+        skipped = {"batch": None, "metrics": {}, "failed": [],
+                   "skipped": "no production batch to evaluate (drift_eval.batch is empty): put a batch directory "
+                              "in the monitor inbox and run `sslvision monitor`, or set drift_eval.batch"}
+        write_json(Path(reports) / "trigger.json", skipped)
+        return {**skipped, "evaluated_files": {}}
     with tracking.stage_run("drift_eval", {**p.model_dump(), "batch": str(batch or p.batch)}):
         result = run_drift_eval(p, batch, reports, params)
         log_to_mlflow(result, reports)

@@ -43,8 +43,16 @@ validation split is long-tailed while a prior-corrected classifier models the ba
 so the fit adds the log-prior change (:func:`calibration_shift`) to the logits, as the validation
 distribution would; the temperature then calibrates the balanced probabilities the model outputs.
 
+Baselines: the stage also fits :func:`sslvision.baselines.pixel_logreg` (logistic regression on pixel PCA
+features) on the same real training rows and labels, and reports it beside the classifier (``metrics.json``
+``baselines.pixel_logreg``, MLflow ``baseline/pixel_logreg/...``); its balanced accuracy on the golden set is
+recorded with the registered version, and promotion refuses a classifier that does not beat it
+(``promotion.beat_pixel_baseline``, :mod:`sslvision.registry`).
+
 On disk (``models/classifier/``): ``classifier.safetensors`` and ``config.json`` (encoder config,
-classes, head kind, temperature): :func:`load_classifier` rebuilds it; no pickles anywhere.
+classes, head kind, temperature, and ``conversion``: how ingest converted the training images, so the
+model converts a new image the same way wherever it runs): :func:`load_classifier` rebuilds it; no
+pickles anywhere.
 
 Under ``torchrun --nproc_per_node=N stages/finetune.py`` a full fine-tune (``mode: finetune``) runs
 DistributedDataParallel (gloo on CPU, NCCL on GPU): ``batch_size`` stays the global batch, each
@@ -60,6 +68,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +84,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sslvision.data import Ingested
+from sslvision.ingest import Conversion, IngestParams
 from sslvision.io import atomic_path, check_replaceable, output_dir, write_csv, write_json
 from sslvision.models import (
     MAX_CLASSES,
@@ -106,6 +116,9 @@ class PromotionParams(Section):
     max_ece: float = Field(0.1, gt=0, le=1)
     min_improvement: float = Field(0.005, gt=0, le=1)
     worst_class_tolerance: float = Field(0.0, ge=0, le=1)
+    min_worst_class_recall: float = Field(0.0, ge=0, le=1)
+    beat_pixel_baseline: bool = True
+    baseline_margin: float = Field(0.0, ge=-1, le=1)
     golden_per_class: int = Field(0, ge=0, le=1_000_000)
 
 
@@ -280,16 +293,23 @@ class Classifier(nn.Module):
 
     ``head="cosine"`` (LDAM) reads the same timm head as a cosine classifier, ``scale * cos(f, w_j)``.
     ``temperature`` divides the logits in :meth:`predict_proba` (fitted by :func:`fit_temperature`).
+    ``conversion``: how an image file becomes the model's input (:func:`sslvision.ingest.convert_image` with
+    its channels and size, and ingest's size limits); by default the encoder's input shape with ingest's
+    default limits.
     """
 
     def __init__(self, encoder: Encoder, classes: list[str], head: Literal["linear", "cosine"] = "linear",
-                 scale: float = 30.0, temperature: float = 1.0):
+                 scale: float = 30.0, temperature: float = 1.0, conversion: Conversion | None = None):
         super().__init__()
         self.encoder = encoder
         self.classes = list(classes)
         self.head_kind = head
         self.scale = scale
         self.temperature = temperature
+        limits = IngestParams()
+        self.conversion = conversion or Conversion(encoder.config.in_chans, encoder.config.img_size,
+                                                   limits.max_file_bytes, limits.max_pixels)
+        self.prior_correction: dict[str, Any] | None = None  # see check_prior_correction
         encoder.backbone.reset_classifier(len(classes))
 
     @property
@@ -316,8 +336,10 @@ class Classifier(nn.Module):
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """Calibrated class probabilities of uint8 ``(N, H, W, C)`` images."""
-        return softmax(self.logits(images, batch_size), self.temperature)
+        """Calibrated class probabilities of uint8 ``(N, H, W, C)`` images (at the corrected class prior when the
+        classifier carries a ``prior_correction``: its ``adjustment`` is added to the scaled logits)."""
+        z = self.logits(images, batch_size) / self.temperature
+        return softmax(z + np.asarray(self.prior_correction["adjustment"]) if self.prior_correction else z)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -344,6 +366,8 @@ def save_classifier(directory: str | Path, classifier: Classifier, extra: dict[s
         "head": classifier.head_kind,
         "scale": classifier.scale,
         "temperature": classifier.temperature,
+        "conversion": {**asdict(classifier.conversion), "tag": classifier.conversion.tag},
+        **({"prior_correction": classifier.prior_correction} if classifier.prior_correction else {}),
         **(extra or {}),
     }
     with output_dir(directory, "classifier") as tmp:
@@ -351,28 +375,90 @@ def save_classifier(directory: str | Path, classifier: Classifier, extra: dict[s
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+MAX_CONFIG_BYTES = 64 * 2**20  # config.json: a few KiB, up to some MiB with 100,000 class names
+
+
 def load_classifier(directory: str | Path) -> Classifier:
     """Rebuild a classifier saved by :func:`save_classifier` (eval mode). The config is checked before the
-    network is built (sizes in bounds, at most ``MAX_CLASSES`` classes, and a network that fits the
-    weights file: :func:`sslvision.models.build_for_weights`), so a bad file costs no memory."""
+    network is built (at most ``MAX_CONFIG_BYTES``, sizes in bounds, 1 to ``MAX_CLASSES`` class names, a
+    ``conversion`` that ingest could have made for the encoder's input, and a network that fits the weights
+    file: :func:`sslvision.models.build_for_weights`), so a bad file costs no memory. Keys it does not
+    read are ignored (``metrics``, and whatever a later sslvision adds). A config without ``conversion``
+    (saved before it was recorded) converts as ingest's defaults do."""
     directory = Path(directory)
     path = directory / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the finetune stage first (dvc repro finetune)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than a classifier config has ({MAX_CONFIG_BYTES})")
     try:
         config = json.loads(path.read_text())
         cfg = encoder_config(config, path)
         classes = config["classes"]
-        if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
+        if (not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES
+                or not all(isinstance(c, str) for c in classes)):
             raise ValueError(f"{path}: classes must be a list of 1 to {MAX_CLASSES} names")
+        conversion = _conversion(config.get("conversion"), cfg, path)
         classifier = build_for_weights(
             lambda: Classifier(Encoder(cfg), classes, head=config["head"], scale=config["scale"],
-                               temperature=config["temperature"]),
+                               temperature=config["temperature"], conversion=conversion),
             directory / "classifier.safetensors", path)
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a classifier config: {err}") from err
     load_weights(classifier, directory / "classifier.safetensors")
+    classifier.prior_correction = check_prior_correction(config.get("prior_correction"), len(classes), path)
     return classifier.eval()
+
+
+MAX_PRIOR_ADJUSTMENT = 10.0  # |log prior ratio| per class: a correction never rules a class out
+
+
+def check_prior_correction(raw: Any, num_classes: int, path: Path) -> dict[str, Any] | None:
+    """A config's ``prior_correction`` (``sslvision.trigger.correct_prior``), checked: ``adjustment`` (added
+    to the temperature-scaled logits) and ``prior`` (the class prior it corrects for), one finite number per
+    class, the adjustment within ``MAX_PRIOR_ADJUSTMENT``, the prior a distribution; other keys are kept."""
+    if raw is None:
+        return None
+    try:
+        adjustment = np.asarray(raw["adjustment"], dtype=float)
+        prior = np.asarray(raw["prior"], dtype=float)
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError(f"{path}: prior_correction must have numeric 'adjustment' and 'prior' lists: {err}") from None
+    if adjustment.shape != (num_classes,) or prior.shape != (num_classes,):
+        raise ValueError(f"{path}: prior_correction needs {num_classes} values in 'adjustment' and 'prior'")
+    if not (np.all(np.isfinite(adjustment)) and np.abs(adjustment).max() <= MAX_PRIOR_ADJUSTMENT):
+        raise ValueError(f"{path}: prior_correction.adjustment must be finite and within ±{MAX_PRIOR_ADJUSTMENT}")
+    if not (np.all(prior >= 0) and abs(prior.sum() - 1) < 1e-6):
+        raise ValueError(f"{path}: prior_correction.prior must be a class distribution (>= 0, summing to 1)")
+    return raw
+
+
+def _conversion(raw: Any, cfg: Any, path: Path) -> Conversion | None:
+    """The ``conversion`` object of a classifier config, checked: ingest's bounds, the encoder's input
+    shape, and the conversion version (``tag``) of this sslvision (a model trained on images converted
+    otherwise would silently get other inputs)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"channels", "size", "max_file_bytes", "max_pixels", "tag"}:
+        raise ValueError(f"{path}: conversion must be an object with channels, size, max_file_bytes, max_pixels, tag")
+    from sslvision.params import ParamsError, validate_section
+
+    try:
+        limits = validate_section("conversion", IngestParams, {k: v for k, v in raw.items() if k != "tag"},
+                                  source=str(path))
+    except ParamsError as err:
+        raise ValueError(str(err)) from None
+    conversion = Conversion(limits.channels, limits.size, limits.max_file_bytes, limits.max_pixels)
+    if (conversion.channels, conversion.size) != (cfg.in_chans, cfg.img_size):
+        raise ValueError(f"{path}: conversion makes {conversion.size}x{conversion.size}x{conversion.channels} "
+                         f"images but the encoder takes {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}")
+    if raw["tag"] != conversion.tag:
+        # A warning, not a refusal: an upgrade must not take the deployed champion out of service; the
+        # conversions of two versions differ by little (e.g. reduced-scale JPEG decoding) and a retrain fixes it.
+        log.warning("%s: the model's images were converted by ingest conversion %r, this sslvision converts as %r: "
+                    "its inputs may differ slightly; retrain it (dvc repro) to match", path, str(raw["tag"])[:40],
+                    conversion.tag)
+    return conversion
 
 
 # --- long-tail losses ----------------------------------------------------------------------------
@@ -844,7 +930,41 @@ def run_finetune(p: FinetuneParams, on_epoch: Any = None) -> tuple[Classifier, F
             log.info("synthetic_ablation: skipped under torchrun (the other processes do not train it)")
         else:
             metrics["synthetic_ablation"] = synthetic_ablation(p, data, metrics)
+    metrics["baselines"] = {"pixel_logreg": pixel_baseline(p, data, metrics)}
     return classifier, data, result, metrics, probs
+
+
+def pixel_baseline(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any]) -> dict[str, Any]:
+    """:func:`sslvision.baselines.pixel_logreg` fitted on the real training rows the classifier trained on
+    (same audited labels, same validation rows held out; no synthetic images) and scored on the same test
+    split as ``metrics``, and on the promotion's golden set (:func:`golden_set`): ``golden_balanced_accuracy``
+    and ``golden_sha256`` are what the gate compares a challenger with (``promotion.beat_pixel_baseline``)."""
+    from sslvision.baselines import pixel_logreg
+    from sslvision.registry import golden_digest
+
+    real = data.train.take(np.flatnonzero(~data.train.synthetic))
+    model = pixel_logreg(real.images, real.labels, num_classes=len(data.classes), seed=p.seed)
+    test = classification_metrics(data.test.labels, model.predict_proba(data.test.images), data.classes)
+    golden_images, golden_labels = golden_set(p)
+    golden = classification_metrics(golden_labels, model.predict_proba(golden_images), data.classes)
+    out = {
+        "model": "logistic regression (class_weight balanced) on 64 PCA components of the pixels",
+        **{k: test[k] for k in ("balanced_accuracy", "worst_class_recall", "worst_class", "accuracy", "macro_f1",
+                                "per_class_recall")},
+        "golden_balanced_accuracy": golden["balanced_accuracy"],
+        "golden_size": int(len(golden_labels)),
+        "golden_sha256": golden_digest(golden_images, golden_labels),
+        "train_rows": model.train_rows,
+        "seconds": model.seconds,
+        "classifier_gain": metrics["balanced_accuracy"] - test["balanced_accuracy"],
+    }
+    behind = out["classifier_gain"] <= 0
+    log.log(logging.WARNING if behind else logging.INFO,
+            "pixel baseline (%s, %d rows, %.1f s): balanced accuracy %.1f %%, worst class %s %.1f %%; the classifier "
+            "%.1f %% (%+.1f points)%s", out["model"], model.train_rows, model.seconds, 100 * test["balanced_accuracy"],
+            test["worst_class"], 100 * test["worst_class_recall"], 100 * metrics["balanced_accuracy"],
+            100 * out["classifier_gain"], "; promotion.beat_pixel_baseline refuses it" if behind else "")
+    return out
 
 
 def synthetic_ablation(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -904,7 +1024,7 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
     from sslvision import registry, tracking
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     p = load_section("finetune", FinetuneParams, params)
     check_replaceable(p.out, "classifier")  # a directory of someone's files: refuse before training, not after
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: train only; rank 0 evaluates, logs and writes
@@ -916,6 +1036,7 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
     with tracking.stage_run("finetune", p.model_dump()):
         classifier, data, result, metrics, probs = run_finetune(
             p, on_epoch=lambda epoch, row: mlflow.log_metrics({f"train/{k}": v for k, v in row.items()}, step=epoch))
+        classifier.conversion = training_conversion(data.train.images.shape, params)
         save_classifier(p.out, classifier, extra={"metrics": {k: metrics[k] for k in (
             "accuracy", "balanced_accuracy", "worst_class_recall", "ece")}})
         figures = write_reports(metrics, result.history, data.test.labels, probs, data.classes)
@@ -926,6 +1047,7 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
         version = None
         if p.registry.enabled:
             version = registry.log_and_register(p.out, p.registry.model_name, data.test.images[:4])
+            registry.record_pixel_baseline(p.registry.model_name, version, metrics["baselines"]["pixel_logreg"])
             metrics["registered_version"] = int(version)
     if version is None or not p.registry.auto_promote:
         decision = {"decision": "not_run", "reason": "finetune.registry.enabled or auto_promote is false"}
@@ -936,11 +1058,22 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
     return metrics
 
 
+def training_conversion(shape: tuple[int, ...], params: str | Path | None = None) -> Conversion:
+    """The conversion ingest applied to the training images: their shape ``(N, H, W, C)`` as ingested,
+    and the size limits of the ``ingest`` section of the params file (its defaults when it has none)."""
+    limits = load_section("ingest", IngestParams, params)
+    return Conversion(int(shape[3]), int(shape[1]), limits.max_file_bytes, limits.max_pixels)
+
+
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out.update({f"recall/{c}": float(r) for c, r in metrics["per_class_recall"].items() if r is not None})
     out.update({f"synthetic_ablation/{k}": float(v) for k, v in metrics.get("synthetic_ablation", {}).items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+    for name, b in metrics.get("baselines", {}).items():
+        out.update({f"baseline/{name}/{k}": float(v) for k, v in b.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+        out.update({f"baseline/{name}/recall/{c}": float(r) for c, r in b["per_class_recall"].items() if r is not None})
     return out
 
 

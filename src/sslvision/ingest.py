@@ -25,9 +25,12 @@ process pool and writes straight into a memory-mapped ``.npy`` on disk, so memor
 re-ingesting after a new pool batch decode only the new files.
 
 The files written and their columns are the contract of ``sslvision.data`` (read its docstring).
-Image ids never contain the label (ImageFolder: ``split/<path under the class dir, no suffix>``), and
-rows are ordered by split, batch and id, so changing a label leaves ``images.npy`` and
-``images.parquet`` byte-identical and DVC does not re-run pretrain.
+An image file's id is its split (and pool batch), its file name without suffix and the start of the
+sha256 of its bytes (``train/IMG_0001-3fa2b9c1``; ``assign_ids``): never the class directory or the label,
+and distinct for distinct files even when every class directory uses the same names. Rows are ordered
+by split, batch and id, so changing a label (moving a file to another class directory, editing a
+manifest's label) leaves ``images.npy``, ``images.parquet`` and ``ssl_pool.parquet`` byte-identical and
+DVC does not re-run pretrain.
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ import io as _io
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -91,6 +95,9 @@ class IngestParams(Section):
     """The ``ingest`` section of params.yaml (each key is commented there)."""
 
     source: str = "data/raw"
+    # The directory a manifest's paths are resolved against and must stay inside ("" = the manifest's own
+    # directory): a project's manifest (``sslvision init``) lists the user's files where they are.
+    manifest_root: str = ""
     pool: str = "data/pool"
     channels: Literal[1, 3] = 1
     size: int = Field(28, gt=0, le=4096)
@@ -110,7 +117,11 @@ class IngestParams(Section):
 
 @dataclass(slots=True)
 class Item:
-    """One image to decode: a file (``path``) or a row of an IDX array (``pixels``)."""
+    """One image to decode: a file (``path``) or a row of an IDX array (``pixels``).
+
+    A listed file's ``id`` is ``<split>/[<batch>/]<file name without suffix>``; ``assign_ids`` appends
+    the start of ``digest`` (the sha256 of the file's bytes) to make it the image's id.
+    """
 
     id: str
     split: str
@@ -119,6 +130,7 @@ class Item:
     label: int
     path: str | None = None
     pixels: np.ndarray | None = None
+    digest: str | None = None
 
 
 @dataclass
@@ -144,14 +156,15 @@ def check_source(source: str | os.PathLike) -> Path:
 
 
 def list_source(source: str | os.PathLike, class_names: list[str] | None = None,
-                max_classes: int = MAX_CLASSES) -> Listing:
+                max_classes: int = MAX_CLASSES, manifest_root: str | os.PathLike | None = None) -> Listing:
     """List every image of ``source`` (ImageFolder dir, CSV/Parquet manifest or IDX dir); more than
-    ``max_classes`` classes is an error."""
+    ``max_classes`` classes is an error. ``manifest_root``: the data root of a manifest's paths (default:
+    its directory)."""
     source = check_source(source)
     _check_class_count(len(class_names or []), "ingest.class_names", max_classes)
     if source.is_file():
         if source.suffix.lower() in (".csv", ".parquet", ".pq"):
-            return _list_manifest(source, class_names or [], max_classes)
+            return _list_manifest(source, class_names or [], max_classes, manifest_root)
         raise ValueError(f"{source}: unknown source layout: a file source must be a .csv or .parquet "
                          "manifest with columns path,label[,split]")
     if _find_idx(source, IDX_FILES["train"][0]):
@@ -165,7 +178,12 @@ def list_source(source: str | os.PathLike, class_names: list[str] | None = None,
         return _list_image_folder(source, splits, class_names, max_classes)
     if subdirs:
         return _list_image_folder(source, {"train": source}, class_names, max_classes)
-    raise ValueError(f"{source}: unknown source layout: no train/ or test/ split directories, no class "
+    files = sum(1 for e in source.iterdir() if not e.name.startswith("."))
+    if files:
+        raise ValueError(f"{source}: unknown source layout: {files} file(s) and no class directories: put "
+                         "each class's images in a directory named after the class (an ImageFolder), or list "
+                         "them in a CSV manifest with columns path,label")
+    raise ValueError(f"{source}: empty source directory: no train/ or test/ split directories, no class "
                      "directories and no IDX files (train-images-idx3-ubyte[.gz]) in it")
 
 
@@ -213,9 +231,11 @@ def _refused_link(path: str, root: Path) -> tuple[str, str] | None:
     return None
 
 
-def _no_suffix(rel: str) -> str:
-    stem, dot, suffix = rel.rpartition(".")
-    return stem if dot and "/" not in suffix and stem and not stem.endswith("/") else rel
+def _stem(rel: str) -> str:
+    """The file name of ``rel`` without its suffix (``2019/IMG_0001.jpg`` -> ``IMG_0001``)."""
+    name = rel.rpartition("/")[2]
+    stem, dot, _ = name.rpartition(".")
+    return stem if dot and stem else name
 
 
 def _list_image_folder(root: Path, splits: dict[str, Path], class_names: list[str] | None,
@@ -247,11 +267,11 @@ def _list_class_dirs(listing: Listing, directory: Path, split: str, batch: str, 
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             label = index.get(entry.name, -2)
-            files = ((f, _relative(f.path, entry.path)) for f in _files_under(Path(entry.path)))
+            files = _files_under(Path(entry.path))
         else:
             label = -1 if split == "pool" else -2
-            files = iter([(entry, entry.name)])
-        for f, rel in files:
+            files = iter([entry])
+        for f in files:
             shown = _relative(f.path, shown_root)
             if label == -2:
                 why = (f"class directory {entry.name!r} is not a class of the train split {_some(listing.classes)}"
@@ -260,7 +280,7 @@ def _list_class_dirs(listing: Listing, directory: Path, split: str, batch: str, 
             elif f.is_symlink() and (refused := _refused_link(f.path, real_root)):
                 listing.refuse(shown, split, *refused)
             else:
-                listing.items.append(Item(id=prefix + _no_suffix(rel), split=split,
+                listing.items.append(Item(id=prefix + _stem(f.name), split=split,
                                           batch=batch, source_path=shown, label=label, path=f.path))
 
 
@@ -307,7 +327,8 @@ def _integer_classes(values: set[int], path: Path) -> list[str]:
     return [str(v) for v in sorted(values)]
 
 
-def _list_manifest(path: Path, class_names: list[str], max_classes: int) -> Listing:
+def _list_manifest(path: Path, class_names: list[str], max_classes: int,
+                   root: str | os.PathLike | None = None) -> Listing:
     df = _read_manifest(path)
     labels = [_label_text(v) for v in df["label"]]
     splits = ([str(s).strip().lower() or "train" for s in df["split"]] if "split" in df.columns
@@ -335,7 +356,7 @@ def _list_manifest(path: Path, class_names: list[str], max_classes: int) -> List
         return names.get(str(int(lab)) if integer else lab)
 
     listing = Listing(layout="manifest", classes=classes)
-    root = path.parent.resolve()
+    root = Path(root).resolve() if root else path.parent.resolve()
     for row, (raw_path, lab, split) in enumerate(zip(df["path"], labels, splits, strict=True)):
         shown = str(raw_path)
         try:
@@ -358,7 +379,7 @@ def _list_manifest(path: Path, class_names: list[str], max_classes: int) -> List
             listing.refuse(rel, split, MISSING,
                            f"{resolved}: " + ("is a directory" if resolved.is_dir() else "no such file"))
             continue
-        listing.items.append(Item(id=f"{split}/{_no_suffix(rel)}", split=split, batch="", source_path=rel,
+        listing.items.append(Item(id=f"{split}/{_stem(rel)}", split=split, batch="", source_path=rel,
                                   label=label, path=str(resolved)))
     return listing
 
@@ -404,18 +425,74 @@ def _list_idx(directory: Path, class_names: list[str], max_classes: int) -> List
     return listing
 
 
-def refuse_duplicate_ids(listing: Listing) -> None:
-    """Order the items by split, batch and id; refuse any second item with an id already taken."""
-    listing.items.sort(key=lambda it: (SPLIT_ORDER[it.split], it.batch, it.id))
-    seen: dict[str, str] = {}
+def file_digest(path: str, max_bytes: int) -> str | None:
+    """sha256 of the file's bytes; None for a file decoding refuses without reading it (empty, or more than
+    ``max_bytes``: a FIFO is never opened) or cannot read (decoding then says why)."""
+    try:
+        size = os.stat(path).st_size
+        if size == 0 or size > max_bytes:
+            return None
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _digests(paths: list[str], max_bytes: int, workers: int) -> list[str | None]:
+    """``file_digest`` of each path, on ``workers`` threads (hashlib releases the GIL), in order."""
+    def run(chunk: list[str]) -> list[str | None]:
+        return [file_digest(p, max_bytes) for p in chunk]
+
+    chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]  # a few futures, not one per file
+    if workers <= 1:
+        return [d for chunk in chunks for d in run(chunk)]
+    with ThreadPoolExecutor(workers) as ex:
+        return [d for done in ex.map(run, chunks) for d in done]
+
+
+def assign_ids(listing: Listing, max_file_bytes: int = 20_000_000, workers: int = 1) -> None:
+    """Give every listed file its image id, order the items by split, batch and id, and refuse a file
+    listed twice in one split (a repeated manifest row: ``DUPLICATE_ID``).
+
+    A file's id is ``<split>/[<batch>/]<file name without suffix>-<8 hex digits of the sha256 of its
+    bytes>`` (``train/IMG_0001-3fa2b9c1``). It holds neither the class directory nor the label, so a
+    relabel (a file moved to another class directory, a label edited in a manifest) keeps the id and the
+    row order; the digest keeps ``cat/IMG_0001.jpg`` and ``dog/IMG_0001.jpg`` (what cameras and scrapers
+    write), or ``a.png`` beside ``a.jpg``, apart, and, unlike a suffix added only on a clash, leaves
+    every id as it was when another file of the same name arrives. Byte-identical files of the same
+    name in one split (the same image in two class directories) are both kept, as ``...-<digest>`` and
+    ``...-<digest>~2`` in the order of their paths; their rows are identical, so that order cannot change
+    ``images.npy``. A file decoding will refuse unread (empty, over ``max_file_bytes``, unreadable) has no
+    digest and keeps the bare name. IDX rows keep ``<split>/<row>``.
+
+    Costs one read of every file, on ``workers`` threads; decoding then finds an unchanged file in its
+    cache by this digest without reading it again.
+    """
+    files = [it for it in listing.items if it.path is not None]
+    t0 = time.perf_counter()
+    for it, digest in zip(files, _digests([it.path for it in files], max_file_bytes, workers), strict=True):
+        it.digest = digest
+    if files:
+        log.info("hashed %d files in %.1f s", len(files), time.perf_counter() - t0)
+    listing.items.sort(key=lambda it: (SPLIT_ORDER[it.split], it.batch, it.id, it.digest or "", it.source_path))
+    listed: set[tuple[str, str, str]] = set()
+    taken: set[str] = set()
     kept = []
     for it in listing.items:
-        if it.id in seen:
-            listing.refuse(it.source_path, it.split, DUPLICATE_ID, f"id {it.id!r} already taken by {seen[it.id]}")
-        else:
-            seen[it.id] = it.source_path
-            kept.append(it)
-    listing.items = kept
+        where = (it.split, it.batch, it.source_path)
+        if where in listed:
+            listing.refuse(it.source_path, it.split, DUPLICATE_ID,
+                           f"the same file is already listed in the {it.split} split")
+            continue
+        listed.add(where)
+        base = f"{it.id}-{it.digest[:8]}" if it.digest else it.id
+        it.id, n = base, 1
+        while it.id in taken:
+            n += 1
+            it.id = f"{base}~{n}"
+        taken.add(it.id)
+        kept.append(it)
+    listing.items = sorted(kept, key=lambda it: (SPLIT_ORDER[it.split], it.batch, it.id))
 
 
 # --- decoding (runs in the worker processes) -------------------------------------------------------
@@ -437,13 +514,21 @@ class Conversion:
     @property
     def tag(self) -> str:
         # Bump the version when decode_one, convert_image or perceptual_hash change what they return.
-        return f"v4-c{self.channels}-s{self.size}-p{self.max_pixels}"
+        return f"v5-c{self.channels}-s{self.size}-p{self.max_pixels}"
 
 
 def convert_image(im: Image.Image, channels: int, size: int) -> np.ndarray:
     """The one conversion every image gets: first frame, turned upright as its EXIF orientation says (as
-    image viewers show it), 16-bit samples scaled to 8 bits, to L or RGB, bilinear resize to size x size."""
+    image viewers show it), 16-bit samples scaled to 8 bits, to L or RGB (CMYK by Pillow's (255-C)(255-K)
+    formula), bilinear resize to size x size.
+
+    A JPEG ``im`` not loaded yet is decoded at 1/2, 1/4 or 1/8 scale while that stays at least twice
+    ``size`` (libjpeg's DCT scaling, as ``Image.thumbnail`` does): a 6000x4000 photo then costs 750x500
+    pixels of memory, and its pixels differ from a full decode's by a fraction of a grey level. Pass
+    images unloaded, so that every caller gets the same pixels.
+    """
     im.seek(0)
+    im.draft(None, (2 * size, 2 * size))
     im = ImageOps.exif_transpose(im)
     if im.mode == "I" or im.mode.startswith("I;16"):  # Pillow's own conversion clips these at 255: white
         im = Image.fromarray((np.clip(np.asarray(im), 0, 65535) >> 8).astype(np.uint8))
@@ -502,52 +587,88 @@ def _pillow_said(err: Exception) -> str:
     return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(file content)", f"{type(err).__name__}: {err}")
 
 
-def decode_one(path: str | None, raw: bytes | None, shape: tuple | None, conv: Conversion,
-               cached: frozenset[str] = frozenset()) -> tuple:
-    """Decode one file (or IDX row) to ``("ok", key, pixels, meta)``, ``("cached", key)`` when its key
-    is in ``cached``, or ``("bad", reason, detail)``. Never raises for a bad file.
+def read_file(path: str, conv: Conversion) -> tuple:
+    """The bytes of the file ``path`` as ``("ok", data)``, or ``("bad", reason, detail)`` (missing,
+    unreadable, empty or larger than ``conv.max_file_bytes``: checked before reading, so a FIFO, whose
+    size is 0, is never opened: that would wait for a writer forever). Never raises."""
+    try:
+        nbytes = os.stat(path).st_size
+        if nbytes == 0:
+            return _bad(EMPTY, "0 bytes")
+        if nbytes > conv.max_file_bytes:
+            return _bad(TOO_LARGE, f"{nbytes} bytes > max_file_bytes {conv.max_file_bytes}")
+        with open(path, "rb") as fh:
+            return ("ok", fh.read())
+    except FileNotFoundError as err:
+        return _bad(MISSING, str(err))
+    except OSError as err:
+        return _bad(UNREADABLE, f"{type(err).__name__}: {err}")
 
-    ``meta`` is ``(orig_width, orig_height, orig_mode, content_hash, phash)``. The file is opened twice:
-    ``verify`` checks the whole stream (CRCs, a missing end), ``load`` decodes it.
+
+def decode_bytes(data: bytes, conv: Conversion) -> tuple:
+    """Decode the encoded image ``data`` with :func:`convert_image` to ``("ok", pixels, (orig_width,
+    orig_height, orig_mode, format))``, or ``("bad", reason, detail)``. Never raises for bad bytes.
+
+    The image is opened twice: ``verify`` checks the whole stream (CRCs, a missing end), ``load`` decodes it.
+    What every decoder of sslvision uses (ingest, monitoring, ``sslvision predict``, the served model),
+    so an image is converted the same way wherever it comes from.
+    """
+    if not data:
+        return _bad(EMPTY, "0 bytes")
+    if len(data) > conv.max_file_bytes:
+        return _bad(TOO_LARGE, f"{len(data)} bytes > max_file_bytes {conv.max_file_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(_io.BytesIO(data)) as im:
+                width, height = im.size
+                if width * height > conv.max_pixels:
+                    return _bad(TOO_LARGE, f"{width}x{height} pixels > max_pixels {conv.max_pixels}")
+                im.verify()
+            with Image.open(_io.BytesIO(data)) as im:
+                mode, fmt = im.mode, im.format
+                pixels = convert_image(im, conv.channels, conv.size)  # loads it, after the JPEG draft
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return _bad(TOO_LARGE, _pillow_said(err))
+    except UnidentifiedImageError as err:
+        if data.startswith(IMAGE_MAGIC):
+            return _bad(TRUNCATED, f"{_pillow_said(err)}; the file starts like an image ({len(data)} bytes)")
+        # never the bytes themselves: the reason reaches reports and MLflow (a link could point anywhere)
+        return _bad(NOT_IMAGE, f"{_pillow_said(err)}; no image format signature ({len(data)} bytes)")
+    except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ...
+        said = _pillow_said(err)
+        return _bad(TRUNCATED if "truncat" in said.lower() else UNREADABLE, said)
+    return ("ok", pixels, (width, height, mode, fmt))
+
+
+def _file_key(conv: Conversion, digest: str) -> str:
+    """The decode cache key of a file whose bytes have the sha256 ``digest``."""
+    return hashlib.sha256(f"{conv.tag}:{digest}".encode()).hexdigest()
+
+
+def decode_one(path: str | None, raw: bytes | None, shape: tuple | None, conv: Conversion,
+               cached: frozenset[str] = frozenset(), digest: str | None = None) -> tuple:
+    """Decode one file (:func:`read_file`, :func:`decode_bytes`) or IDX row to ``("ok", key, pixels,
+    meta)``, ``("cached", key)`` when its key is in ``cached``, or ``("bad", reason, detail)``. Never
+    raises for a bad file.
+
+    ``meta`` is ``(orig_width, orig_height, orig_mode, content_hash, phash)``. ``digest``, the file's
+    sha256 when ``assign_ids`` hashed it, finds a cached file without reading it again.
     """
     if raw is None:
-        try:
-            nbytes = os.stat(path).st_size
-            if nbytes == 0:
-                return _bad(EMPTY, "0 bytes")
-            if nbytes > conv.max_file_bytes:
-                return _bad(TOO_LARGE, f"{nbytes} bytes > max_file_bytes {conv.max_file_bytes}")
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError as err:
-            return _bad(MISSING, str(err))
-        except OSError as err:
-            return _bad(UNREADABLE, f"{type(err).__name__}: {err}")
-        key = hashlib.sha256(conv.tag.encode() + data).hexdigest()
+        if digest is not None and (key := _file_key(conv, digest)) in cached:
+            return ("cached", key)
+        read = read_file(path, conv)
+        if read[0] == "bad":
+            return read
+        data = read[1]
+        key = _file_key(conv, hashlib.sha256(data).hexdigest())
         if key in cached:
             return ("cached", key)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(_io.BytesIO(data)) as im:
-                    width, height = im.size
-                    if width * height > conv.max_pixels:
-                        return _bad(TOO_LARGE, f"{width}x{height} pixels > max_pixels {conv.max_pixels}")
-                    im.verify()
-                with Image.open(_io.BytesIO(data)) as im:
-                    mode = im.mode
-                    im.load()
-                    pixels = convert_image(im, conv.channels, conv.size)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            return _bad(TOO_LARGE, _pillow_said(err))
-        except UnidentifiedImageError as err:
-            if data.startswith(IMAGE_MAGIC):
-                return _bad(TRUNCATED, f"{_pillow_said(err)}; the file starts like an image ({len(data)} bytes)")
-            # never the bytes themselves: the reason reaches reports and MLflow (a link could point anywhere)
-            return _bad(NOT_IMAGE, f"{_pillow_said(err)}; no image format signature ({len(data)} bytes)")
-        except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ...
-            said = _pillow_said(err)
-            return _bad(TRUNCATED if "truncat" in said.lower() else UNREADABLE, said)
+        decoded = decode_bytes(data, conv)
+        if decoded[0] == "bad":
+            return decoded
+        pixels, (width, height, mode, _) = decoded[1], decoded[2]
     else:
         key = hashlib.sha256(conv.tag.encode() + b"idx" + repr(shape).encode() + raw).hexdigest()
         if key in cached:
@@ -563,8 +684,8 @@ def _decode_chunk(tasks: list[tuple], conv: Conversion,
                   cached: frozenset[str] | None = None) -> tuple[np.ndarray, list[tuple]]:
     """Decode a chunk; the pixels come back stacked (one array per chunk, cheap to send)."""
     results, stack = [], []
-    for path, raw, shape in tasks:
-        r = decode_one(path, raw, shape, conv, _CACHED if cached is None else cached)
+    for path, raw, shape, digest in tasks:
+        r = decode_one(path, raw, shape, conv, _CACHED if cached is None else cached, digest)
         if r[0] == "ok":
             stack.append(r[2])
             r = ("ok", r[1], r[3])
@@ -711,7 +832,8 @@ def decode_all(items: list[Item], conv: Conversion, workers: int, chunk_size: in
                 if r[0] == "cached":
                     got = cache.get(r[1])
                     if got is None:  # a damaged cache entry: decode the file here instead
-                        r = decode_one(*_tasks([item])[0], conv)
+                        path, raw, shape, _ = _tasks([item])[0]
+                        r = decode_one(path, raw, shape, conv)
                         if r[0] == "ok":
                             r = ("ok", r[1], r[3], r[2])
                     else:
@@ -757,7 +879,7 @@ def decode_all(items: list[Item], conv: Conversion, workers: int, chunk_size: in
 
 def _tasks(chunk: list[Item]) -> list[tuple]:
     return [(it.path, None if it.pixels is None else it.pixels.tobytes(),
-             None if it.pixels is None else it.pixels.shape) for it in chunk]
+             None if it.pixels is None else it.pixels.shape, it.digest) for it in chunk]
 
 
 def find_duplicates(manifest: pd.DataFrame, near_bits: int) -> tuple[pd.DataFrame, dict]:
@@ -843,6 +965,33 @@ def _class_counts(manifest: pd.DataFrame, classes: list[str], split: str) -> dic
     return {name: int(counts.get(i, 0)) for i, name in enumerate(classes)}
 
 
+COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"}
+
+
+def data_warnings(class_counts: dict[str, dict[str, int]], orig_modes: dict[str, int], channels: int) -> list[str]:
+    """What the ingested data lacks for the stages after ingest, in words: fewer than 2 classes with train
+    images (nothing to classify: audit and finetune refuse), a class with a single train or test image
+    (audit's cross-validation and pretrain's 2-fold evaluation need 2 per class), colour images made
+    grey by ``channels`` 1. Ingest still writes its outputs: a pool batch, a class still being
+    collected, may be what completes the data."""
+    warnings_ = []
+    train = class_counts["train"]
+    present = [c for c, n in train.items() if n > 0]
+    if len(present) < 2:
+        warnings_.append(f"{len(present)} class(es) with train images {_some(present)}: a classifier needs at "
+                         "least 2; audit and finetune cannot run (add a class directory, or manifest rows with "
+                         "another label)")
+    for split, needs in (("train", "audit's cross-validation"), ("test", "pretrain's evaluation")):
+        single = [c for c, n in class_counts[split].items() if n == 1]
+        if single:
+            warnings_.append(f"{len(single)} class(es) with a single {split} image {_some(single)}: "
+                             f"{needs} needs at least 2 per class")
+    colour = sum(n for m, n in orig_modes.items() if m in COLOUR_MODES)
+    if channels == 1 and colour:
+        warnings_.append(f"{colour} colour images converted to grey (ingest.channels is 1; 3 keeps colour)")
+    return warnings_
+
+
 def run_ingest(params: IngestParams, source: str | os.PathLike, out: str | os.PathLike,
                pool: str | os.PathLike | None = None) -> dict:
     """Ingest ``source`` (+ the batches under ``pool``) into ``out``; return the metrics.
@@ -851,13 +1000,15 @@ def run_ingest(params: IngestParams, source: str | os.PathLike, out: str | os.Pa
     classes.json, quarantine.parquet, duplicates.parquet (see ``sslvision.data`` for the columns).
     """
     source, out = Path(source), Path(out)
-    listing = list_source(source, params.class_names, params.max_classes)
+    listing = list_source(source, params.class_names, params.max_classes, params.manifest_root or None)
     if pool is not None and Path(pool).is_dir():
         list_pool(pool, listing)
-    refuse_duplicate_ids(listing)
     n_listed = len(listing.items) + len(listing.quarantine)
     if n_listed == 0:
-        raise ValueError(f"{source}: empty dataset: no image files found ({listing.layout} layout)")
+        where = (f": the class directories {_some(listing.classes)} are empty"
+                 if listing.layout == "imagefolder" and listing.classes else "")
+        raise ValueError(f"{source}: empty dataset: no image files found ({listing.layout} layout){where}")
+    assign_ids(listing, params.max_file_bytes, params.workers)
     log.info("%s: %d files listed (%s layout, %d classes), %d refused before decoding",
              source, n_listed, listing.layout, len(listing.classes), len(listing.quarantine))
 
@@ -869,8 +1020,10 @@ def run_ingest(params: IngestParams, source: str | os.PathLike, out: str | os.Pa
     quarantine = pd.DataFrame(listing.quarantine + refused, columns=["source_path", "split", "reason", "detail"])
     if not kept:
         reasons = dict(Counter(quarantine["reason"]))
+        examples = "; ".join(f"{r.source_path}: {r.reason}: {_clip(r.detail, 200)}"
+                             for r in quarantine.head(3).itertuples())
         raise ValueError(f"{source}: empty dataset: none of the {n_listed} files could be used "
-                         f"(quarantined by reason: {reasons})")
+                         f"(quarantined by reason: {reasons}), e.g. {examples}")
 
     images = pd.DataFrame({
         "index": np.arange(len(kept), dtype=np.int64),
@@ -905,8 +1058,10 @@ def run_ingest(params: IngestParams, source: str | os.PathLike, out: str | os.Pa
     io.write_parquet(out / "quarantine.parquet", quarantine)
     io.write_parquet(out / "duplicates.parquet", duplicates)
 
-    train_counts = _class_counts(manifest, listing.classes, "train")
+    class_counts = {s: _class_counts(manifest, listing.classes, s) for s in ("train", "test")}
+    train_counts = class_counts["train"]
     present = [c for c in train_counts.values() if c > 0]
+    orig_modes = {str(m): int(n) for m, n in sorted(Counter(manifest["orig_mode"]).items())}
     metrics = {
         "source": str(source),
         "layout": listing.layout,
@@ -915,15 +1070,19 @@ def run_ingest(params: IngestParams, source: str | os.PathLike, out: str | os.Pa
         "by_split": {s: int((manifest["split"] == s).sum()) for s in SPLIT_ORDER},
         "pool_batches": int(manifest.loc[manifest["split"] == "pool", "batch"].nunique()),
         "classes": len(listing.classes),
-        "class_counts": {s: _class_counts(manifest, listing.classes, s) for s in ("train", "test")},
+        "class_counts": class_counts,
         "imbalance_ratio": round(max(present) / min(present), 3) if present else None,
         "rare_classes": sum(c < params.min_class_count for c in train_counts.values()),
         "quarantined": len(quarantine),
         "quarantine": {r: int((quarantine["reason"] == r).sum()) for r in REASONS},
         "duplicates": dup_stats,
         "decode": decode_stats,
+        "orig_modes": orig_modes,
+        "warnings": data_warnings(class_counts, orig_modes, params.channels),
     }
     assert metrics["images"] + metrics["quarantined"] == n_listed, "an image was lost without a trace"
+    for warning in metrics["warnings"]:
+        log.warning("%s: %s", source, warning)
     log.info("%d images kept, %d quarantined, %d decoded, %d from the cache", len(manifest), len(quarantine),
              decode_stats["decoded"], decode_stats["cache_hits"])
     return metrics
@@ -970,8 +1129,13 @@ def dataset_card(metrics: dict, out: Path) -> str:
     lines = [
         "# Dataset card",
         "",
-        (f"Source `{metrics['source']}` ({metrics['layout']} layout): {metrics['listed']} files listed, "
-         f"{metrics['images']} images kept, {metrics['quarantined']} quarantined."),
+        (f"Source `{metrics['source']}` ({metrics['layout']} layout): {metrics['listed']} files listed = "
+         f"{metrics['images']} images kept + {metrics['quarantined']} quarantined (every listed file is a row "
+         "of `manifest.parquet` or of `quarantine.parquet`)."),
+        "",
+        *(["## Warnings", "", *(f"- {w}" for w in metrics["warnings"]), ""] if metrics["warnings"] else []),
+        "Original image modes (each converted to the configured channels): "
+        + ", ".join(f"{m} {n}" for m, n in metrics["orig_modes"].items()) + ".",
         "",
         "| split | images |", "|---|---|",
         *(f"| {s} | {n} |" for s, n in metrics["by_split"].items()),
@@ -1031,7 +1195,7 @@ def ingest_cli(source: str | os.PathLike | None, out: str | os.PathLike, params:
     from sslvision import tracking
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     p = load_section("ingest", IngestParams, params)
     src = check_source(source if source is not None else p.source)  # before opening an MLflow run
     out = Path(out)

@@ -150,6 +150,7 @@ def reproduce_stage(stage: str, force: bool = False, root: str | os.PathLike = "
     from dvc.stage.exceptions import StageCmdFailedError
 
     python_first_on_path()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # the stages' progress (stdout) shows as it happens
     failure = None
     with Repo(str(root)) as repo, stderr_tail() as tail:
         try:

@@ -11,7 +11,8 @@ import mlflow
 
 
 class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
-    """Flattened uint8 images in; ``prediction``, ``confidence`` and ``prob_<k>`` columns out."""
+    """Base64 image files (``image``) or converted pixels (``pixels``) in; ``prediction``, ``label``,
+    ``confidence``, ``prob_<k>`` and ``error`` out (:func:`sslvision.registry.predict_frame`)."""
 
     def load_context(self, context: Any) -> None:
         from sslvision.finetune import load_classifier

@@ -5,9 +5,25 @@ it is really better, roll back.
 ``python_model`` is the file :data:`PYFUNC_CODE` (MLflow stores the file itself, never a pickled
 object) and the model's only artifacts are ``classifier.safetensors`` + ``config.json``; the
 ``sslvision`` sources go with it (``code_paths``), so the logged model loads wherever its pip
-requirements are installed. Input: a uint8 tensor ``(N, H*W*C)`` of flattened images (one row per
-image, the ingest layout); output: a frame with ``prediction`` (class index), ``confidence`` (the
-calibrated top probability) and ``prob_<k>`` per class. Signature and input example are logged.
+requirements are installed. The model carries its class names and the conversion ingest applied to its
+training images (``config.json``), so a client sends images, not pixels, and reads class names.
+
+**Input** (:func:`predict_frame`): a frame with one row per image and either column (or both, one of the
+two set per row):
+
+- ``image``: the encoded file (JPEG, PNG, TIFF, ...) as a base64 string, MLflow's serving convention for
+  binary data; decoded and converted exactly as ingest did (:func:`sslvision.ingest.decode_bytes`: EXIF
+  orientation, 16-bit scaling, channels, size, and ingest's size limits);
+- ``pixels``: the image already converted, flattened ``H*W*C`` uint8 values (the ingest layout).
+
+**Output**, one row per input row: ``prediction`` (class index), ``label`` (class name), ``confidence``
+(the calibrated top probability), ``prob_<k>`` (the probability of class ``k``, ``label`` naming the
+top one; indices rather than names keep the columns valid whatever the class names are), and ``error``.
+A row that cannot be used (bytes that are not base64 or not an image, a wrong pixel count) gets
+``prediction`` -1, null ``label``, ``confidence`` and probabilities, and its reason in ``error`` (null
+on the other rows), and the other rows are still answered: a served batch loses one answer, not the
+whole request (and the JSON stays valid: no NaN). Signature and input
+example (one base64 PNG) are logged.
 
 **Aliases**, never deprecated stages: a freshly registered version becomes ``challenger``; a
 promotion moves ``champion`` to it and keeps the former champion as ``previous``; :func:`rollback`
@@ -23,6 +39,15 @@ recall, ECE, accuracy, macro-F1) and each threshold is checked with
 - ``worst_class_recall`` >= the champion's minus ``worst_class_tolerance`` (MLflow's relative checks
   only express strict improvements, so "not worse" is an absolute threshold taken from the champion's
   evaluation on the same set);
+- ``worst_class_recall`` >= ``min_worst_class_recall`` (gate ``worst_class_floor``), also for the first model;
+- ``balanced_accuracy`` >= the pixel baseline's + ``baseline_margin`` (gate ``pixel_baseline``, with
+  ``beat_pixel_baseline``): the logistic regression on pixel PCA features that the finetune stage fitted on
+  the same training labels (:mod:`sslvision.baselines`), scored on the same golden set and recorded as a
+  version tag at registration (:func:`record_pixel_baseline`), so a later ``sslvision promote`` compares with
+  the same number. A baseline recorded on another golden set refuses the promotion; a version with none
+  (registered outside the finetune stage) falls back to the champion's, and with neither the gate is skipped
+  (logged, and said in the decision's ``pixel_baseline.source``). A custom gate (``limits_for``, the prior
+  correction's) replaces all of these;
 - ``ece`` <= ``max_ece``.
 
 With no champion (the first model) only the absolute thresholds apply. A refusal lists every failed
@@ -70,6 +95,11 @@ DIGEST_TAG = "sslvision.sha256/"  # + the file's path in the logged model: its S
 PROMOTION_TAG = "sslvision.promotion"  # set on a version by every gate decision (and a rollback)
 # mlflow.models.evaluate names a custom metric's aggregate "<metric>/<aggregate>".
 BALANCED_ACCURACY, WORST_CLASS_RECALL, ECE = "balanced_accuracy/score", "worst_class_recall/score", "ece/score"
+# The pixel baseline's balanced accuracy on the golden set, and that set's digest: version tags set at registration.
+BASELINE_TAG = "sslvision.baseline.pixel_logreg.balanced_accuracy"
+BASELINE_GOLDEN_TAG = "sslvision.baseline.pixel_logreg.golden_sha256"
+# Gates that check a metric under another name than the metric's own (a metric has one threshold per check).
+GATE_METRICS = {"pixel_baseline": BALANCED_ACCURACY, "worst_class_floor": WORST_CLASS_RECALL}
 
 
 class RegistryError(RuntimeError):
@@ -78,40 +108,114 @@ class RegistryError(RuntimeError):
 
 # --- the pyfunc model ----------------------------------------------------------------------------
 
-def predict_frame(classifier: Any, model_input: Any, batch_size: int = 512) -> pd.DataFrame:
-    """The pyfunc output for flattened uint8 images ``(N, H*W*C)`` (array or frame)."""
-    cfg = classifier.encoder.config
-    x = np.asarray(model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else model_input)
-    size = cfg.img_size * cfg.img_size * cfg.in_chans
-    if x.ndim != 2 or x.shape[1] != size:
-        raise ValueError(f"expected flattened {cfg.img_size}x{cfg.img_size}x{cfg.in_chans} uint8 images "
-                         f"(N, {size}), got shape {x.shape}")
-    images = x.astype(np.uint8, copy=False).reshape(len(x), cfg.img_size, cfg.img_size, cfg.in_chans)
-    probs = classifier.predict_proba(images, batch_size)
-    frame = pd.DataFrame({"prediction": probs.argmax(1).astype(np.int64), "confidence": probs.max(1)})
-    for k in range(probs.shape[1]):
-        frame[f"prob_{k}"] = probs[:, k]
-    return frame
+IMAGE, PIXELS = "image", "pixels"  # the input columns (see the module docstring)
 
 
-def flatten(images: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(images).reshape(len(images), -1)
+def _row_pixels(classifier: Any, image: Any, pixels: Any) -> tuple[np.ndarray | None, str | None]:
+    """One input row as converted uint8 ``(H, W, C)`` pixels, or None and the reason."""
+    import base64
+    import binascii
+
+    from sslvision.ingest import decode_bytes
+
+    conv = classifier.conversion
+    if isinstance(image, (str, bytes)):
+        try:
+            data = base64.b64decode(image, validate=True) if isinstance(image, str) else image
+        except (binascii.Error, ValueError) as err:
+            return None, f"{IMAGE}: not base64 ({err})"
+        decoded = decode_bytes(data, conv)
+        return (decoded[1], None) if decoded[0] == "ok" else (None, f"{IMAGE}: {decoded[1]}: {decoded[2]}")
+    if pixels is not None and not (np.isscalar(pixels) and pd.isna(pixels)):
+        x = np.asarray(pixels)
+        if x.size != int(np.prod(conv.shape)) or x.dtype.kind not in "iuf" or x.min() < 0 or x.max() > 255:
+            return None, (f"{PIXELS}: expected {int(np.prod(conv.shape))} values in 0..255 ({conv.size}x{conv.size}x"
+                          f"{conv.channels} uint8, flattened), got {x.size} of {x.dtype}")
+        return x.astype(np.uint8).reshape(conv.shape), None
+    return None, f"neither {IMAGE!r} (base64 image file) nor {PIXELS!r} (flattened uint8 pixels) is set"
+
+
+def predict_frame(classifier: Any, model_input: pd.DataFrame, batch_size: int = 512) -> pd.DataFrame:
+    """The pyfunc's answer to ``model_input`` (columns ``image`` and/or ``pixels``, see the module
+    docstring): ``prediction``, ``label``, ``confidence``, ``prob_<k>`` and ``error`` per row."""
+    if not isinstance(model_input, pd.DataFrame) or not {IMAGE, PIXELS} & set(model_input.columns):
+        raise ValueError(f"expected a frame with an {IMAGE!r} column (base64 image files) or a {PIXELS!r} column "
+                         f"(flattened uint8 pixels), got {type(model_input).__name__}"
+                         + (f" with columns {list(model_input.columns)[:10]}" if isinstance(model_input, pd.DataFrame)
+                            else ""))
+    n = len(model_input)
+    images = model_input[IMAGE] if IMAGE in model_input else pd.Series([None] * n)
+    pixels = model_input[PIXELS] if PIXELS in model_input else pd.Series([None] * n)
+    rows = [_row_pixels(classifier, i, p) for i, p in zip(images.tolist(), pixels.tolist(), strict=True)]
+    ok = [k for k, (x, _) in enumerate(rows) if x is not None]
+    probs = np.full((n, len(classifier.classes)), np.nan)
+    if ok:
+        probs[ok] = classifier.predict_proba(np.stack([rows[k][0] for k in ok]), batch_size)
+    prediction = np.full(n, -1, np.int64)
+    prediction[ok] = probs[ok].argmax(1)
+    columns = {"confidence": probs.max(1, initial=0.0, where=~np.isnan(probs)),
+               **{f"prob_{k}": probs[:, k] for k in range(probs.shape[1])}}
+    if len(ok) < n:  # null, not NaN, on the failed rows: MLflow writes NaN into its JSON, which most parsers refuse
+        columns = {c: pd.Series(v, dtype=object).where(prediction >= 0, None) for c, v in columns.items()}
+    return pd.DataFrame({
+        "prediction": prediction,
+        "label": pd.Series([classifier.classes[c] if c >= 0 else None for c in prediction], dtype=object),
+        **columns,
+        "error": pd.Series([err for _, err in rows], dtype=object),
+    })
+
+
+def pixel_frame(images: np.ndarray) -> pd.DataFrame:
+    """Model input of converted uint8 ``(N, H, W, C)`` images: one flattened ``pixels`` array per row."""
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    return pd.DataFrame({PIXELS: list(flat)})
+
+
+def image_frame(files: list[bytes]) -> pd.DataFrame:
+    """Model input of encoded image files (their bytes): one base64 ``image`` string per row."""
+    import base64
+
+    return pd.DataFrame({IMAGE: [base64.b64encode(f).decode("ascii") for f in files]})
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A converted uint8 ``(H, W, C)`` image as a PNG file (lossless: it decodes to the same pixels)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def model_signature(classifier: Any, example: pd.DataFrame) -> Any:
+    """Input: an optional ``image`` string column and an optional ``pixels`` array column; output: the
+    columns of :func:`predict_frame` on ``example`` (all but ``prediction`` null on a failed row)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    out = predict_frame(classifier, example)
+    types = {"prediction": "long", "label": "string", "error": "string"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", IMAGE, required=False), ColSpec(Array("long"), PIXELS, required=False)]),
+        outputs=Schema([ColSpec(types.get(c, "double"), c, required=c == "prediction") for c in out.columns]))
 
 
 def log_and_register(classifier_dir: str | Path, name: str, example_images: np.ndarray) -> str:
     """Log the classifier in the active run, register it under ``name`` and alias it ``challenger``.
 
-    Returns the new version.
+    ``example_images``: converted uint8 ``(N, H, W, C)`` images; the first, as a base64 PNG, is the
+    logged input example (what a client of ``mlflow models serve`` sends). Returns the new version.
     """
     import mlflow
-    from mlflow.models import infer_signature
 
     import sslvision
     from sslvision.finetune import load_classifier
 
     classifier = load_classifier(classifier_dir)
-    example = flatten(example_images)
-    signature = infer_signature(example, predict_frame(classifier, example))
+    example = image_frame([png_bytes(example_images[0])])
+    signature = model_signature(classifier, example)
     info = mlflow.pyfunc.log_model(
         name="classifier",
         python_model=str(PYFUNC_CODE),
@@ -199,16 +303,23 @@ def load_champion_classifier(name: str) -> tuple[Any, str] | None:
     when there is none. Only its weights and config are read (from a :func:`verified_copy`), by this
     installed sslvision: none of the model's stored code runs."""
     import mlflow
-    import yaml
-
-    from sslvision.finetune import load_classifier
 
     version = alias_version(mlflow.MlflowClient(), name, CHAMPION)
     if version is None:
         return None
+    return load_registered_classifier(name, version), version
+
+
+def load_registered_classifier(name: str, version: str) -> Any:
+    """Version ``version`` of ``name`` as a :class:`~sslvision.finetune.Classifier`: only its weights and
+    config are read (from a :func:`verified_copy`), by this installed sslvision; none of its code runs."""
+    import yaml
+
+    from sslvision.finetune import load_classifier
+
     with verified_copy(name, version) as local:
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-        return load_classifier(local / flavor["artifacts"]["classifier"]["path"]), version
+        return load_classifier(local / flavor["artifacts"]["classifier"]["path"])
 
 
 def _requirements() -> list[str]:
@@ -260,10 +371,7 @@ def _ece(predictions: pd.Series, targets: pd.Series, confidence: pd.Series) -> A
 
 
 def golden_frame(images: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-    flat = flatten(images)
-    frame = pd.DataFrame(flat, columns=[f"px{i}" for i in range(flat.shape[1])])
-    frame["label"] = np.asarray(labels, dtype=np.int64)
-    return frame
+    return pixel_frame(images).assign(label=np.asarray(labels, dtype=np.int64))
 
 
 CODE_MODEL_LOADER = "mlflow.pyfunc.loaders.code_model"
@@ -305,8 +413,11 @@ def evaluate_version(name: str, version: str, golden: pd.DataFrame) -> Any:
                                       extra_metrics=metrics)
 
 
-def thresholds(promotion: Any, champion_metrics: dict[str, float] | None) -> dict[str, Any]:
-    """The ``MetricThreshold`` of every check (``promotion``: the ``finetune.promotion`` params)."""
+def thresholds(promotion: Any, champion_metrics: dict[str, float] | None,
+               pixel_baseline: float | None = None) -> dict[str, Any]:
+    """The ``MetricThreshold`` of every check (``promotion``: the ``finetune.promotion`` params), by gate
+    name: a metric's name, or a key of :data:`GATE_METRICS`. ``pixel_baseline``: the pixel baseline's
+    balanced accuracy on the same golden set (None: that gate is not applied)."""
     from mlflow.models import MetricThreshold
 
     out = {
@@ -314,25 +425,66 @@ def thresholds(promotion: Any, champion_metrics: dict[str, float] | None) -> dic
             threshold=promotion.min_balanced_accuracy, greater_is_better=True,
             min_absolute_change=promotion.min_improvement if champion_metrics is not None else None),
         ECE: MetricThreshold(threshold=promotion.max_ece, greater_is_better=False),
+        "worst_class_floor": MetricThreshold(threshold=promotion.min_worst_class_recall, greater_is_better=True),
     }
     if champion_metrics is not None:
         out[WORST_CLASS_RECALL] = MetricThreshold(
             threshold=champion_metrics[WORST_CLASS_RECALL] - promotion.worst_class_tolerance, greater_is_better=True)
+    if pixel_baseline is not None:
+        out["pixel_baseline"] = MetricThreshold(threshold=min(1.0, pixel_baseline + promotion.baseline_margin),
+                                                greater_is_better=True)
     return out
 
 
 def check(limits: dict[str, Any], candidate: Any, baseline: Any | None) -> dict[str, str]:
-    """Every failed threshold with MLflow's explanation ({} when all pass)."""
+    """Every failed threshold with MLflow's explanation ({} when all pass), by gate name."""
     import mlflow
     from mlflow.models.evaluation.validation import ModelValidationFailedException
 
     failed = {}
-    for metric, limit in limits.items():
+    for gate, limit in limits.items():
         try:
-            mlflow.validate_evaluation_results({metric: limit}, candidate, baseline)
+            mlflow.validate_evaluation_results({GATE_METRICS.get(gate, gate): limit}, candidate, baseline)
         except ModelValidationFailedException as err:
-            failed[metric.split("/")[0]] = err.message
+            failed[gate.split("/")[0]] = err.message
     return failed
+
+
+def golden_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of a golden set (shape, pixels, labels): whether two numbers were measured on the same images."""
+    images = np.ascontiguousarray(images)
+    h = hashlib.sha256(repr(images.shape).encode())
+    h.update(images.tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def record_pixel_baseline(name: str, version: str, baseline: dict[str, Any]) -> None:
+    """Tag ``name`` ``version`` with the pixel baseline its finetune run fitted (``metrics.json``'s
+    ``baselines.pixel_logreg``): its balanced accuracy on the golden set and that set's digest, which
+    :func:`promote` compares with the golden set it evaluates on."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, BASELINE_TAG, repr(float(baseline["golden_balanced_accuracy"])))
+    client.set_model_version_tag(name, version, BASELINE_GOLDEN_TAG, baseline["golden_sha256"])
+
+
+def recorded_pixel_baseline(client: Any, name: str, versions: list[str | None], digest: str) -> tuple[float | None, str]:
+    """(balanced accuracy, where it came from) of the pixel baseline recorded with the first of ``versions``
+    that has one: the challenger's own, else the champion's (a challenger registered outside the finetune
+    stage was trained on data no newer than the champion's). The value is None when none was recorded,
+    or when it was measured on another golden set than ``digest``."""
+    for version in versions:
+        if version is None:
+            continue
+        tags = client.get_model_version(name, version).tags
+        if BASELINE_TAG in tags:
+            if tags.get(BASELINE_GOLDEN_TAG) != digest:
+                return None, (f"recorded with version {version} on another golden set (finetune.promotion."
+                              "golden_per_class or the test split changed since): re-run the finetune stage")
+            return float(tags[BASELINE_TAG]), f"recorded with version {version}"
+    return None, "not recorded (no version was registered by the finetune stage)"
 
 
 # --- alias moves ---------------------------------------------------------------------------------
@@ -350,8 +502,11 @@ def alias_version(client: Any, name: str, alias: str) -> str | None:
         raise
 
 
-def promote(name: str, golden_images: np.ndarray, golden_labels: np.ndarray, promotion: Any) -> dict[str, Any]:
+def promote(name: str, golden_images: np.ndarray, golden_labels: np.ndarray, promotion: Any,
+            limits_for: Any = None) -> dict[str, Any]:
     """Evaluate ``challenger`` (and ``champion``), validate, and move the aliases only if every check passes.
+    ``limits_for(promotion, champion_metrics)``: the checks, :func:`thresholds` unless given (a prior
+    correction is judged at its class mix: ``sslvision.trigger.prior_correction_thresholds``).
 
     Must run inside an MLflow run (the evaluations are nested under it). Returns the decision:
     ``decision`` (``promoted`` | ``refused`` | ``unchanged``), the versions, the metrics of both, and
@@ -373,14 +528,31 @@ def promote(name: str, golden_images: np.ndarray, golden_labels: np.ndarray, pro
         return {**decision, "decision": "unchanged", "champion": champion,
                 "reason": f"version {challenger} is already the champion"}
     golden = golden_frame(golden_images, golden_labels)
+    pixel, source = None, "not checked (finetune.promotion.beat_pixel_baseline is false)"
+    if limits_for is not None:
+        source = "not checked (a gate of its own: limits_for)"
+    elif promotion.beat_pixel_baseline:
+        pixel, source = recorded_pixel_baseline(client, name, [challenger, champion],
+                                                golden_digest(golden_images, golden_labels))
     candidate = evaluate_version(name, challenger, golden)
     baseline = evaluate_version(name, champion, golden) if champion is not None else None
-    limits = thresholds(promotion, baseline.metrics if baseline is not None else None)
+    limits = (limits_for(promotion, baseline.metrics if baseline is not None else None) if limits_for is not None
+              else thresholds(promotion, baseline.metrics if baseline is not None else None, pixel))
     failed = check(limits, candidate, baseline)
+    if "pixel_baseline" in failed:
+        failed["pixel_baseline"] = (
+            f"balanced accuracy {candidate.metrics[BALANCED_ACCURACY]:.4f} does not beat the pixel baseline's "
+            f"{pixel:.4f} + margin {promotion.baseline_margin} (logistic regression on 64 PCA components of the "
+            f"pixels, same training labels, same golden set): {failed['pixel_baseline']}")
+    elif source.startswith("recorded") and pixel is None:
+        failed["pixel_baseline"] = source  # a number measured on other images says nothing: refuse
+    elif source.startswith("not recorded"):
+        log.warning("promotion of %s v%s: the pixel baseline is %s; that gate is skipped", name, challenger, source)
     decision.update(
         challenger_metrics=_short(candidate.metrics),
         champion_metrics=_short(baseline.metrics) if baseline is not None else None,
         thresholds={k.split("/")[0]: str(v) for k, v in limits.items()},
+        pixel_baseline={"balanced_accuracy": pixel, "source": source},
         golden_size=len(golden),
     )
     if failed:

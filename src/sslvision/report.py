@@ -283,14 +283,44 @@ def finetune_section() -> list[str] | None:
     if metrics is not None:
         out.append(_key_metrics(metrics, ("accuracy", "balanced_accuracy", "worst_class_recall", "worst_class",
                                           "macro_f1", "ece"), "on the test split"))
-        out.append(_metrics(metrics, skip=("per_class_recall", "confusion_matrix", "promotion")))
+        out += _baselines(metrics)
+        out.append(_metrics(metrics, skip=("per_class_recall", "confusion_matrix", "promotion", "baselines")))
     recall = _csv(d / "per_class_recall.csv")
     if recall is not None:
-        out.append(_table(recall, caption="recall per class (per_class_recall.csv)"))
+        pixel = ((metrics or {}).get("baselines") or {}).get("pixel_logreg") or {}
+        if isinstance(pixel.get("per_class_recall"), dict) and "class" in recall:
+            recall["pixel baseline recall"] = recall["class"].map(pixel["per_class_recall"])
+        out.append(_table(recall, caption="recall per class (per_class_recall.csv; the pixel baseline's from "
+                                          "metrics.json)"))
     out.append(_image(d / "confusion_matrix.png", "confusion matrix on the test split"))
     if (d / "reliability.png").exists():
         out.append(_image(d / "reliability.png", "reliability diagram"))
     return out
+
+
+BENCHMARK_FINETUNE = Path("benchmarks/results/finetune.json")
+
+
+def _baselines(metrics: dict[str, Any]) -> list[str]:
+    """The classifier beside the baselines a user could build without sslvision: the pixel baseline this run
+    fitted (metrics.json ``baselines``) and, when this project has a benchmark result, the same network
+    trained from scratch on the raw labels (another run: its command and machine are named)."""
+    keys = ("balanced_accuracy", "worst_class", "worst_class_recall", "accuracy")
+    rows = [{"model": "this run's classifier", **{k: metrics.get(k) for k in keys}, "source": "metrics.json"}]
+    for name, b in (metrics.get("baselines") or {}).items():
+        if isinstance(b, dict):
+            rows.append({"model": b.get("model", name), **{k: b.get(k) for k in keys},
+                         "source": f"metrics.json baselines.{name}"})
+    bench = _mapping(BENCHMARK_FINETUNE) if BENCHMARK_FINETUNE.exists() else None
+    if bench is not None:
+        scratch = [r for r in bench.get("rows") or [] if isinstance(r, dict) and r.get("system") == bench.get("baseline")]
+        by_metric = {r.get("metric"): r.get("value") for r in scratch}
+        if "balanced_accuracy" in by_metric:
+            rows.append({"model": f"{bench.get('baseline')} (benchmark)", **{k: by_metric.get(k) for k in keys},
+                         "source": f"{BENCHMARK_FINETUNE}: {bench.get('command')} on {bench.get('machine')}"})
+    if len(rows) == 1:
+        return []
+    return [_table(pd.DataFrame(rows), caption="the classifier beside the baselines (test split)")]
 
 
 def drift_section() -> list[str] | None:

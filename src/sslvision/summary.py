@@ -61,6 +61,14 @@ def key_metrics(root: str | Path = ".") -> dict[str, str]:
             out["finetune"] += (f"; synthetic images: tail recall {_pct(a.get('tail_recall_without'))} -> "
                                 f"{_pct(a.get('tail_recall'))}, balanced accuracy "
                                 f"{_pct(a.get('balanced_accuracy_without'))} -> {_pct(m.get('balanced_accuracy'))}")
+        b = (m.get("baselines") or {}).get("pixel_logreg")
+        if b:
+            gain = 100 * (m.get("balanced_accuracy", 0) - b.get("balanced_accuracy", 0))
+            out["baseline"] = (f"classifier {_pct(m.get('balanced_accuracy'))} (worst {m.get('worst_class')} "
+                               f"{_pct(m.get('worst_class_recall'))}) vs pixel logistic regression "
+                               f"{_pct(b.get('balanced_accuracy'))} (worst {b.get('worst_class')} "
+                               f"{_pct(b.get('worst_class_recall'))}): {gain:+.1f} points"
+                               + ("" if gain > 0 else ", NOT BETTER than the pixel baseline"))
     p = _load(reports / "finetune" / "promotion.json")
     if p:
         decision = p.get("decision", "?")
@@ -69,9 +77,16 @@ def key_metrics(root: str | Path = ".") -> dict[str, str]:
             line += f" -> champion v{p.get('champion')}"
         elif p.get("failed"):
             line += ": " + "; ".join(map(str, p["failed"]))
+            pixel = (p.get("pixel_baseline") or {}).get("balanced_accuracy")
+            if "pixel_baseline" in p["failed"] and isinstance(pixel, int | float):
+                line += (f" (balanced accuracy {_pct((p.get('challenger_metrics') or {}).get('balanced_accuracy'))} "
+                         f"on the golden set, pixel baseline {_pct(pixel)}): champion "
+                         + (f"stays v{p['champion']}" if p.get("champion") else "none: nothing is deployed"))
         out["promotion"] = line
     t = _load(reports / "drift" / "trigger.json")
-    if t:
+    if t and t.get("skipped"):
+        out["drift_eval"] = "no production batch yet (drift_eval.batch is empty): nothing evaluated"
+    elif t:
         failed = t.get("failed") or []
         owners = [t.get("metrics", {}).get(f, {}).get("stage", "?") for f in failed]
         earliest = min(owners, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES), default=None)
@@ -89,20 +104,51 @@ def render(root: str | Path = ".", seconds: dict[str, float] | None = None,
     for stage in (*STAGES, "promotion"):
         took = f" [{seconds[stage]:.0f} s]" if seconds and stage in seconds else ""
         lines.append(f"  {stage:<11}{took:>9}  {metrics.get(stage, 'not run yet')}")
+        if stage == "finetune" and "baseline" in metrics:
+            lines.append(f"  {'baseline':<11}{'':>9}  {metrics['baseline']}")
     if seconds:
         lines.append(f"  {'total':<11}{sum(v for k, v in seconds.items() if k in STAGES):>7.0f} s"
                      "   (stage runs; process start-up not counted)")
     lines += [""]
     if report:
         lines.append(f"Report:     {report}   (one self-contained HTML page)")
+    bin_ = ".venv/bin/" if (Path(root) / ".venv" / "bin").is_dir() else ""  # the demo's venv, else on PATH
     lines += [
         "Metrics:    dvc metrics show     Plots: dvc plots show (writes dvc_plots/index.html)",
-        "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   -> http://127.0.0.1:5000",
-        "Prefect UI: .venv/bin/prefect server start   -> http://127.0.0.1:4200 (shows the flow runs above)",
-        "Next:       .venv/bin/sslvision monitor data/demo/incoming/gaussian_noise_s3   (drift -> retrain)",
+        f"MLflow UI:  {bin_}mlflow ui --backend-store-uri sqlite:///mlflow.db   -> http://127.0.0.1:5000",
+        f"Prefect UI: {bin_}prefect server start   -> http://127.0.0.1:4200 (shows the flow runs above)",
+        f"Next:       {next_step(root, bin_)}",
         "",
     ]
     return "\n".join(lines)
+
+
+# The demo scenario's showcase batch: drifted enough that the monitor retrains from pretrain.
+DEMO_BATCH = "gaussian_noise_s3"
+
+
+def next_step(root: str | Path = ".", bin_: str = "") -> str:
+    """What to run next: ``sslvision monitor`` on a batch that is in the project's inbox (``monitor.inbox``;
+    the demo's drifted showcase batch when it is there, else the first batch by name), or, with no batch
+    yet, how to make one."""
+    from sslvision.params import ParamsError, read_params
+
+    try:
+        inbox = (read_params(Path(root) / "params.yaml").get("monitor") or {}).get("inbox")
+    except ParamsError:
+        inbox = None
+    if not isinstance(inbox, str) or not inbox:
+        return f"put a production batch in the monitor inbox (params.yaml monitor.inbox), then: {bin_}sslvision monitor"
+    inbox = Path(inbox)
+    where = Path(root) / inbox
+    batches = sorted(b.name for b in where.iterdir() if b.is_dir() and not b.name.startswith(".")) \
+        if where.is_dir() else []
+    if batches:
+        batch = DEMO_BATCH if DEMO_BATCH in batches else batches[0]
+        why = "(drift -> retrain)" if batch == DEMO_BATCH else "(evaluates it; on degradation re-runs what failed)"
+        return f"{bin_}sslvision monitor {(inbox / batch).as_posix()}   {why}"
+    return (f"put a production batch in {inbox.as_posix()}/ (a directory of images; class subdirectories if "
+            f"labelled), then: {bin_}sslvision monitor")
 
 
 def latest_pipeline_seconds(root: str | Path = ".") -> dict[str, float]:

@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1014,7 +1015,7 @@ def synthesize_cli(params: str | os.PathLike, manifest: str | os.PathLike = "dat
     from sslvision.tracking import flatten
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     p = load_section("synthesize", SynthesizeParams, params, overrides=overrides)
     io.check_replaceable(out, "synthetic")  # refuse someone's directory before the work, not after
     real = load_real(manifest, ingested, embeddings)
