@@ -73,7 +73,8 @@ def make_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (someone else's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -93,7 +94,7 @@ def temp_sibling(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
     try:
         for old in path.parent.glob(f".{glob.escape(path.name)}.*"):
             m = mine.match(old.name)
-            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            if m and int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1))):
                 shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{tag}{os.getpid()}.", suffix=suffix, dir=path.parent)
         os.close(fd)

@@ -136,16 +136,6 @@ def owner_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def close_orphaned_runs(experiment: str | None = None) -> list[str]:
     """End as ``FAILED`` every ``RUNNING`` run of the project's experiment whose process is gone (a killed
     stage or flow never ends its run); return their ids. Only runs opened on this host with
@@ -155,13 +145,15 @@ def close_orphaned_runs(experiment: str | None = None) -> list[str]:
 
     import mlflow
 
+    from sslvision.io import process_alive
+
     exp_id = setup(experiment)
     client = mlflow.MlflowClient()
     host, closed = socket.gethostname(), []
     for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
         pid = tags.get(PID_TAG, "")
-        if tags.get(HOST_TAG) != host or not pid.isdigit() or _alive(int(pid)):
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or process_alive(int(pid)):
             continue
         client.set_tag(run.info.run_id, "sslvision.orphaned",
                        f"process {pid} on {host} ended without closing the run; closed as FAILED "
