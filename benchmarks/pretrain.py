@@ -295,7 +295,7 @@ def main() -> None:
             ]
     raw = test_x.reshape(len(test_x), -1).astype(np.float32)
     raw_scores = evaluate(raw[subset], test_y[subset], 10)
-    from sslvision.pretrain import knn_predict
+    from sslvision.metrics import knn_predict
 
     train_raw = fmnist_arrays()[0].reshape(60000, -1).astype(np.float32)
     classic = float((knn_predict(train_raw, train_y, raw, 10, 200, 0.1) == test_y).mean())

@@ -439,7 +439,8 @@ def test_resample_to_prior_never_repeats_a_row():
 def test_accuracy_estimate_holds_at_another_class_mix():
     """ATC fitted on the held-out sample re-weighted to the batch's prior estimates a batch's accuracy at a
     mix far from the held-out one, where the held-out accuracy itself is far off."""
-    from sslvision.drift import accuracy_at_prior, atc_estimate, atc_threshold_at_prior, per_class_recall
+    from sslvision.drift import accuracy_at_prior, atc_estimate, atc_threshold_at_prior
+    from sslvision.metrics import per_class_recall
 
     rng = np.random.default_rng(3)
     means = MEANS * np.array([[1.0], [0.3], [0.3]])  # class a is easy, b and c overlap

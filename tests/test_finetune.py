@@ -15,9 +15,7 @@ from sslvision.finetune import (
     FinetuneParams,
     LongTailLoss,
     calibration_shift,
-    classification_metrics,
     drw_weights,
-    expected_calibration_error,
     fit_temperature,
     ldam_margins,
     load_classifier,
@@ -25,6 +23,7 @@ from sslvision.finetune import (
     save_classifier,
     stratified_split,
 )
+from sslvision.metrics import classification_metrics, expected_calibration_error
 from sslvision.params import ParamsError, load_section
 from tests.finetune_project import CLASSES, TINY_ENCODER, make_project
 
@@ -317,7 +316,8 @@ def test_soft_targets_match_hard_ones_and_label_correction_restores_flipped_labe
 
 
 def test_weight_ema_is_what_is_validated_and_kept(workdir):
-    from sslvision.finetune import balanced_accuracy, build_classifier, load_data, load_params, train_classifier
+    from sslvision.finetune import build_classifier, load_data, load_params, train_classifier
+    from sslvision.metrics import balanced_accuracy
 
     params = make_project(workdir, head=40, ratio=5, test_per_class=2)
     base = load_params(params).model_copy(update={"epochs": 4, "select_epoch": "last", "val_fraction": 0.2})

@@ -75,6 +75,7 @@ import pandas as pd
 from pydantic import Field
 
 from sslvision.io import atomic_path, write_csv, write_json, write_parquet
+from sslvision.metrics import l2_normalise
 from sslvision.params import Section, Seed, TrainingSplits, load_section
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,6 @@ class AuditParams(Section):
 
 
 # --- detection -------------------------------------------------------------------------------------
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
 
 def nearest_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine kNN of the rows of ``x`` (L2-normalised) among themselves, a row never its own

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from sslvision.metrics import per_class_recall
 from sslvision.params import Section, Seed
 from sslvision.trigger import PRIOR_CORRECTION
 
@@ -377,15 +378,6 @@ def estimate_label_noise(labels: np.ndarray, probs: np.ndarray) -> float:
     if len(labels) == 0:
         raise ValueError("label noise: no labeled images")
     return float(num_label_issues(labels, probs)) / len(labels)
-
-
-def per_class_recall(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Recall of each class (NaN where the class has no sample) and each class's sample count."""
-    counts = np.bincount(labels, minlength=num_classes)
-    hits = np.bincount(labels[predicted == labels], minlength=num_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
-    return recall, counts
 
 
 # --- the reference and the evaluation of a batch ---------------------------------------------------

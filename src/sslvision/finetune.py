@@ -86,6 +86,7 @@ from torch import nn
 from sslvision.data import Ingested
 from sslvision.ingest import Conversion, IngestParams
 from sslvision.io import atomic_path, check_replaceable, output_dir, write_csv, write_json
+from sslvision.metrics import balanced_accuracy, classification_metrics, reliability_table
 from sslvision.models import (
     MAX_CLASSES,
     Encoder,
@@ -567,41 +568,6 @@ def calibration_shift(p: FinetuneParams, train_counts: np.ndarray, val_labels: n
     return np.log(val / val.sum()) - (1.0 - tau) * log_train
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
-    """ECE: the share-weighted gap between confidence and accuracy over equal-width confidence bins."""
-    confidence = np.asarray(confidence, dtype=np.float64)
-    correct = np.asarray(correct, dtype=np.float64)
-    if len(confidence) == 0:
-        return 0.0
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    gap = np.abs(np.bincount(which, weights=correct - confidence, minlength=bins))
-    return float(gap.sum() / len(confidence))
-
-
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, per-class and worst-class recall, macro-F1, ECE, confusion matrix."""
-    from sklearn.metrics import confusion_matrix, f1_score
-
-    pred = probs.argmax(1)
-    k = len(classes)
-    cm = confusion_matrix(labels, pred, labels=list(range(k)))
-    support = cm.sum(1)
-    present = support > 0
-    recall = np.where(present, cm.diagonal() / np.maximum(support, 1), np.nan)
-    worst = int(np.nanargmin(recall))
-    return {
-        "accuracy": float((pred == labels).mean()),
-        "balanced_accuracy": float(np.nanmean(recall)),
-        "worst_class_recall": float(recall[worst]),
-        "worst_class": classes[worst],
-        "macro_f1": float(f1_score(labels, pred, labels=np.flatnonzero(present), average="macro", zero_division=0)),
-        "ece": expected_calibration_error(probs.max(1), pred == labels),
-        "per_class_recall": {c: (None if np.isnan(r) else float(r)) for c, r in zip(classes, recall, strict=True)},
-        "confusion_matrix": cm.tolist(),
-        "n": int(len(labels)),
-    }
-
-
 # --- training ------------------------------------------------------------------------------------
 
 @dataclass
@@ -635,12 +601,6 @@ def mixup(x: torch.Tensor, mix: tuple[float, torch.Tensor] | None) -> torch.Tens
         return x
     lam, perm = mix
     return lam * x + (1 - lam) * x[perm]
-
-
-def balanced_accuracy(labels: np.ndarray, logits: np.ndarray) -> float:
-    from sklearn.metrics import balanced_accuracy_score
-
-    return float(balanced_accuracy_score(labels, logits.argmax(1)))
 
 
 def _batches(n: int, batch_size: int, sampler_weights: torch.Tensor | None, generator: torch.Generator,
@@ -899,14 +859,6 @@ def write_reports(metrics: dict[str, Any], history: list[dict[str, float]], labe
         with atomic_path(out / name, suffix=".png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
     return figures
-
-
-def reliability_table(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> pd.DataFrame:
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    acc = np.bincount(which, weights=correct.astype(float), minlength=bins) / np.maximum(count, 1)
-    return pd.DataFrame({"bin": np.arange(bins), "confidence": (np.arange(bins) + 0.5) / bins,
-                         "accuracy": acc, "count": count})
 
 
 # --- the stage -----------------------------------------------------------------------------------

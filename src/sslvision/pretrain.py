@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from sslvision import objectives
 from sslvision.augment import AugmentConfig, ViewMaker
 from sslvision.io import atomic_path, output_dir, write_csv, write_json
+from sslvision.metrics import knn_predict, linear_probe_predict
 from sslvision.models import (
     DecoderConfig,
     DINOHead,
@@ -681,39 +682,6 @@ def collapse_stats(features: np.ndarray) -> dict[str, float]:
     z = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     return {"effective_rank": effective_rank(features),
             "std_ratio": float(z.std(axis=0).mean() * np.sqrt(z.shape[1]))}
-
-
-def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, num_classes: int, k: int = 200,
-                temperature: float = 0.1, chunk: int = 1024) -> np.ndarray:
-    """Weighted kNN (InstDisc; as lightly's ``knn_predict``): vote of the k most cosine-similar bank
-    samples, each weighted by ``exp(similarity / temperature)``."""
-    bank_t = torch.nn.functional.normalize(torch.from_numpy(np.asarray(bank, dtype=np.float32)), dim=1)
-    labels = torch.from_numpy(np.asarray(bank_labels, dtype=np.int64))
-    k = min(k, len(bank_t))
-    preds = []
-    for s in range(0, len(queries), chunk):
-        q = torch.nn.functional.normalize(torch.from_numpy(np.asarray(queries[s:s + chunk], dtype=np.float32)), dim=1)
-        sim, idx = (q @ bank_t.T).topk(k, dim=1)
-        weights = (sim / temperature).exp()
-        votes = torch.zeros(len(q), num_classes).scatter_add_(1, labels[idx], weights)
-        preds.append(votes.argmax(dim=1).numpy())
-    return np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
-
-
-def linear_probe_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray) -> np.ndarray:
-    """Logistic regression on standardised frozen features (a fixed 300-iteration L-BFGS budget, so a
-    probe on poor features may stop before convergence; that is reported as its accuracy, not a warning)."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return clf.fit(train_x, train_y).predict(test_x)
 
 
 def evaluate(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 200, temperature: float = 0.1,

@@ -364,7 +364,7 @@ def _macro_f1(predictions: pd.Series, targets: pd.Series) -> Any:
 
 
 def _ece(predictions: pd.Series, targets: pd.Series, confidence: pd.Series) -> Any:
-    from sslvision.finetune import expected_calibration_error
+    from sslvision.metrics import expected_calibration_error
 
     correct = np.asarray(predictions) == np.asarray(targets)
     return _metric_value(expected_calibration_error(np.asarray(confidence), correct))

@@ -72,6 +72,7 @@ from torch import nn
 
 from sslvision import io
 from sslvision.data import Ingested, load_embeddings
+from sslvision.metrics import l2_normalise
 from sslvision.models import (
     MEAN,
     STD,
@@ -656,10 +657,6 @@ def make_generator(params: SynthesizeParams, device: torch.device, pretrain_deco
 # --- filter ----------------------------------------------------------------------------------------
 
 
-def _unit(z: np.ndarray) -> np.ndarray:
-    return (z / np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
-
-
 class EmbeddingFilter:
     """Class-consistency and novelty checks of candidates in SSL embedding space.
 
@@ -685,12 +682,12 @@ class EmbeddingFilter:
                 class_weight="balanced", max_iter=1000, random_state=self.seed))
         else:
             self.model = KNeighborsClassifier(n_neighbors=min(self.params.knn_k, len(labels)), metric="cosine")
-        self.model.fit(_unit(embeddings), labels)
+        self.model.fit(l2_normalise(embeddings), labels)
         return self
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """``(n, num_classes)``; a class absent from the fit data has probability 0."""
-        proba = self.model.predict_proba(_unit(embeddings))
+        proba = self.model.predict_proba(l2_normalise(embeddings))
         out = np.zeros((len(embeddings), self.num_classes), dtype=np.float64)
         out[:, self.model.classes_] = proba
         return out
@@ -699,7 +696,7 @@ class EmbeddingFilter:
               real_embeddings: np.ndarray) -> pd.DataFrame:
         """``target_prob``, ``source_similarity`` (max cosine over the sources) and ``passed`` per candidate."""
         target_prob = self.predict_proba(embeddings)[np.arange(len(targets)), targets]
-        zs, zr = _unit(embeddings), _unit(real_embeddings)
+        zs, zr = l2_normalise(embeddings), l2_normalise(real_embeddings)
         sim = np.full(len(targets), -np.inf)
         for j in range(sources.shape[1]):
             ok = sources[:, j] >= 0
@@ -752,7 +749,7 @@ def nearest_neighbour_similarity(embeddings: np.ndarray) -> float:
     class are to each other, the scale ``filter.max_source_similarity`` is read against."""
     if len(embeddings) < 2:
         return math.nan
-    z = _unit(embeddings)
+    z = l2_normalise(embeddings)
     sims = z @ z.T
     np.fill_diagonal(sims, -np.inf)
     return float(np.median(sims.max(axis=1)))
@@ -760,7 +757,7 @@ def nearest_neighbour_similarity(embeddings: np.ndarray) -> float:
 
 def fidelity(real: np.ndarray, synthetic: np.ndarray, k: int) -> dict[str, float]:
     """Fréchet distance and k-NN precision/recall of ``synthetic`` vs ``real`` (L2-normalised embeddings)."""
-    r, s = _unit(real), _unit(synthetic)
+    r, s = l2_normalise(real), l2_normalise(synthetic)
     precision, recall = manifold_precision_recall(r, s, k)
     return {"frechet": frechet_distance(r, s), "precision": precision, "recall": recall}
 
