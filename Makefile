@@ -56,7 +56,7 @@ test: install
 # Every benchmark and one comparison table (benchmarks/results/summary.json); the peers are an extra.
 bench: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
-	$(BIN)/python benchmarks/run_all.py --readme
+	$(BIN)/python benchmarks/run_all.py
 
 lint: install
 	$(BIN)/ruff check src stages pipelines tests benchmarks

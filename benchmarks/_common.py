@@ -1,4 +1,5 @@
-"""Shared by every benchmark: describe the machine, print the table, write results/NAME.json."""
+"""Shared by every benchmark: describe the machine, print the table, write results/NAME.json (a variant run,
+``--name`` other than the script's, writes results/variants/SCRIPT/NAME.json)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,27 @@ import shlex
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+VARIANTS = RESULTS / "variants"
+
+
+def results_dir(name: str) -> Path:
+    """Where the results named ``name`` go: ``results/`` for a benchmark's own run (``name`` is the running
+    script's name) and for ``summary``; ``results/variants/SCRIPT/`` for a variant (another ``--name``), so
+    ``results/`` keeps one file per benchmark."""
+    script = Path(sys.argv[0]).stem
+    if name in ("summary", script) or not (HERE / f"{script}.py").is_file():
+        return RESULTS
+    return VARIANTS / script
+
+
+def find_results(name: str) -> Path | None:
+    """The results file named ``name``: ``results/NAME.json``, else ``results/variants/*/NAME.json``."""
+    top = RESULTS / f"{name}.json"
+    if top.is_file():
+        return top
+    return next(iter(sorted(VARIANTS.glob(f"*/{name}.json"))), None)
 
 
 def machine() -> str:
@@ -43,7 +64,8 @@ def command_line(argv: list[str] | None = None, script: str | None = None) -> st
 
 
 def report(name: str, rows: list[dict], command: str | None = None, extra: dict | None = None) -> Path:
-    """Print rows as a table and write ``benchmarks/results/NAME.json``.
+    """Print rows as a table and write ``NAME.json`` in :func:`results_dir` (``benchmarks/results/``, or
+    ``benchmarks/results/variants/SCRIPT/`` for a variant).
 
     Each row: ``{"system", "metric", "value", "unit"}`` (extra keys allowed, e.g. "setting").
     """
@@ -54,7 +76,8 @@ def report(name: str, rows: list[dict], command: str | None = None, extra: dict 
         missing = {"system", "metric", "value", "unit"} - r.keys()
         if missing:
             raise ValueError(f"benchmark row {r} lacks {sorted(missing)}")
-    keys = ["system", "metric", "value", "unit"] + sorted({k for r in rows for k in r} - {"system", "metric", "value", "unit"})
+    base = ["system", "metric", "value", "unit"]
+    keys = base + sorted({k for r in rows for k in r} - set(base))
     table = Table(title=f"{name} — {machine()}")
     for k in keys:
         table.add_column(k, justify="right" if k == "value" else "left")
@@ -66,8 +89,9 @@ def report(name: str, rows: list[dict], command: str | None = None, extra: dict 
     out = {"machine": machine(), "command": command or command_line(), "rows": rows}
     if extra:
         out.update(extra)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder = results_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     os.replace(tmp, path)

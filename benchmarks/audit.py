@@ -3,7 +3,7 @@
 The demo scenario (``sslvision.demo.build_scenario``: Fashion-MNIST, long tail of ratio 100, 20% label
 noise, 20 exact duplicates of which 10 carry a conflicting label, broken files) is built twice, once
 with symmetric and once with asymmetric noise (same seed: the same train images), each ingested with
-``sslvision.ingest.run_ingest``. Self-supervised pretraining (``sslvision.pretrain.run_stage``,
+``sslvision.ingest.run_ingest``. Self-supervised pretraining (``sslvision.stages.pretrain.run_stage``,
 ``params.yaml``'s ``pretrain`` section with ``--epochs`` / ``--steps-per-epoch``) runs once, on the
 symmetric scenario's images (it never sees a label, so the encoder serves both); the asymmetric
 scenario's images are embedded with that encoder. Every detector then scores the same audited rows
@@ -70,7 +70,8 @@ def build(root: Path, noise_type: str, max_per_class: int):
 
 def pretrain(root: Path, ingested: Path, epochs: int, steps_per_epoch: int) -> tuple[Path, dict]:
     from sslvision.params import load_section
-    from sslvision.pretrain import PretrainParams, run_stage
+    from sslvision.pretrain import PretrainParams
+    from sslvision.stages.pretrain import run_stage
 
     done = root / "pretrain_metrics.json"
     if done.exists():  # --workdir from an earlier run

@@ -6,7 +6,7 @@ pixel baseline the stage fits (``baselines.pixel_logreg``).
     python benchmarks/default_recipe.py /work/main            # a project after `make demo`
     python benchmarks/default_recipe.py DIR --candidates finetune_balanced
 
-Calls :func:`sslvision.finetune.run_finetune` (no MLflow, nothing written in the project). Each row set
+Calls :func:`sslvision.stages.finetune.run_finetune` (no MLflow, nothing written in the project). Each row set
 carries the load average before and after the run: on a shared machine the times are under that load.
 Results are written after every candidate, so an interrupted run keeps what it measured.
 """
@@ -45,7 +45,8 @@ def main() -> None:
     command = "python " + " ".join(["benchmarks/default_recipe.py", *sys.argv[1:]])
     os.chdir(args.project)
 
-    from sslvision.finetune import FinetuneParams, load_params, run_finetune
+    from sslvision.finetune import FinetuneParams
+    from sslvision.stages.finetune import load_params, run_finetune
 
     base = load_params("params.yaml").model_dump()
     rows: list[dict] = []
@@ -59,8 +60,9 @@ def main() -> None:
         b = m["baselines"]["pixel_logreg"]
         setting = f"load average {load_before:.1f} -> {load_after:.1f} (1 min)"
         rows += [
-            {"system": name, "metric": "val_balanced_accuracy", "value": round(100 * result.best_val_balanced_accuracy, 2),
-             "unit": "%", "setting": "validation rows (audited labels)"},
+            {"system": name, "metric": "val_balanced_accuracy",
+             "value": round(100 * result.best_val_balanced_accuracy, 2), "unit": "%",
+             "setting": "validation rows (audited labels)"},
             {"system": name, "metric": "balanced_accuracy", "value": round(100 * m["balanced_accuracy"], 2),
              "unit": "%", "setting": "test split"},
             {"system": name, "metric": "worst_class_recall", "value": round(100 * m["worst_class_recall"], 2),
@@ -74,8 +76,8 @@ def main() -> None:
         ]
         if not any(r["system"] == "pixel_logreg" for r in rows):
             rows += [
-                {"system": "pixel_logreg", "metric": "balanced_accuracy", "value": round(100 * b["balanced_accuracy"], 2),
-                 "unit": "%", "setting": "test split"},
+                {"system": "pixel_logreg", "metric": "balanced_accuracy",
+                 "value": round(100 * b["balanced_accuracy"], 2), "unit": "%", "setting": "test split"},
                 {"system": "pixel_logreg", "metric": "worst_class_recall",
                  "value": round(100 * b["worst_class_recall"], 2), "unit": "%", "setting": b["worst_class"]},
                 {"system": "pixel_logreg", "metric": "seconds", "value": round(b["seconds"], 1), "unit": "s",

@@ -16,7 +16,7 @@ Batches (500 images, the demo's size), all with their true labels kept aside for
 
 The unseen images are embedded and predicted once (``--per-class`` per class) and batches are drawn
 from that cache, so the whole run fits in a few minutes on 2 cores. Every batch goes through the stage's
-own evaluation (``sslvision.drift.evaluate_batch`` with ``build_reference``: the champion, or
+own evaluation (``sslvision.drift.evaluate_batch`` with ``stages.drift_eval.build_reference``: the champion, or
 ``models/classifier`` before there is one) and ``sslvision.trigger.decide``. The prior is estimated
 with both estimators (BBSE and EM) for the report; the pipeline uses ``drift_eval.prior_method``.
 
@@ -141,10 +141,12 @@ def main(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import command_line, report
 
+    from sslvision.batches import read_batch
     from sslvision.demo import load_fashion_mnist
-    from sslvision.drift import DriftParams, build_reference, evaluate_batch, read_batch
+    from sslvision.drift import DriftParams, evaluate_batch
     from sslvision.models import embed
     from sslvision.params import load_section
+    from sslvision.stages.drift_eval import build_reference
     from sslvision.trigger import decide
 
     torch.set_num_threads(args.threads)
@@ -182,7 +184,8 @@ def main(args: argparse.Namespace) -> None:
             batches[f"clean_{mix}_{i:02d}"] = {"kind": "clean", "mix": mix, "rows": draw(cache_labels, prior, n, rng)}
     for i in range(args.shift_batches):
         prior = rng.dirichlet(np.ones(c))
-        batches[f"shift_{i:02d}"] = {"kind": "label_shift", "mix": "dirichlet", "rows": draw(cache_labels, prior, n, rng)}
+        batches[f"shift_{i:02d}"] = {"kind": "label_shift", "mix": "dirichlet",
+                                     "rows": draw(cache_labels, prior, n, rng)}
     for rate in args.noise_rates:
         for i in range(args.noisy_batches):
             rows = draw(cache_labels, train_prior, n, rng)
@@ -207,7 +210,8 @@ def main(args: argparse.Namespace) -> None:
         n_embedded, t_embed = n_embedded + len(images), t_embed + time.perf_counter() - t0
         batches[b["name"]] = {"kind": "corrupted", "mix": "training", "corruption": b["corruption"],
                               "severity": b["severity"], "emb": emb, "probs": probs, "true": true}
-    print(f">> {len(batches)} batches; {n_embedded} images embedded once ({n_embedded / t_embed:.0f} img/s)", flush=True)
+    print(f">> {len(batches)} batches; {n_embedded} images embedded once ({n_embedded / t_embed:.0f} img/s)",
+          flush=True)
 
     per_batch: dict[str, dict] = {}
     bbsd_ref = reference.probs

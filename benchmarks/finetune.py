@@ -21,9 +21,11 @@ Compute: the baseline gets ``--epochs`` full passes of full training; rungs 2-6 
 frozen encoder (its features computed once, then ``finetune.epochs`` cheap passes of the head), so
 each uses less compute than the baseline (their seconds are reported). ``--full-finetune`` adds a
 rung with rung 5's data and loss as a full fine-tune with exactly the baseline's recipe (epochs, lr
-2e-3, no layer-wise decay; lr 1e-3 with 0.75 decay gave 0.789 instead of 0.799-0.809 on the demo at 16 epochs): the same fine-tuning compute, plus the pretraining (not counted; the demo's takes about as long as
-16 scratch epochs take on 2 CPU cores, so ``--epochs 3`` compares the whole pipeline with a scratch
-baseline of less compute and ``--epochs 16`` with one of about the pipeline's total). Rungs whose upstream output is missing are skipped and listed.
+2e-3, no layer-wise decay; lr 1e-3 with 0.75 decay gave 0.789 instead of 0.799-0.809 on the demo at 16
+epochs): the same fine-tuning compute, plus the pretraining (not counted; the demo's takes about as long
+as 16 scratch epochs take on 2 CPU cores, so ``--epochs 3`` compares the whole pipeline with a scratch
+baseline of less compute and ``--epochs 16`` with one of about the pipeline's total). Rungs whose
+upstream output is missing are skipped and listed.
 Metrics on the clean, balanced test split: balanced accuracy, worst-class recall, ECE; plus seconds.
 
     python benchmarks/finetune.py [--root PROJECT] [--epochs 3] [--full-finetune] [--threads 0] [--name finetune]
@@ -42,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, command_line, report  # noqa: E402
+from _common import command_line, report, results_dir  # noqa: E402
 
 
 def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | None]]:
@@ -83,7 +85,7 @@ def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | N
                       {**pipeline, **noise_aware(), "synthetic_weight": 0.0}, no_synthetic))
         # every class drawn equally often instead of the prior correction of the logit adjustment (which the
         # uniform batches switch off): with a random sampler the rarest classes are seen a few dozen times an
-        # epoch and the adjustment over-predicts them (benchmarks/results/synthesize_full_finetune.json)
+        # epoch and the adjustment over-predicts them (results/variants/synthesize/synthesize_full_finetune.json)
         rungs.append(("+ class-balanced sampler (noise-aware recipe)",
                       {**pipeline, **noise_aware(), "sampler": "class_balanced"}, no_audit))
     return rungs
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     command = command_line(argv, "benchmarks/finetune.py")
     os.chdir(args.root)
 
-    from sslvision.finetune import FinetuneParams, load_params, run_finetune
+    from sslvision.finetune import FinetuneParams
+    from sslvision.stages.finetune import load_params, run_finetune
 
     base = load_params()
     if args.threads:
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"skipped": skipped, "epochs": args.epochs, "test_images": len(data.test) if rows else 0,
              "scenario": scenario(Path("data/demo/scenario.json")),
              "encoder": encoder_info(Path("reports/pretrain/metrics.json"))}
-    previous = RESULTS / f"{args.name}.json"
+    previous = results_dir(args.name) / f"{args.name}.json"
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())
         ran = {r["system"] for r in rows}

@@ -137,7 +137,8 @@ def run_child(args: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="where the PNGs and outputs go (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the PNGs and outputs go (default: a temp dir)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -71,7 +71,8 @@ def throughput(p, images_path: Path, n_train: int, args: argparse.Namespace) -> 
 
     from sslvision.augment import ViewMaker
     from sslvision.models import Encoder, to_input
-    from sslvision.pretrain import ViewDataset, _optimizer, build_method
+    from sslvision.pretrain import ViewDataset, _optimizer
+    from sslvision.ssl import build_method
 
     torch.set_num_threads(args.threads)
     dataset = ViewDataset(images_path, np.arange(n_train), ViewMaker(p.augment_config(28, 1), seed=p.seed))
@@ -157,7 +158,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per precision before the windows")
     ap.add_argument("--windows", type=int, default=6, help="timed windows per precision (median reported)")
     ap.add_argument("--window-steps", type=int, default=3)
-    ap.add_argument("--acc-steps", type=int, default=300, help="training steps of each accuracy run (0: throughput only)")
+    ap.add_argument("--acc-steps", type=int, default=300,
+                    help="training steps of each accuracy run (0: throughput only)")
     ap.add_argument("--vit-acc-steps", type=int, help="the ViT path's accuracy runs (default: --acc-steps)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--train-images", type=int, default=10000)

@@ -278,7 +278,8 @@ def main() -> None:
             r = results[system]
             scores = evaluate(np.load(work / f"{system}_test.npy"), test_y[subset], 10)
             rows += [
-                {"system": name, "metric": "train throughput", "value": r["img_s"], "unit": "img/s", "setting": setting},
+                {"system": name, "metric": "train throughput", "value": r["img_s"], "unit": "img/s",
+                 "setting": setting},
                 {"system": name, "metric": "set-up to first step", "value": r["first_step_s"], "unit": "s",
                  "setting": setting},
                 {"system": name, "metric": "throughput over the whole budget", "value": r["wall_img_s"],

@@ -52,7 +52,7 @@ def build_project(work: Path) -> None:
 
 
 def timed_train(work: Path, from_stage: str | None) -> tuple[float, list[str]]:
-    from pipelines.train import train
+    from sslvision.flows.train import train
 
     t0 = time.perf_counter()
     ran = train(from_stage=from_stage, root=str(work))

@@ -1,16 +1,16 @@
 """Every benchmark, one after the other, then one comparison table: sslvision against each peer, same
 machine, same run. Writes ``benchmarks/results/summary.json`` (the usual ``{"machine", "command",
-"rows"}`` format; each row also names its ``benchmark`` and, when it came from an earlier run, says
-so) and, with ``--readme``, rewrites the results table of README.md between its markers.
+"rows"}`` format; each row also names its ``benchmark``, its results file and, when it came from an earlier
+run, says so) and rewrites the results table of benchmarks/README.md between its markers.
 
     .venv/bin/python benchmarks/run_all.py                  # all of them (hours on 2 CPU cores)
     .venv/bin/python benchmarks/run_all.py --only drift finetune
-    .venv/bin/python benchmarks/run_all.py --summary-only --readme   # table from the committed results
+    .venv/bin/python benchmarks/run_all.py --summary-only   # runs nothing: table from the committed results
 
-synthesize, finetune, drift and retrain reuse the demo pipeline's outputs (``make demo`` first); ingest,
-pretrain and audit build their own data. A benchmark that fails is reported and the others still run;
-the exit status is non-zero when any failed. Each one's own ``results/NAME.json`` keeps its full table;
-the summary keeps the headline rows.
+synthesize, finetune, default_recipe, drift and retrain reuse the demo pipeline's outputs (``make demo``
+first); ingest, pretrain and audit build their own data. A benchmark that fails is reported and the others
+still run; the exit status is non-zero when any failed. Each one's own ``results/NAME.json`` keeps its full
+table (variants: ``results/variants/BENCHMARK/NAME.json``); the summary keeps the headline rows.
 """
 
 from __future__ import annotations
@@ -27,28 +27,30 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import RESULTS, command_line, machine, report  # noqa: E402
+from _common import command_line, find_results, machine, report  # noqa: E402
 
-# name -> arguments of the run that produced the committed results (the settings the README quotes)
+# name -> arguments of the run that produced the committed results (the settings benchmarks/README.md quotes)
 BENCHMARKS: dict[str, list[str]] = {
     "ingest": [],
     "pretrain": ["--budget-s", "150", "--batch-size", "128"],
     "audit": ["--epochs", "10", "--steps-per-epoch", "30"],  # the demo's pretrain (params.yaml)
     # the finetune stage as the classifier (the benchmark's default --eval); the cross-entropy probe runs of the
-    # generator variants are synthesize_probe.json and synthesize_run*.json
+    # generator variants are results/variants/synthesize/synthesize_probe.json and synthesize_run*.json
     # oracle: unseen real images of the planned classes, the ceiling of any generator (demo scenario only)
     "synthesize": ["--generators", "augment", "mae_inpaint", "feature_interp", "oracle", "--synth-seeds", "0", "1", "2",
                    "--probe-seeds", "3"],
     # the committed finetune results come from a demo project whose encoder was pretrained with
     # profiles/cpu.yaml's pretrain.epochs (50); on `make demo`'s 300-step encoder expect ~2 points less
     "finetune": ["--epochs", "16", "--full-finetune"],
+    # the candidates for the demo's finetune recipe, trained on this project's audited data
+    "default_recipe": ["."],
     "drift": [],
     "retrain": [],
     # bf16 autocast vs fp32 pretraining on this CPU; small runs so that it fits a shared 2-core machine
     "precision": ["--batch-size", "32", "--windows", "8", "--window-steps", "4", "--acc-steps", "60",
                   "--vit-acc-steps", "30", "--train-images", "4000"],
 }
-NEEDS_DEMO = {"synthesize", "finetune", "drift", "retrain"}
+NEEDS_DEMO = {"synthesize", "finetune", "default_recipe", "drift", "retrain"}
 
 Row = dict
 Pick = Callable[[list[Row]], list[Row]]
@@ -75,7 +77,8 @@ def _ladder(metric: str) -> Pick:
     return lambda rows: _head(rows, _startswith("+", "full pipeline", "noise-aware"), {"balanced_accuracy": metric})
 
 
-# what each benchmark contributes to the comparison table
+# what each results file contributes to the comparison table, in the table's order; a variant
+# (results/variants/BENCHMARK/NAME.json, e.g. synthesize_probe) is read from the committed results, never run here
 HEADLINES: dict[str, Pick] = {
     "ingest": lambda rows: _head(rows, _startswith("sslvision", "read ingested"), {
         "read back as float32": "reading the images back",
@@ -87,30 +90,33 @@ HEADLINES: dict[str, Pick] = {
         "linear probe accuracy (test, 2-fold)": "linear probe accuracy"}, lambda s: "/" not in s),
     "audit": lambda rows: _head(rows, _startswith("sslvision"), {"f1": "label-error F1"},
                                 lambda s: "ablation" not in s, by_setting=True),
-    "synthesize": lambda rows: _head(rows, lambda s: s.startswith(("mae_inpaint", "feature_interp")),
-                                     {"mean tail recall (3 rarest)": "mean tail-class recall (3 rarest), finetune stage",
-                                      "balanced accuracy": "balanced accuracy, finetune stage",
-                                      "tail recall gain over none":
-                                          "tail-recall gain over none (target >= 5; oracle: the ceiling)"}),
+    "synthesize": lambda rows: _head(rows, lambda s: s.startswith(("mae_inpaint", "feature_interp")), {
+        "mean tail recall (3 rarest)": "mean tail-class recall (3 rarest), finetune stage",
+        "balanced accuracy": "balanced accuracy, finetune stage",
+        "tail recall gain over none": "tail-recall gain over none (target >= 5; oracle: the ceiling)"}),
     # the earlier protocol (a cross-entropy probe at fixed steps), kept for comparison; run with --eval probe
     "synthesize_probe": lambda rows: _head(rows, lambda s: s.startswith(("mae_inpaint", "feature_interp")),
                                            {"mean tail recall (3 rarest)":
                                             "mean tail-class recall (3 rarest), cross-entropy probe"}),
     "finetune": _ladder("balanced accuracy"),
     # the same ladder on the scenario with symmetric noise (the issue's reference scenario); its project is built
-    # by hand (see the file's command and the README), so run_all only reads the committed results
+    # by hand (see the file's command and benchmarks/README.md)
     "finetune_symmetric": _ladder("balanced accuracy (symmetric noise)"),
     # the same ladder (asymmetric noise) on an encoder pretrained twice as long (pretrain.epochs 100, 3,000 steps):
     # what more CPU pretraining buys; built by hand like finetune_symmetric
     "finetune_3000": _ladder("balanced accuracy (3,000-step encoder)"),
+    # the candidates for the demo's default recipe; pixel_logreg is the baseline the promotion gate asks it to beat
+    "default_recipe": lambda rows: _head(rows, lambda s: s != "pixel_logreg", {
+        "balanced_accuracy": "balanced accuracy, test split (demo project)",
+        "worst_class_recall": "worst-class recall, test split (demo project)"}),
     "drift": lambda rows: _head(rows, _startswith("sslvision"), {
         "re-run from pretrain (false alarm)": "clean batches re-run from pretrain (false alarm)",
         "BBSD reports drift": "clean batches re-run from pretrain (false alarm)",
         "label-shift batches routed to prior correction": "label-shift batches routed to prior correction",
-        "corruption power (re-run from pretrain)": "corruption power, severity >= 2",
-        "detects corruption": "corruption power, severity >= 2",
+        "corruption power (re-run from pretrain)": "corruption power",
+        "detects corruption": "corruption power",
         "accuracy estimate MAE (no labels used)": "accuracy estimate MAE (no labels used)",
-        "prior estimate TV error (bbse)": "prior estimate TV error, batch 500"}, by_setting=True),
+        "prior estimate TV error (bbse)": "prior estimate TV error"}, by_setting=True),
     "retrain": lambda rows: _head(rows, lambda s: True, {"wall time": "wall time"}, by_setting=True),
     "precision": lambda rows: _head(rows, lambda s: True, {
         "throughput ratio": "bf16 / fp32 pretrain throughput (>= 1.3 adopts bf16)",
@@ -130,33 +136,36 @@ def run_one(name: str, extra: list[str]) -> tuple[bool, float]:
 
 
 def summarize(ran: dict[str, tuple[bool, float]]) -> tuple[list[Row], dict[str, str]]:
-    """The headline rows of every benchmark's latest results, and the machine each ran on."""
+    """The headline rows of every results file in ``HEADLINES`` (each row names its file, relative to
+    benchmarks/), and the machine each ran on."""
     out: list[Row] = []
     machines: dict[str, str] = {}
     for name, pick in HEADLINES.items():
-        path = RESULTS / f"{name}.json"
-        if not path.exists():
+        path = find_results(name)
+        if path is None:
             out.append({"benchmark": name, "system": "-", "metric": "not run yet", "value": None, "unit": "",
                         "setting": "", "ours": False})
             continue
         res = json.loads(path.read_text())
         machines[name] = res["machine"]
         fresh = name in ran and ran[name][0]
+        file = path.relative_to(HERE).as_posix()
         for r in pick(res["rows"]):
-            out.append({"benchmark": name, **r, "run": "this run" if fresh else "earlier run"})
+            out.append({"benchmark": name, **r, "file": file, "run": "this run" if fresh else "earlier run"})
     for name, (ok, seconds) in ran.items():
         out.append({"benchmark": name, "system": "run_all", "metric": "benchmark wall time" if ok else "FAILED",
                     "value": round(seconds, 1), "unit": "s", "setting": "", "ours": False})
     return out, machines
 
 
-def readme_table(rows: list[Row]) -> str:
-    """Markdown: one line per (benchmark, metric, setting), sslvision's systems first, the peers after."""
+def results_table(rows: list[Row]) -> str:
+    """Markdown: one line per (results file, metric, setting), sslvision's systems first, the peers after; the
+    first column links the results file (relative to benchmarks/)."""
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         if r["system"] == "run_all" or r["value"] is None:
             continue
-        groups.setdefault((r["benchmark"], r["metric"], r.get("setting", "")), []).append(r)
+        groups.setdefault((r["benchmark"], r["file"], r["metric"], r.get("setting", "")), []).append(r)
 
     def fmt(r: Row) -> str:
         v = r["value"]
@@ -166,26 +175,26 @@ def readme_table(rows: list[Row]) -> str:
         unit = "" if unit.startswith("share of") else unit
         return f"{r['system']}: **{v}** {unit}".rstrip()
 
-    lines = ["| benchmark | metric | sslvision | peers / baselines |", "|---|---|---|---|"]
-    for (bench, metric, setting), rs in groups.items():
+    lines = ["| results | metric | sslvision | peers / baselines |", "|---|---|---|---|"]
+    for (name, file, metric, setting), rs in groups.items():
         label = f"{metric} ({setting})" if setting else metric
         ours = "<br>".join(fmt(r) for r in rs if r["ours"])
         theirs = "<br>".join(fmt(r) for r in rs if not r["ours"])
-        lines.append(f"| {bench} | {label} | {ours} | {theirs} |")
+        lines.append(f"| [{name}]({file}) | {label} | {ours} | {theirs} |")
     return "\n".join(lines)
 
 
-def update_readme(rows: list[Row], machines: dict[str, str]) -> None:
-    readme = REPO / "README.md"
+def update_results_section(rows: list[Row], machines: dict[str, str], readme: Path = HERE / "README.md") -> None:
+    """Rewrite the part of ``readme`` between ``<!-- results:start -->`` and ``<!-- results:end -->``."""
     text = readme.read_text()
-    start, end = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
     if start not in text or end not in text:
         raise SystemExit(f"{readme}: markers {start} / {end} not found; add them where the table belongs")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     where = sorted(set(machines.values())) or [machine()]
-    body = (f"\nMachine: {'; '.join(where)}. Generated by `python benchmarks/run_all.py --readme` from "
-            "`benchmarks/results/*.json` (each file names its machine and command).\n\n" + readme_table(rows) + "\n")
+    body = (f"\nMachines: {'; '.join(where)}. Generated by `python benchmarks/run_all.py --summary-only` from "
+            "`benchmarks/results/` (each file names its machine and command).\n\n" + results_table(rows) + "\n")
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(head + start + body + end + tail)
     tmp.replace(readme)
@@ -195,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these benchmarks")
     ap.add_argument("--skip", nargs="+", choices=list(BENCHMARKS), default=[], help="do not run these")
-    ap.add_argument("--summary-only", action="store_true", help="run nothing; summarise the existing results")
-    ap.add_argument("--readme", action="store_true", help="rewrite README.md's benchmark table")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="run no benchmark; summarise the existing results and rewrite benchmarks/README.md's table")
     args = ap.parse_args(argv)
 
     names = [] if args.summary_only else [n for n in (args.only or BENCHMARKS) if n not in args.skip]
@@ -209,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, machines = summarize(ran)
     report("summary", rows, command=command_line(script=Path(sys.argv[0]).as_posix()),
            extra={"machines": machines})
-    if args.readme:
-        update_readme(rows, machines)
+    update_results_section(rows, machines)
     failed = [n for n, (ok, _) in ran.items() if not ok]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -6,7 +6,7 @@ Inputs: the outputs of a pipeline run under ``--root`` (``data/audit/manifest_cl
 when they are absent, the demo scenario built here under ``--work`` with the libraries:
 ``sslvision.demo.build_scenario`` (params.yaml ``demo`` defaults: Fashion-MNIST, long tail of ratio
 100, 20% asymmetric label noise; no production batches), ``sslvision.ingest.run_ingest``,
-``sslvision.pretrain.run_stage`` (params.yaml ``pretrain``; ``--epochs`` / ``--steps-per-epoch``
+``sslvision.stages.pretrain.run_stage`` (params.yaml ``pretrain``; ``--epochs`` / ``--steps-per-epoch``
 override it) and ``sslvision.audit.run_audit`` (params.yaml ``audit``).
 
 Each system: ``sslvision.synthesize.synthesize`` with params.yaml's ``synthesize`` section and the
@@ -64,7 +64,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
+from _common import report, results_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.synthesize")
@@ -92,7 +92,8 @@ def find_or_build(root: Path, work: Path, epochs: int | None, steps_per_epoch: i
     from sslvision.demo import DemoParams, build_scenario
     from sslvision.ingest import IngestParams, run_ingest
     from sslvision.params import load_section
-    from sslvision.pretrain import PretrainParams, run_stage
+    from sslvision.pretrain import PretrainParams
+    from sslvision.stages.pretrain import run_stage
 
     built = Inputs(work / "manifest_clean.parquet", work / "ingested", work / "encoder", work / "embeddings",
                    f"demo scenario built in {work}", work / "raw/truth.parquet")
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from sslvision.models import embed, load_encoder
     from sslvision.params import load_section
-    from sslvision.synthesize import SynthesizeParams, load_pretrain_decoder, load_real, plan_classes, synthesize
+    from sslvision.stages.synthesize import load_real
+    from sslvision.synthesize import SynthesizeParams, load_pretrain_decoder, plan_classes, synthesize
 
     work = args.work or Path(tempfile.mkdtemp(prefix="synth-bench-"))
     inputs = find_or_build(args.root, work, args.epochs, args.steps_per_epoch)
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                              (result.images, result.manifest["label"].to_numpy()) if args.eval == "finetune" else None))
                 if seed_i == 0:  # the fidelity rows and the grid: the first synthesis seed's
                     extra_rows += _fidelity_rows(system, result.metrics, tail_names, seconds)
-                    _save_grid(result, real, p, REPO / "benchmarks/results" /
+                    _save_grid(result, real, p, results_dir(args.name) /
                                f"{args.name}_grid_{generator}{'-variant' if variant else ''}.png")
         if args.eval == "probe":
             per_run = [np.mean([recalls(y_test, linear_probe(x, y, x_test, k, mean, std, args.probe_steps,
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
             # difference of the two seed means (with a single seed there is no noise estimate: any margin)
             a, b = np.array(summary[best]["per_seed"]), np.array(summary["augment"]["per_seed"])
             margin = 100 * (a.mean() - b.mean())
-            se = 100 * float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))) if min(len(a), len(b)) > 1 else 0.0
+            se = (100 * float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+                  if min(len(a), len(b)) > 1 else 0.0)
             beats = margin > 2 * se
             verdict |= {"margin_over_augment_points": round(margin, 2), "margin_standard_error": round(se, 2)}
         else:
@@ -381,7 +384,8 @@ def _nested(items: list[str]) -> dict:
 
 
 def _finetune_params(overrides: dict):
-    from sslvision.finetune import FinetuneParams, load_params
+    from sslvision.finetune import FinetuneParams
+    from sslvision.stages.finetune import load_params
 
     base = load_params(REPO / "params.yaml").model_dump()
     for key, value in overrides.items():
@@ -400,7 +404,7 @@ def stage_recalls(inputs: Inputs, synthetic: tuple[np.ndarray, np.ndarray] | Non
     """Per-class test recall of the finetune stage (``sslvision.finetune.run_finetune``: params.yaml's finetune
     section with ``overrides``, registry off) trained on the audited manifest plus ``synthetic`` (images, labels),
     written where the stage reads them; ``balanced`` uses the stage's class-balanced sampler."""
-    from sslvision.finetune import run_finetune
+    from sslvision.stages.finetune import run_finetune
 
     with tempfile.TemporaryDirectory(prefix="synth-bench-ft-") as tmp:
         synth_dir = Path(tmp) / "synthetic"
@@ -450,7 +454,7 @@ def _save_grid(result, real, params, path: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from sslvision.synthesize import sample_grid
+    from sslvision.stages.synthesize import sample_grid
 
     fig = sample_grid(result, real, params.grid_columns)
     buf = io.BytesIO()

@@ -1,5 +1,6 @@
 """The audit stage: planted label flips rank on top, the policies do what they say, outputs and truth
-metrics are right, near-duplicates and outliers are found."""
+metrics are right, near-duplicates and outliers are found; find_label_issues (the array API) finds
+what the stage finds."""
 
 import json
 
@@ -11,9 +12,9 @@ from sklearn.metrics import roc_auc_score
 
 from sslvision.audit import (
     AuditParams,
-    audit_cli,
     clean_manifest,
     detect_label_issues,
+    find_label_issues,
     knn_probs,
     match_truth,
     nearest_neighbours,
@@ -23,6 +24,7 @@ from sslvision.audit import (
     truth_metrics,
 )
 from sslvision.params import ParamsError, load_section
+from sslvision.stages.audit import audit_cli
 
 CLASSES = ["a", "b", "c", "d"]
 COUNTS = [160, 80, 40, 20]  # long-tailed (ratio 8)
@@ -150,6 +152,24 @@ def test_relabel_drops_what_is_not_confident_enough():
     assert metrics["actions"]["relabel"] == int((conf >= 0.999).sum())
     assert metrics["actions"]["drop"] == int((conf < 0.999).sum()) > 0
     assert len(clean) == len(given) - metrics["actions"]["drop"]
+
+
+def test_an_encoder_that_cannot_separate_the_classes_changes_no_label():
+    """Embeddings with no class structure (an encoder pretrained for a few steps) make the probe disagree with
+    most labels; acting on that would rewrite clean labels, so the audit keeps them all and says why."""
+    rng = np.random.default_rng(0)
+    _, true, _ = clusters(seed=0, noise=0.0)
+    x = rng.standard_normal((len(true), 16)).astype(np.float32)  # no relation to the labels
+    issues, clean, metrics = run_audit(fast(policy="relabel", relabel_confidence=0.0), manifest_for(true), x, CLASSES)
+    assert metrics["n_label_issues"] > 0.3 * len(true)  # the probe is at chance: it flags many clean labels
+    assert metrics["actions"] == {"keep": len(true), "relabel": 0, "drop": 0}
+    assert "audit.max_change_share" in metrics["actions_withheld"]
+    assert (clean["label"] == true).all() and len(clean) == len(true)
+    assert issues["is_label_issue"].sum() == metrics["n_label_issues"]  # still listed
+    # with class structure and 15% planted noise the same setting acts
+    x, _, given = clusters(seed=0)
+    _, _, metrics = run_audit(fast(policy="relabel", relabel_confidence=0.0), manifest_for(given), x, CLASSES)
+    assert metrics["actions"]["relabel"] > 0 and "actions_withheld" not in metrics
 
 
 def test_clean_manifest_leaves_unaudited_rows_alone():
@@ -305,3 +325,89 @@ def test_stage_writes_every_output_and_truth_metrics(workdir):
     runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT],
                               filter_string="tags.`sslvision.stage` = 'audit'")
     assert len(runs) == 1 and runs["metrics.truth.f1"].iloc[0] == pytest.approx(written["truth"]["f1"])
+
+
+# --- the array API: find_label_issues -------------------------------------------------------------
+
+def blobs(seed=0, n=300, noise=0.1, dim=8, spread=0.6):
+    """3 Gaussian blobs of ``n / 3`` points each, ``noise`` of the labels flipped to another class."""
+    rng = np.random.default_rng(seed)
+    true = np.repeat(np.arange(3), n // 3)
+    x = 2.0 * np.eye(dim)[true] + spread * rng.standard_normal((n, dim))
+    given = true.copy()
+    flip = rng.choice(n, size=int(noise * n), replace=False)
+    given[flip] = (true[flip] + rng.integers(1, 3, size=len(flip))) % 3
+    return x.astype(np.float32), true, given
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_find_label_issues_finds_planted_flips(seed):
+    x, true, given = blobs(seed)
+    noisy = given != true
+    df = find_label_issues(x, given)
+    assert len(df) == len(given) and list(df.index) == list(range(len(given)))
+    assert list(df.columns[:4]) == ["given_label", "suggested_label", "label_quality", "is_label_issue"]
+    assert {"suggested_confidence", "self_confidence", "consensus", "duplicate_of", "is_outlier",
+            "outlier_distance", "reason"} <= set(df.columns)
+    dtypes = df.dtypes.astype(str).to_dict()
+    assert {k: dtypes[k] for k in ("given_label", "suggested_label", "duplicate_of")} == dict.fromkeys(
+        ("given_label", "suggested_label", "duplicate_of"), "int64")
+    assert dtypes["label_quality"] == dtypes["suggested_confidence"] == "float64"
+    assert dtypes["is_label_issue"] == dtypes["is_outlier"] == "bool"
+    assert pd.api.types.is_string_dtype(df["reason"])
+    assert (df["given_label"].to_numpy() == given).all()
+    assert df["label_quality"].between(0, 1).all()
+
+    flagged = df["is_label_issue"].to_numpy()
+    assert (flagged & noisy).sum() / noisy.sum() > 0.8  # recall
+    assert (flagged & noisy).sum() / flagged.sum() > 0.85  # precision
+    assert roc_auc_score(noisy, -df["label_quality"]) > 0.95
+    caught = flagged & noisy
+    assert (df.loc[caught, "suggested_label"].to_numpy() == true[caught]).mean() > 0.9
+    # unflagged rows keep their label and have no suggestion; flagged rows say why
+    assert (df.loc[~flagged, "suggested_label"] == df.loc[~flagged, "given_label"]).all()
+    assert df.loc[~flagged, "suggested_confidence"].isna().all()
+    assert df.loc[flagged, "reason"].str.startswith("label:").all()
+    # the core function runs without a params object (its defaults): the same flags here (no duplicates)
+    assert (detect_label_issues(x, given, 3).is_label_issue == flagged).all()
+
+
+@pytest.mark.parametrize("pixels", [False, True])
+def test_find_label_issues_is_what_the_stage_finds(pixels):
+    """The stage's run_audit and find_label_issues run the same code: the same flags, scores, suggestions."""
+    x, images, _, given = two_views(seed=3)
+    settings = {"probe_max_iter": 100, "knn_k": 10, "consensus_k": 10, "pixel_pca": 8 if pixels else 0}
+    issues, _, metrics = run_audit(AuditParams(**settings), manifest_for(given), x, CLASSES, None, images)
+    # the API takes the images as (N, H, W) too
+    df = find_label_issues(x, given, pixels=images[..., 0] if pixels else None, **settings)
+    assert df["is_label_issue"].sum() == metrics["n_label_issues"]
+    flagged = issues[issues["is_label_issue"]]
+    pos = flagged["index"].to_numpy()
+    assert set(pos) == set(np.flatnonzero(df["is_label_issue"]))
+    assert np.allclose(1 - df["label_quality"].to_numpy()[pos], flagged["score"].to_numpy())
+    assert (df["suggested_label"].to_numpy()[pos] == flagged["label_suggested"].to_numpy()).all()
+    assert df["is_outlier"].sum() == metrics["n_outliers"] == issues["is_outlier"].sum()
+
+
+def test_find_label_issues_has_the_params_defaults_and_names_a_bad_setting():
+    import inspect
+
+    keywords = {name: prm.default for name, prm in inspect.signature(find_label_issues).parameters.items()
+                if prm.kind is inspect.Parameter.KEYWORD_ONLY and name in AuditParams.model_fields}
+    assert keywords == {name: AuditParams.model_fields[name].default for name in keywords}
+    # every detection setting is a keyword; the stage's file/policy settings are not
+    assert set(AuditParams.model_fields) - set(keywords) == {"splits", "policy", "relabel_confidence",
+                                                             "drop_outliers", "gallery_size", "truth"}
+    x, _, given = blobs()
+    with pytest.raises(ParamsError, match=r"find_label_issues: audit\.knn_k"):
+        find_label_issues(x, given, knn_k=0)
+    with pytest.raises(ParamsError, match=r"audit\.quality"):
+        find_label_issues(x, given, quality="margin")
+    with pytest.raises(ValueError, match="integers"):
+        find_label_issues(x, given.astype(float))
+    with pytest.raises(ValueError, match="n_classes is 2"):
+        find_label_issues(x, given, n_classes=2)
+    with pytest.raises(ValueError, match="300 embeddings but 299 labels"):
+        find_label_issues(x, given[:-1])
+    with pytest.raises(ValueError, match="pixels must be the 300 images"):
+        find_label_issues(x, given, pixels=np.zeros((10, 8, 8), np.uint8))

@@ -42,11 +42,11 @@ def _manifest(root: Path, paths: list[str], labels: list[str], splits: list[str]
 
 
 def _section_models() -> dict[str, type]:
-    from pipelines.monitor import MonitorParams
     from sslvision.audit import AuditParams
     from sslvision.demo import DemoParams
     from sslvision.drift import DriftParams
     from sslvision.finetune import FinetuneParams
+    from sslvision.flows.monitor import MonitorParams
     from sslvision.ingest import IngestParams
     from sslvision.pretrain import PretrainParams
     from sslvision.synthesize import SynthesizeParams

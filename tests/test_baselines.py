@@ -72,7 +72,7 @@ def test_large_images_are_pooled_before_the_pca():
 def test_finetune_stage_reports_the_pixel_baseline_in_metrics_json_and_mlflow(workdir, monkeypatch):
     import mlflow
 
-    from sslvision.finetune import finetune_cli
+    from sslvision.stages.finetune import finetune_cli
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = make_project(workdir, finetune={"epochs": 3})

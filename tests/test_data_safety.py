@@ -13,9 +13,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sslvision import io
+from sslvision.batches import read_batch_files
 from sslvision.cli import app
-from sslvision.drift import read_batch_files
-from sslvision.ingest import IngestParams, run_ingest, write_reports
+from sslvision.ingest import IngestParams, run_ingest
+from sslvision.stages.ingest import write_reports
 from sslvision.trigger import Decision, admit_batch
 
 SECRET = b"TOP SECRET: the password is hunter2\n"

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.deployments import DEGRADATION_EVENT, build_deployments
+from sslvision.flows import DEGRADATION_EVENT
+from sslvision.flows.deployments import build_deployments
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,15 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
+from sslvision.batches import read_batch
 from sslvision.drift import (
     DriftParams,
     Reference,
     atc_estimate,
     atc_threshold,
+    detect_drift,
+    estimate_class_prior,
     evaluate_batch,
     mmd_permutation_test,
     prediction_shift,
-    read_batch,
     to_json,
 )
 from sslvision.trigger import decide
@@ -82,6 +84,44 @@ def test_mmd_pvalues_are_calibrated_on_same_distribution_and_small_under_shift()
     assert 0.3 < np.mean(null_p) < 0.7, null_p
     assert sum(p < 0.05 for p in null_p) <= 2, null_p
     assert max(shifted_p) < 0.01, shifted_p
+
+
+def test_detect_drift_on_two_arrays_of_embeddings():
+    """The public array API: the same Gaussian is not drifted at alpha 0.01, a shifted mean is; the
+    result is the MMD test's, and the same arrays and seed give the same p-value."""
+    rng = np.random.default_rng(0)
+    reference, same, shifted = rng.normal(size=(200, 8)), rng.normal(size=(100, 8)), rng.normal(size=(100, 8)) + 0.5
+    clean = detect_drift(reference, same, permutations=200, seed=0)
+    assert not clean.drifted and clean.p_value >= 0.01 and clean.alpha == 0.01
+    drifted = detect_drift(reference, shifted, permutations=200, seed=0)
+    assert drifted.drifted and drifted.p_value == pytest.approx(1 / 201)
+    assert drifted.statistic > drifted.critical_value and len(drifted.null) == 200
+    expected = mmd_permutation_test(reference, shifted, permutations=200, alpha=0.01, seed=0)
+    assert drifted.statistic == expected.statistic and drifted.critical_value == expected.critical_value
+    assert detect_drift(reference, same, permutations=200, seed=0).p_value == clean.p_value
+    with pytest.raises(ValueError, match="2-D"):
+        detect_drift(reference[:, 0], same)
+    with pytest.raises(ValueError, match="never give a p-value below"):
+        detect_drift(reference, same, permutations=50, alpha=0.01)
+    with pytest.raises(ValueError, match="NaN"):
+        detect_drift(np.full((5, 2), np.nan), same[:, :2])
+
+
+def test_estimate_class_prior_recovers_a_known_mix_from_posteriors():
+    """Posteriors of a known mix (calibrated under a uniform source prior): EM returns that mix, a
+    probability vector; BBSE with a labeled balanced reference does too."""
+    rng = np.random.default_rng(6)
+    mix = np.array([0.5, 0.3, 0.2])
+    probs, y = _labeled(4000, mix, rng)
+    truth = np.bincount(y, minlength=3) / len(y)
+    q = estimate_class_prior(probs, source_prior=np.ones(3) / 3)
+    assert q.shape == (3,) and q.sum() == pytest.approx(1.0) and q.min() > 0
+    assert q == pytest.approx(truth, abs=0.03)
+    ref_probs, ref_labels = _labeled(3000, [1 / 3] * 3, rng)
+    q = estimate_class_prior(probs, reference_probs=ref_probs, reference_labels=ref_labels, method="bbse")
+    assert q == pytest.approx(truth, abs=0.03)
+    with pytest.raises(ValueError, match="columns"):
+        estimate_class_prior(probs, reference_probs=ref_probs[:, :2], reference_labels=ref_labels, method="bbse")
 
 
 def test_mmd_rejects_bad_input():
@@ -277,8 +317,9 @@ def test_reference_rows_are_the_rows_finetune_held_out(workdir):
     finetune's own validation rows plus the same share of the rows the audit dropped, never on a row
     finetune trained on; the training-row class counts are those of finetune's training labels."""
     from sslvision.data import Ingested
-    from sslvision.drift import build_reference, classifier_reference_rows
-    from sslvision.finetune import FinetuneParams, load_classifier, load_data, train_val_rows
+    from sslvision.finetune import FinetuneParams, load_classifier, train_val_rows
+    from sslvision.stages.drift_eval import build_reference, classifier_reference_rows
+    from sslvision.stages.finetune import load_data
 
     tiny_project(workdir)
     data = Ingested.load(workdir / "data/ingested")
@@ -332,7 +373,7 @@ def test_stage_writes_trigger_json_plots_and_an_mlflow_run(workdir):
     from typer.testing import CliRunner
 
     from sslvision.cli import app
-    from sslvision.drift import drift_eval_cli
+    from sslvision.stages.drift_eval import drift_eval_cli
     from sslvision.tracking import setup
 
     tiny_project(workdir)
@@ -352,7 +393,8 @@ def test_stage_writes_trigger_json_plots_and_an_mlflow_run(workdir):
 
     assert noisy_result["batch"].endswith("noisy") and noisy_result["n_images"] == len(noisy)
     assert noisy_result["metrics"]["embedding_mmd_pvalue"]["stage"] == "pretrain"
-    assert noisy_result["accuracy"]["source"] == "atc_at_estimated_prior" and 0 <= noisy_result["accuracy"]["value"] <= 1
+    assert noisy_result["accuracy"]["source"] == "atc_at_estimated_prior"
+    assert 0 <= noisy_result["accuracy"]["value"] <= 1
     for name in ("mmd.png", "prediction_shift.png", "prediction_shift.csv", "embeddings_pca.png"):
         assert (workdir / "reports/noisy" / name).stat().st_size > 0
 
@@ -379,8 +421,6 @@ def test_prior_estimators_recover_a_known_prior(method, target):
     """Calibrated on a balanced labeled sample, both estimators recover the class prior of an unlabeled
     sample of 500 drawn at another mix within 0.05 total variation (the issue's target), on average over
     draws; plain predicted-class shares are further off (the classifier confuses the classes)."""
-    from sslvision.drift import estimate_class_prior
-
     rng = np.random.default_rng(0)
     ref_probs, ref_labels = _labeled(2000, [1 / 3] * 3, rng)
     errors, naive = [], []
@@ -397,8 +437,6 @@ def test_prior_estimators_recover_a_known_prior(method, target):
 
 
 def test_em_without_a_reference_needs_the_source_prior_and_rejects_bad_input():
-    from sslvision.drift import estimate_class_prior
-
     rng = np.random.default_rng(1)
     probs, y = _labeled(3000, [0.6, 0.3, 0.1], rng)  # softmax_probs are posteriors under a uniform prior
     q = estimate_class_prior(probs, source_prior=np.ones(3) / 3)
@@ -412,7 +450,7 @@ def test_em_without_a_reference_needs_the_source_prior_and_rejects_bad_input():
 def test_prior_adjustment_gives_the_posteriors_at_the_new_prior():
     """Adding the adjustment to the logits makes the predictions Bayes-optimal at the new mix: accuracy at
     that mix rises, and the mean corrected posterior is the new prior (calibrated)."""
-    from sslvision.drift import estimate_class_prior, fit_bias_calibration, prior_adjustment
+    from sslvision.drift import fit_bias_calibration, prior_adjustment
 
     rng = np.random.default_rng(2)
     ref_probs, ref_labels = _labeled(2000, [1 / 3] * 3, rng)

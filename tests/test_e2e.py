@@ -71,7 +71,7 @@ def stage_runs(root: Path, stage: str) -> int:
 
 
 def test_pipeline_runs_then_is_up_to_date(project):
-    from pipelines.train import train
+    from sslvision.flows.train import train
 
     ran = train(root=str(project))
     assert all(ran.values()), ran
@@ -83,7 +83,7 @@ def test_pipeline_runs_then_is_up_to_date(project):
 
 
 def test_a_label_change_reruns_audit_but_never_pretrain(project):
-    from pipelines.train import train
+    from sslvision.flows.train import train
 
     before = {s: stage_runs(project, s) for s in ("ingest", "pretrain", "audit")}
     train_dir = project / "data/demo/images/train"
@@ -103,7 +103,7 @@ def test_monitor_says_when_its_classifier_cannot_judge_label_noise_and_leaves_pr
     did). Audit routing itself is covered on a real classifier by tests/test_trigger.py and the drift benchmark."""
     import json
 
-    from pipelines.monitor import monitor
+    from sslvision.flows.monitor import monitor
 
     before = stage_runs(project, "pretrain")
     (outcome,) = monitor(batch=str(project / "data/demo/incoming/noisy_labels"), root=str(project))
@@ -117,7 +117,7 @@ def test_monitor_says_when_its_classifier_cannot_judge_label_noise_and_leaves_pr
 
 
 def test_monitor_a_drifted_batch_reruns_from_pretrain(project):
-    from pipelines.monitor import monitor
+    from sslvision.flows.monitor import monitor
 
     before = stage_runs(project, "pretrain")
     (outcome,) = monitor(batch=str(project / "data/demo/incoming/gaussian_noise_s5"), root=str(project))

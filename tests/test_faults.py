@@ -161,7 +161,8 @@ def test_pretrain_killed_while_checkpointing_resumes_to_the_uninterrupted_weight
     import mlflow
 
     from sslvision.models import load_encoder
-    from sslvision.pretrain import pretrain_cli, read_inputs, train
+    from sslvision.pretrain import train
+    from sslvision.stages.pretrain import pretrain_cli, read_inputs
 
     shutil.copy(migrated_mlflow_db, workdir / "mlflow.db")
     ingested = write_ingested(workdir / "data/ingested", n_train=32, n_test=40, n_pool=0)

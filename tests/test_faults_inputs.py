@@ -109,7 +109,7 @@ def test_every_cli_command_reports_bad_params_in_one_line(workdir, command, sect
 
 
 def test_monitor_section_is_validated():
-    from pipelines.monitor import MonitorParams
+    from sslvision.flows.monitor import MonitorParams
 
     with pytest.raises(ParamsError, match=r"monitor\.inbox: Input should be a valid string"):
         load_section("monitor", MonitorParams, overrides={"inbox": ["a", "b"]}, path=REPO / "params.yaml")
@@ -119,11 +119,11 @@ def test_monitor_section_is_validated():
 
 def test_the_shipped_params_file_is_valid_for_every_section():
     """The positive control of the cases above: every section of params.yaml validates."""
-    from pipelines.monitor import MonitorParams
     from sslvision.audit import AuditParams
     from sslvision.demo import DemoParams
     from sslvision.drift import DriftParams
     from sslvision.finetune import FinetuneParams
+    from sslvision.flows.monitor import MonitorParams
     from sslvision.ingest import IngestParams
     from sslvision.pretrain import PretrainParams
     from sslvision.synthesize import SynthesizeParams
@@ -296,7 +296,8 @@ def test_models_refuse_pickled_weights(tmp_path, marker):
 
 
 def test_pretrain_never_unpickles_a_planted_checkpoint(workdir, marker, caplog):
-    from sslvision.pretrain import PretrainParams, read_inputs, train
+    from sslvision.pretrain import PretrainParams, train
+    from sslvision.stages.pretrain import read_inputs
     from tests.test_pretrain import FAST, TINY_RESNET, write_ingested
 
     inputs = read_inputs(write_ingested(workdir / "data/ingested", n_train=16, n_test=8, n_pool=0))
@@ -312,7 +313,7 @@ def test_pretrain_never_unpickles_a_planted_checkpoint(workdir, marker, caplog):
 
 def test_arrays_with_python_objects_are_refused(workdir, marker):
     from sslvision.data import Ingested, load_embeddings
-    from sslvision.pretrain import read_inputs
+    from sslvision.stages.pretrain import read_inputs
     from tests.test_pretrain import write_ingested
 
     ingested = write_ingested(workdir / "data/ingested", n_train=8, n_test=4, n_pool=0)
@@ -385,7 +386,8 @@ def test_static_no_loader_can_unpickle():
     default is False since NumPy 1.16.3, and pyproject requires numpy >= 1.26); nothing imports
     pickle, joblib or cloudpickle or calls ``pd.read_pickle``."""
     offenders = []
-    for path in sorted([*(REPO / "src").rglob("*.py"), *(REPO / "stages").glob("*.py"), *(REPO / "pipelines").glob("*.py")]):
+    sources = [*(REPO / "src").rglob("*.py"), *(REPO / "stages").glob("*.py"), *(REPO / "pipelines").glob("*.py")]
+    for path in sorted(sources):
         tree = ast.parse(path.read_text(), str(path))
         where = path.relative_to(REPO)
         offenders += [f"{where}:{c.lineno}: torch.load without weights_only=True" for c in _calls(tree, "torch", "load")

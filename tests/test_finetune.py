@@ -187,7 +187,7 @@ def test_stage_linear_probe_end_to_end(workdir, monkeypatch):
     loss beating plain cross-entropy on balanced accuracy."""
     import mlflow
 
-    from sslvision.finetune import finetune_cli, load_params, run_finetune
+    from sslvision.stages.finetune import finetune_cli, load_params, run_finetune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # a store of this test's own (see test_registry)
     params = make_project(workdir, synthetic_per_class=5)
@@ -218,14 +218,14 @@ def test_stage_linear_probe_end_to_end(workdir, monkeypatch):
 def test_synthetic_ablation_is_the_run_without_them_and_flags_harmful_images(workdir, caplog):
     """The ablation's "without" classifier is exactly a run with the synthetic images switched off, and
     synthetic images carrying wrong labels show up as a loss (with a warning)."""
-    from sslvision.finetune import load_params, run_finetune
+    from sslvision.stages.finetune import load_params, run_finetune
 
     params = make_project(workdir, synthetic_per_class=20)
     manifest = workdir / "data/synthetic/manifest.parquet"
     df = pd.read_parquet(manifest)
     df.assign(label=(df["label"] + 1) % 10).to_parquet(manifest, index=False)  # every synthetic label wrong
     p = load_params(params)
-    with caplog.at_level("WARNING", logger="sslvision.finetune"):
+    with caplog.at_level("WARNING", logger="sslvision.stages.finetune"):
         metrics = run_finetune(p)[3]
     ab = metrics["synthetic_ablation"]
     alone = run_finetune(p.model_copy(update={"synthetic_weight": 0.0}))[3]
@@ -242,7 +242,7 @@ def test_synthetic_ablation_is_the_run_without_them_and_flags_harmful_images(wor
 
 
 def test_full_finetune_with_ldam_drw_and_balanced_sampling(workdir):
-    from sslvision.finetune import load_params, run_finetune
+    from sslvision.stages.finetune import load_params, run_finetune
 
     params = make_project(workdir, head=40, ratio=5, test_per_class=5)
     p = load_params(params).model_copy(update={
@@ -254,7 +254,8 @@ def test_full_finetune_with_ldam_drw_and_balanced_sampling(workdir):
 
 
 def test_mixup_and_select_last_epoch(workdir):
-    from sslvision.finetune import load_params, mixup, run_finetune
+    from sslvision.finetune import mixup
+    from sslvision.stages.finetune import load_params, run_finetune
 
     x = torch.arange(8.0).view(4, 2)
     assert torch.equal(mixup(x, None), x)
@@ -271,14 +272,8 @@ def test_mixup_and_select_last_epoch(workdir):
 
 
 def test_soft_targets_match_hard_ones_and_label_correction_restores_flipped_labels(workdir):
-    from sslvision.finetune import (
-        FinetuneParams,
-        build_classifier,
-        load_data,
-        load_params,
-        train_classifier,
-        train_val_rows,
-    )
+    from sslvision.finetune import FinetuneParams, train_classifier, train_val_rows
+    from sslvision.stages.finetune import build_classifier, load_data, load_params
 
     logits, target = torch.randn(6, 10), torch.tensor([0, 3, 9, 9, 1, 5])
     for kind, kw in (("ce", {"label_smoothing": 0.1}), ("logit_adjusted", {}), ("ldam", {"drw_epoch": 0})):
@@ -316,8 +311,9 @@ def test_soft_targets_match_hard_ones_and_label_correction_restores_flipped_labe
 
 
 def test_weight_ema_is_what_is_validated_and_kept(workdir):
-    from sslvision.finetune import build_classifier, load_data, load_params, train_classifier
+    from sslvision.finetune import train_classifier
     from sslvision.metrics import balanced_accuracy
+    from sslvision.stages.finetune import build_classifier, load_data, load_params
 
     params = make_project(workdir, head=40, ratio=5, test_per_class=2)
     base = load_params(params).model_copy(update={"epochs": 4, "select_epoch": "last", "val_fraction": 0.2})
@@ -332,3 +328,40 @@ def test_weight_ema_is_what_is_validated_and_kept(workdir):
         assert val == pytest.approx(result.history[-1]["val_balanced_accuracy"], abs=1e-6)
         kept[decay] = clf.head.weight.detach().clone()
     assert not torch.allclose(kept[0.0], kept[0.9])
+
+
+def test_fit_classifier_from_arrays_is_the_stage_training(workdir):
+    """The array API on a project's rows gives the stage's weights (no synthetic images); bad input refused."""
+    from sslvision.data import Ingested
+    from sslvision.finetune import fit_classifier, train_classifier
+    from sslvision.models import load_encoder
+    from sslvision.stages.finetune import build_classifier, load_data, load_params
+
+    params = make_project(workdir, head=40, ratio=5, test_per_class=2)
+    p = load_params(params).model_copy(update={"epochs": 3})
+    stage = build_classifier(p, CLASSES)
+    train_classifier(stage, load_data(p), p)
+
+    ing = Ingested.load(p.ingested)
+    rows = pd.read_parquet(p.manifest)
+    rows = rows[rows["split"].isin(p.splits) & (rows["label"] >= 0)]
+    encoder = load_encoder(p.encoder)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    clf = fit_classifier(encoder, ing.images[rows["index"].to_numpy()][..., 0], rows["label"].to_numpy(),
+                         classes=CLASSES, seed=p.seed, device=p.device, epochs=3, batch_size=p.batch_size, lr=p.lr,
+                         eval_batch_size=p.eval_batch_size)
+    assert clf.classes == CLASSES and not clf.training
+    for key, value in stage.state_dict().items():
+        torch.testing.assert_close(clf.state_dict()[key], value, rtol=0, atol=0)
+    for key, value in encoder.state_dict().items():  # the caller's encoder is not trained
+        assert torch.equal(value, before[key])
+
+    images, labels = ing.images[:20], np.arange(20) % 10
+    with pytest.raises(ValueError, match="settings of the finetune stage"):
+        fit_classifier(encoder, images, labels, manifest="x.parquet")
+    with pytest.raises(ValueError, match="uint8"):
+        fit_classifier(encoder, images.astype(np.float32), labels)
+    with pytest.raises(ValueError, match="labels must be in 0..2"):
+        fit_classifier(encoder, images, labels, classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match="loss"):
+        fit_classifier(encoder, images, labels, loss="focal")

@@ -100,16 +100,16 @@ def test_a_manifest_with_a_test_split_is_used_as_it_is(tmp_path):
 
 def test_the_generated_params_are_valid_for_every_stage(tmp_path):
     """Each section is the settings class's defaults (by their params.yaml names) plus init's choices."""
-    import importlib
-
-    from sslvision.project import SECTIONS, params_text
+    from sslvision.params import section_class
+    from sslvision.project import PROJECT_SECTIONS, params_text
 
     found = inspect_data(photo_folder(tmp_path / "photos", per_class=3))
     params = yaml.safe_load(params_text(found, source="data/split.csv", version="0.1.0"))
     assert params["sslvision"] == {"version": "0.1.0"}
     assert params["pretrain"]["batch_size"] == 4  # 6 training images: SimCLR's batch fits in them
-    for name, module, cls, _ in SECTIONS:
-        getattr(importlib.import_module(module), cls).model_validate(params[name])
+    assert list(params) == ["sslvision", *PROJECT_SECTIONS]
+    for name in PROJECT_SECTIONS:
+        section_class(name).model_validate(params[name])
 
 
 def test_a_missing_data_path_is_named(tmp_path):
@@ -150,12 +150,45 @@ def test_the_flows_load_as_modules_of_the_installed_package(tmp_path):
     found = inspect_data(photo_folder(tmp_path / "photos", per_class=3))
     root = create_project(tmp_path / "proj", found)
     entrypoints = [d["entrypoint"] for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]]
+    assert entrypoints == ["sslvision.flows.monitor:monitor", "sslvision.flows.train:train"]
     cwd = os.getcwd()
     os.chdir(root)
     try:
         assert {load_flow_from_entrypoint(e).name for e in entrypoints} == {"monitor", "train"}
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.slow
+def test_prefect_deploy_registers_the_projects_deployments(tmp_path, prefect_harness):
+    """`prefect deploy --all` in a project made by init (no flow file in it, no copy of this repository)
+    registers both deployments from the installed package's modules, with the monitor's schedule."""
+    import asyncio
+    import contextlib
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL
+
+    root = create_project(tmp_path / "proj", inspect_data(photo_folder(tmp_path / "photos", per_class=3)))
+
+    async def read(create_pool: bool) -> dict:
+        async with get_client() as client:
+            if create_pool:
+                with contextlib.suppress(ObjectAlreadyExists):
+                    await client.create_work_pool(WorkPoolCreate(name="sslvision", type="process"))
+            return {d.name: d for d in await client.read_deployments() if str(root) in str(d.pull_steps)}
+
+    asyncio.run(read(create_pool=True))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    deployed = asyncio.run(read(create_pool=False))
+    assert {n: d.entrypoint for n, d in deployed.items()} == {"monitor": "sslvision.flows.monitor:monitor",
+                                                              "train": "sslvision.flows.train:train"}
+    assert deployed["monitor"].schedules[0].schedule.cron == "0 * * * *"
 
 
 # --- end to end ------------------------------------------------------------------------------------
@@ -219,7 +252,7 @@ def test_init_then_dvc_repro_runs_every_stage_from_the_installed_package(tmp_pat
 
 @pytest.mark.slow
 def test_a_missing_production_batch_is_named_before_any_stage_runs(tmp_path, prefect_harness):
-    from pipelines.train import train
+    from sslvision.flows.train import train
     from sslvision.stages.preflight import MissingInputs
 
     root = create_project(tmp_path / "proj", inspect_data(photo_folder(tmp_path / "photos", per_class=3)))

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from sslvision import ingest
+from sslvision.stages.ingest import dataset_card
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -43,7 +44,7 @@ def _ingest(source: Path, out: Path, **kw) -> dict:
 
 
 def _card(metrics: dict, out: Path) -> str:
-    return ingest.dataset_card(metrics, out)
+    return dataset_card(metrics, out)
 
 
 def _photo(width: int, height: int) -> Image.Image:

@@ -86,7 +86,7 @@ def test_lock_refuses_a_second_run_cleanly(dvc_project):
 def test_train_flow_runs_then_skips_then_forces_downstream(dvc_project, prefect_harness):
     import mlflow
 
-    from pipelines.train import train
+    from sslvision.flows.train import train
 
     ran = train(root=str(dvc_project))
     assert all(ran.values()) and sorted(runs(dvc_project)) == ["first", "second", "side", "third"]
@@ -118,7 +118,7 @@ def test_concurrent_trains_one_runs_one_refused_one_waits(dvc_project, prefect_h
 
     from dvc.repo import Repo
 
-    from pipelines.train import train
+    from sslvision.flows.train import train
 
     monkeypatch.setenv("HOLD_STAGE", "first")
     states = {}
@@ -159,7 +159,7 @@ FINETUNE_STAGE = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from sslvision import registry, tracking
-    from sslvision.finetune import load_params
+    from sslvision.stages.finetune import load_params
     p = load_params("params.yaml")
     candidate = Path("candidate.txt").read_text().strip()
     example = np.load("data/ingested/images.npy", mmap_mode="r")[:3]
@@ -235,8 +235,8 @@ def test_monitor_refuses_a_worse_retrain_and_promotes_a_better_one(model_project
 
     import mlflow
 
-    from pipelines.monitor import monitor
-    from pipelines.train import train
+    from sslvision.flows.monitor import monitor
+    from sslvision.flows.train import train
 
     root = str(model_project)
     (model_project / "candidate.txt").write_text("weak")
@@ -265,7 +265,8 @@ def test_monitor_refuses_a_worse_retrain_and_promotes_a_better_one(model_project
     assert outcome["decision"]["stage"] == "pretrain" and outcome["ran"]["finetune"]
     promoted = outcome["promotion"]
     assert promoted["decision"] == "promoted" and promoted["challenger"] == "3", promoted
-    assert promoted["challenger_metrics"]["balanced_accuracy"] >= promoted["champion_metrics"]["balanced_accuracy"] + 0.05
+    challenger, champion = promoted["challenger_metrics"], promoted["champion_metrics"]
+    assert challenger["balanced_accuracy"] >= champion["balanced_accuracy"] + 0.05
     assert _aliases() == {"champion": "3", "previous": "1"}
     assert runs(model_project).count("pretrain") == 3 and runs(model_project).count("ingest") == 1
 
@@ -279,7 +280,7 @@ def test_two_monitors_at_once_act_on_a_batch_once(model_project, prefect_harness
     import mlflow
     from dvc.repo import Repo
 
-    from pipelines.monitor import monitor
+    from sslvision.flows.monitor import monitor
 
     shutil.rmtree(model_project / "incoming/noisy_2")
     (model_project / "candidate.txt").write_text("strong")
@@ -297,7 +298,8 @@ def test_two_monitors_at_once_act_on_a_batch_once(model_project, prefect_harness
     assert acted[0]["decision"]["stage"] == "pretrain" and all(acted[0]["ran"].values())
     assert acted[0]["promotion"]["decision"] == "promoted"
     assert sorted(runs(model_project)) == ["audit", "finetune", "ingest", "pretrain", "synthesize"]
-    drift_runs = mlflow.search_runs(experiment_names=["sslvision"], filter_string="tags.`sslvision.stage` = 'drift_eval'")
+    drift_runs = mlflow.search_runs(experiment_names=["sslvision"],
+                                    filter_string="tags.`sslvision.stage` = 'drift_eval'")
     assert len(drift_runs) == 1
     assert json.loads((model_project / "reports/monitor/processed.json").read_text()) == ["noisy_1"]
     with Repo(str(model_project)) as repo:
@@ -309,7 +311,7 @@ def test_promotion_after_a_stage_that_auto_promotes_is_its_decision(workdir):
     decision rather than gating the same challenger twice (MLflow is not touched)."""
     import yaml
 
-    from pipelines.train import promote_challenger
+    from sslvision.flows.train import promote_challenger
 
     (workdir / "params.yaml").write_text(yaml.safe_dump({"finetune": {"registry": {"auto_promote": True}}}))
     decision = {"decision": "refused", "challenger": "4", "champion": "3", "failed": {"ece": "too high"}}
@@ -327,7 +329,7 @@ def test_deployments_allow_one_run_at_a_time(prefect_harness):
     import yaml
     from prefect.client.orchestration import get_client
 
-    from pipelines.deployments import build_deployments
+    from sslvision.flows.deployments import build_deployments
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
     assert {d["name"]: d["concurrency_limit"] for d in spec["deployments"]} == {"monitor": 1, "train": 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -9,19 +10,15 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from sslvision import objectives, pretrain
+from sslvision import objectives
 from sslvision.models import Encoder, to_input
 from sslvision.params import ParamsError, load_section
-from sslvision.pretrain import (
-    NonFiniteLossError,
-    PretrainParams,
-    build_method,
-    read_inputs,
-    resolve_precision,
-    run_stage,
-    train,
-)
+from sslvision.pretrain import NonFiniteLossError, PretrainParams, resolve_precision, train
+from sslvision.ssl import build_method, methods
+from sslvision.stages.pretrain import read_inputs, run_stage
 from tests.test_pretrain import params, write_ingested
+
+pretrain = importlib.import_module("sslvision.pretrain")  # the module: ``sslvision.pretrain`` also names the API
 
 
 @pytest.fixture
@@ -104,13 +101,13 @@ def test_every_method_under_bf16_autocast_gives_a_finite_fp32_loss_and_fp32_grad
 def test_bf16_pretrain_runs_with_a_finite_loss_and_saves_an_fp32_encoder(ingested, workdir, monkeypatch):
     torch.set_num_threads(1)
     seen: list[torch.dtype] = []
-    real = pretrain.in_fp32
+    real = methods.in_fp32
 
     def recording(loss, *args):
         seen.extend(a.dtype for a in args if isinstance(a, torch.Tensor))
         return real(loss, *args)
 
-    monkeypatch.setattr(pretrain, "in_fp32", recording)
+    monkeypatch.setattr(methods, "in_fp32", recording)
     p = params("simclr", precision="bf16", steps_per_epoch=2, checkpoint_dir=str(workdir / "ck"))
     metrics = run_stage(p, ingested, workdir / "encoder", reports=workdir / "reports")
     assert torch.bfloat16 in seen  # the heads' outputs reached the loss in bf16: autocast was on in train()

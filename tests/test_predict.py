@@ -23,7 +23,8 @@ from sslvision.predict import InboxBatch, list_inputs, predict_files
 
 CLASSES = ["cat", "dog house", "T-shirt/top"]  # a space and a slash: names, not identifiers
 RGB_ENCODER = EncoderConfig(backbone="resnet18", stem_stride=2, img_size=32, in_chans=3,
-                            backbone_args={"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "zero_init_last": False})
+                            backbone_args={"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128],
+                                           "zero_init_last": False})
 
 
 def tiny_rgb_classifier(directory: Path) -> Path:
@@ -52,7 +53,8 @@ def write_images(root: Path) -> dict[str, Path]:
         "jpeg": _save(photo, root / "photo.jpg", "JPEG"),
         "exif": _save(photo, root / "rotated.jpg", "JPEG", exif=exif),
         "gray": _save(Image.fromarray(rng.integers(0, 256, (20, 30), np.uint8)), root / "sub/gray.png", "PNG"),
-        "16bit": _save(Image.fromarray(rng.integers(0, 65536, (40, 40)).astype(np.uint16)), root / "sub/deep.png", "PNG"),
+        "16bit": _save(Image.fromarray(rng.integers(0, 65536, (40, 40)).astype(np.uint16)), root / "sub/deep.png",
+                       "PNG"),
         "cmyk": _save(photo.convert("CMYK"), root / "sub/deeper/cmyk.jpg", "JPEG"),
     }
     files["broken"] = root / "broken.jpg"
@@ -144,13 +146,14 @@ def test_log_batch_copies_the_predicted_files_into_one_new_inbox_batch(model, tm
     # every file predicted, byte for byte, except the link (read, never copied) and the broken file
     copied = {name: Path(src) for name, src in meta["files"].items()}
     assert sorted(p.name for p in copied.values()) == sorted(
-        Path(p).name for p, e in zip(out["path"], out["error"], strict=True) if pd.isna(e) and Path(p).name != "link.jpg")
+        Path(p).name for p, e in zip(out["path"], out["error"], strict=True)
+        if pd.isna(e) and Path(p).name != "link.jpg")
     assert out.loc[out["path"].str.endswith("link.jpg"), "error"].isna().all()
     for name, src in copied.items():
         assert (batch.path / name).read_bytes() == src.read_bytes()
     assert meta["model"] == {"uri": "test"}
 
-    from sslvision.drift import read_batch  # what the monitor reads: every copied image, unlabelled
+    from sslvision.batches import read_batch  # what the monitor reads: every copied image, unlabelled
 
     images, labels = read_batch(batch.path, CLASSES, 3, 32)
     assert len(images) == len(copied) and (labels == -1).all()
@@ -194,7 +197,8 @@ def test_cli_predicts_files_writes_the_csv_and_logs_the_batch(tmp_path, monkeypa
     model = load_classifier(tmp_path / "models/classifier")
     np.testing.assert_allclose(out.loc[0, "confidence"], _as_ingest(model, files["jpeg"]).max(), rtol=1e-5)
 
-    shown = CliRunner().invoke(app, ["predict", "photos/photo.jpg", "photos/broken.jpg", "--model", "models/classifier"])
+    shown = CliRunner().invoke(app, ["predict", "photos/photo.jpg", "photos/broken.jpg",
+                                     "--model", "models/classifier"])
     assert shown.exit_code == 0, shown.output
     assert "photos/photo.jpg" in shown.output and "top 3" in shown.output and "truncated" in shown.output
 
@@ -203,8 +207,8 @@ def test_the_classifier_config_carries_the_conversion_and_is_checked(tmp_path, c
     directory = tiny_rgb_classifier(tmp_path / "clf")
     config = json.loads((directory / "config.json").read_text())
     assert config["classes"] == CLASSES
-    assert config["conversion"] == {"channels": 3, "size": 32, "max_file_bytes": 20_000_000,
-                                    "max_pixels": 40_000_000, "tag": ingest.Conversion(3, 32, 20_000_000, 40_000_000).tag}
+    assert config["conversion"] == {"channels": 3, "size": 32, "max_file_bytes": 20_000_000, "max_pixels": 40_000_000,
+                                    "tag": ingest.Conversion(3, 32, 20_000_000, 40_000_000).tag}
     config["logit_bias"] = [0.0, 0.1, -0.1]  # a key a later sslvision adds is ignored
     (directory / "config.json").write_text(json.dumps(config))
     assert load_classifier(directory).conversion == ingest.Conversion(3, 32, 20_000_000, 40_000_000)

@@ -16,19 +16,12 @@ import torch
 
 from sslvision import objectives
 from sslvision.idx import read_idx
+from sslvision.metrics import knn_predict
 from sslvision.models import Encoder, EncoderConfig, embed, load_decoder, load_encoder, save_encoder, to_input
-from sslvision.pretrain import (
-    NonFiniteLossError,
-    PretrainParams,
-    _optimizer,
-    build_method,
-    embed_ingested,
-    evaluate,
-    knn_predict,
-    read_inputs,
-    run_stage,
-    train,
-)
+from sslvision.pretrain import NonFiniteLossError, PretrainParams, _optimizer, evaluate, train
+from sslvision.ssl import build_method
+from sslvision.stages.embed import embed_ingested
+from sslvision.stages.pretrain import read_inputs, run_stage
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -152,7 +145,8 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(ingested, workdir):
     torch.set_num_threads(1)
     inputs = read_inputs(ingested)
     for method, extra in (("simclr", {}), ("cl_mim", {})):
-        p_full = params(method, epochs=2, checkpoint_every=2, checkpoint_dir=str(workdir / f"ck_full_{method}"), **extra)
+        p_full = params(method, epochs=2, checkpoint_every=2, checkpoint_dir=str(workdir / f"ck_full_{method}"),
+                        **extra)
         full = train(p_full, inputs.images_path, inputs.train_rows, progress=False)
 
         p_kill = p_full.model_copy(update={"checkpoint_dir": str(workdir / f"ck_kill_{method}")})
@@ -252,13 +246,15 @@ DDP_SCRIPT = """
 import json, os, sys, torch
 import torch.distributed as dist
 from sslvision import objectives
-from sslvision.pretrain import PretrainParams, read_inputs, train
+from sslvision.pretrain import PretrainParams, train
+from sslvision.stages.pretrain import read_inputs
 torch.set_num_threads(1)
 p = PretrainParams.model_validate(json.loads(sys.argv[1]))
 inputs = read_inputs(sys.argv[2])
 result = train(p, inputs.images_path, inputs.train_rows, progress=False)  # joins the gloo group
 rank, world = dist.get_rank(), dist.get_world_size()
-torch.save({k: v.detach() for k, v in result.encoder.named_parameters()}, f"{sys.argv[3]}/rank{rank}.pt")  # BN running stats stay per process
+# parameters only: BatchNorm's running stats stay per process
+torch.save({k: v.detach() for k, v in result.encoder.named_parameters()}, f"{sys.argv[3]}/rank{rank}.pt")
 # NT-Xent on this rank's half of a fixed global batch, negatives gathered from the other rank
 torch.manual_seed(0)
 z1, z2 = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4, requires_grad=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sslvision.params import ParamsError, read_params
-from sslvision.profiles import SECTIONS, _model, dvc_set_params, load_profile
+from sslvision.params import SECTIONS, ParamsError, read_params, section_class
+from sslvision.profiles import dvc_set_params, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_profile_applies_through_dvc_and_stays_valid(tmp_path, name):
             node = node[part]
         assert node == value, key
     for section in SECTIONS:  # every stage still accepts the file
-        _model(section).model_validate(applied.get(section) or {})
+        section_class(section).model_validate(applied.get(section) or {})
     assert "THE parameter to tune" in params.read_text()  # params.yaml's comments survive
 
 

@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from sslvision import registry, tracking
-from sslvision.finetune import PromotionParams, load_classifier, load_params, run_finetune, save_classifier
+from sslvision.finetune import PromotionParams, load_classifier, save_classifier
 from sslvision.models import embed, load_encoder
+from sslvision.stages.finetune import load_params, run_finetune
 from tests.finetune_project import make_project
 
 torch.set_num_threads(1)
@@ -179,8 +180,9 @@ def test_drift_eval_scores_the_champion_not_the_file_a_refused_retrain_left(trai
 
     import mlflow
 
-    from sslvision.drift import DriftParams, drift_eval_cli, scored_classifier
+    from sslvision.drift import DriftParams
     from sslvision.finetune import FinetuneParams
+    from sslvision.stages.drift_eval import drift_eval_cli, scored_classifier
 
     golden, root = trained["golden"], trained["root"]
     finetune = {"ingested": str(root / "data/ingested"), "manifest": str(root / "data/audit/manifest_clean.parquet"),

@@ -35,7 +35,8 @@ def browser():
     exe = shutil.which("chromium")
     if exe is None:
         if os.geteuid() == 0:
-            pytest.fail("chromium is not installed: run `apt-get install chromium` (make install does on a fresh checkout)")
+            pytest.fail("chromium is not installed: run `apt-get install chromium` "
+                        "(make install does on a fresh checkout)")
         pytest.skip("chromium is not installed and this user is not root: `sudo apt-get install chromium`")
     from playwright.sync_api import sync_playwright
 
@@ -227,7 +228,8 @@ def test_report_of_a_full_run_renders_in_chromium(workdir, browser):
     pretrain = section_text(page, "pretrain")
     assert "0.6543" in pretrain and "0.4321" in pretrain and "146.5" in pretrain
     assert "0.6667" in section_text(page, "finetune") and "re-run from audit" in section_text(page, "decisions")
-    decisions = page.eval_on_selector_all("section#decisions tbody tr td:nth-child(2)", "els => els.map(e => e.innerText)")
+    decisions = page.eval_on_selector_all("section#decisions tbody tr td:nth-child(2)",
+                                          "els => els.map(e => e.innerText)")
     assert decisions == ["noisy_labels", "clean_01"]  # newest first
 
     # the registry: v2 was rolled back, v1 is champion again; history newest first

@@ -23,7 +23,7 @@ def test_retry_condition_retries_dvc_lock_busy_and_not_a_failed_stage():
     from dvc.lock import LockError
     from prefect.states import Failed
 
-    from pipelines.train import _transient
+    from sslvision.flows.train import _transient
 
     assert _transient(None, None, Failed(data=LockError("Unable to acquire lock")))
     assert not _transient(None, None, Failed(data=pipeline.StageFailed("stage ingest failed: bad input")))

@@ -11,6 +11,7 @@ import torch
 from sslvision import synthesize as syn
 from sslvision.models import DecoderConfig, Encoder, EncoderConfig, MAEDecoder, embed, save_encoder
 from sslvision.params import ParamsError, validate_section
+from sslvision.stages import synthesize as stage
 
 torch.set_num_threads(1)
 
@@ -187,7 +188,7 @@ def test_filter_thresholds_reject_in_synthesis(real, resnet, tmp_path):
     strict = syn.synthesize(real, resnet, params)
     assert strict.metrics["kept"] == 0 and len(strict.images) == 0
     assert {v["made"] for v in strict.metrics["classes"].values()} == {6, 10}
-    syn.write_outputs(strict, real, params, tmp_path / "synthetic", tmp_path / "reports")  # an empty set is valid
+    stage.write_outputs(strict, real, params, tmp_path / "synthetic", tmp_path / "reports")  # an empty set is valid
     assert np.load(tmp_path / "synthetic/images.npy").shape == (0, SIZE, SIZE, 1)
     assert len(pd.read_parquet(tmp_path / "synthetic/manifest.parquet")) == 0
     assert json.loads((tmp_path / "reports/metrics.json").read_text())["classes"]["ring"]["frechet"] is None
@@ -196,7 +197,8 @@ def test_filter_thresholds_reject_in_synthesis(real, resnet, tmp_path):
 def test_mae_inpaint_keeps_visible_pixels(real):
     """Without mixing, every output pixel outside the hidden patches is the source's pixel (both backbones,
     both ResNet inpainters)."""
-    for encoder, arch, mode in ((_resnet(), "unet", "trained_unet_inpainter"), (_resnet(), "conv", "trained_conv_inpainter"),
+    for encoder, arch, mode in ((_resnet(), "unet", "trained_unet_inpainter"),
+                                (_resnet(), "conv", "trained_conv_inpainter"),
                                 (_vit(), "unet", "trained_mae_decoder")):
         torch.manual_seed(0)
         r = _real(encoder)
@@ -257,7 +259,7 @@ def test_stage_writes_the_contract(workdir, resnet, real):
         "synthesize:\n  generator: feature_interp\n  grid_columns: 3\n"
         "  feature_interp: {steps: 2, batch_size: 8, width: 8}\n"
         "  filter: {min_confidence: 0.0, max_source_similarity: 2.0}\n")
-    metrics = syn.synthesize_cli(params=workdir / "params.yaml")
+    metrics = stage.synthesize_cli(params=workdir / "params.yaml")
     images = np.load(workdir / "data/synthetic/images.npy")
     m = pd.read_parquet(workdir / "data/synthetic/manifest.parquet")
     assert images.shape == (len(m), SIZE, SIZE, 1) and len(m) == metrics["kept"] == 8
@@ -267,4 +269,79 @@ def test_stage_writes_the_contract(workdir, resnet, real):
     assert {"made", "kept", "frechet", "precision", "recall"} <= set(on_disk["classes"]["ring"])
     assert pd.read_csv(workdir / "reports/synthesize/per_class.csv")["kept"].tolist() == [3, 5]
     assert (workdir / "reports/synthesize/grid.png").stat().st_size > 1000
-    assert len(pd.read_csv(workdir / "reports/synthesize/filter_scores.csv")) == 6 * 3 + 6 * 5  # oversample 6 (the default) x need
+    # oversample 6 (the default) x need
+    assert len(pd.read_csv(workdir / "reports/synthesize/filter_scores.csv")) == 6 * 3 + 6 * 5
+
+
+# --- the array API and the generator registry ------------------------------------------------------
+
+
+def test_synthesize_images_on_arrays(real, resnet):
+    """Arrays in, arrays out: the stage's plan and filter, labels as given, grey images without a channel."""
+    filt = {"min_confidence": 0.0, "max_source_similarity": 2.0}
+    labels = real.labels * 10 + 3  # any non-negative ints
+    x, y = syn.synthesize_images(real.images[..., 0], labels, resnet, seed=1, oversample=2.0, filter=filt)
+    assert x.shape == (8, SIZE, SIZE) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert y.tolist() == [23] * 3 + [33] * 5  # up to the median count (9), as the stage plans
+    # the same images as the stage's synthesize() on the same data and params
+    ref = syn.synthesize(real, resnet, _params(generator="augment", seed=1))
+    assert np.array_equal(x, ref.images[..., 0])
+    x2, y2 = syn.synthesize_images(real.images, real.labels, resnet, seed=1, oversample=2.0, filter=filt)
+    assert np.array_equal(x2[..., 0], x) and y2.tolist() == [2] * 3 + [3] * 5
+    # per_class: every class below it is brought up to it; max_per_class caps it only when given
+    x3, y3 = syn.synthesize_images(real.images, real.labels, resnet, per_class=14, oversample=1.0, filter=filt)
+    assert np.bincount(y3, minlength=4).tolist() == [0, 2, 8, 10] and x3.shape == (20, SIZE, SIZE, 1)
+    _, y4 = syn.synthesize_images(real.images, real.labels, resnet, per_class=14, max_per_class=5,
+                                  oversample=1.0, filter=filt)
+    assert np.bincount(y4, minlength=4).tolist() == [0, 2, 5, 5]
+    with pytest.raises(ValueError, match="per_class or target"):
+        syn.synthesize_images(real.images, real.labels, resnet, per_class=14, target="max")
+    strict = syn.synthesize_images(real.images, real.labels, resnet, filter={"max_source_similarity": -1.0})
+    assert strict[0].shape == (0, SIZE, SIZE, 1) and strict[1].shape == (0,)
+
+
+def test_synthesize_images_rejects_bad_input(real, resnet):
+    with pytest.raises(ValueError, match="uint8"):
+        syn.synthesize_images(real.images.astype(np.float32), real.labels, resnet)
+    with pytest.raises(ValueError, match="labels must be ints"):
+        syn.synthesize_images(real.images, real.labels[:-1], resnet)
+    with pytest.raises(ValueError, match=">= 0"):
+        syn.synthesize_images(real.images, real.labels - 1, resnet)
+    with pytest.raises(ParamsError, match="synthesize.oversample"):
+        syn.synthesize_images(real.images, real.labels, resnet, oversample=0.5)
+    with pytest.raises(ValueError, match="unknown generator 'gan'; registered: .*augment"):
+        syn.synthesize_images(real.images, real.labels, resnet, generator="gan")
+
+
+def test_generator_registry(real, resnet, monkeypatch):
+    assert set(syn.GENERATORS) == {"augment", "mae_inpaint", "feature_interp"}
+    assert syn.GENERATORS["mae_inpaint"] is syn.MAEInpaintGenerator
+    with pytest.raises(ValueError, match="unknown generator 'nope'; registered: augment, mae_inpaint"):
+        syn.make_generator(_params().model_copy(update={"generator": "nope"}), torch.device("cpu"))
+    monkeypatch.setattr(syn, "GENERATORS", dict(syn.GENERATORS))  # registrations below end with the test
+
+    @syn.register_generator("copy_flip")
+    class FlipGenerator:
+        """Mirrored real images: no params section, built as cls(params, device)."""
+
+        def __init__(self, params, device):
+            self.seed = params.seed
+
+        def fit(self, real, encoder):
+            return {}
+
+        def generate(self, real, label, count, rng):
+            src = rng.choice(real.of_class(label), size=count)
+            return real.images[src][:, :, ::-1].copy(), np.stack([src, np.full(count, -1)], axis=1)
+
+    assert FlipGenerator.name == "copy_flip" and syn.GENERATORS["copy_flip"] is FlipGenerator
+    assert isinstance(syn.make_generator(_params().model_copy(update={"generator": "copy_flip"}),
+                                         torch.device("cpu")), FlipGenerator)
+    x, y = syn.synthesize_images(real.images, real.labels, resnet, generator="copy_flip",
+                                 filter={"min_confidence": 0.0, "max_source_similarity": 2.0})
+    assert x.shape == (8, SIZE, SIZE, 1) and y.tolist() == [2] * 3 + [3] * 5
+    flipped = {real.images[i][:, ::-1].tobytes() for i in np.flatnonzero(real.labels >= 2)}
+    assert all(img.tobytes() in flipped for img in x)
+    # a built-in name registered again replaces the built-in
+    syn.register_generator("augment")(FlipGenerator)
+    assert isinstance(syn.make_generator(_params(generator="augment"), torch.device("cpu")), FlipGenerator)

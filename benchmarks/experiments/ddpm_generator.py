@@ -167,7 +167,7 @@ class DDPMGenerator:
             log.info("ddpm: %s %d/%d sampled", real.classes[label], start + n, count)
         imgs = np.concatenate(out)
         idx = real.of_class(label)
-        z, zr = S._unit(embed(self.encoder, imgs)), S._unit(real.embeddings[idx])
+        z, zr = S.l2_normalise(embed(self.encoder, imgs)), S.l2_normalise(real.embeddings[idx])
         nearest = idx[np.argmax(z @ zr.T, axis=1)]
         return imgs, np.stack([nearest, np.full(len(nearest), -1)], axis=1)
 

@@ -46,74 +46,106 @@ Policy (``audit.policy``) for label issues: ``keep`` (only report), ``drop`` (re
 manifest), ``relabel`` (take the suggested label when its confidence >= ``relabel_confidence``, drop
 the others). Outliers are dropped only with ``drop_outliers``. Raw data is never modified.
 
-Outputs (``run_audit``), each written atomically:
+On arrays: :func:`find_label_issues` (embeddings, labels and optionally the images; keyword settings;
+one row per example). On a manifest: :func:`run_audit` returns ``(label_issues, manifest_clean,
+metrics)``:
 
-- ``data/audit/label_issues.parquet``: one row per flagged image (label issue, conflicting duplicate or
-  outlier), highest score first: ``id, index, split, batch, source_path, label_given, label_given_name,
-  label_suggested, label_suggested_name, score, suggested_confidence, self_confidence, consensus,
-  is_label_issue, is_outlier, outlier_distance, duplicate_of, reason, action``.
-- ``data/audit/manifest_clean.parquet``: ``manifest.parquet`` minus dropped rows, with ``label`` /
-  ``label_name`` corrected where relabelled, plus ``label_given`` and ``audit_action`` (keep | relabel).
-- ``reports/audit/metrics.json``, ``issues_by_class.csv`` and ``gallery.png`` (top flagged images, given
-  -> suggested label).
+- ``label_issues``: one row per flagged image (label issue, conflicting duplicate or outlier), highest
+  score first: ``id, index, split, batch, source_path, label_given, label_given_name, label_suggested,
+  label_suggested_name, score, suggested_confidence, self_confidence, consensus, is_label_issue,
+  is_outlier, outlier_distance, duplicate_of, reason, action``.
+- ``manifest_clean``: the manifest minus dropped rows, with ``label`` / ``label_name`` corrected where
+  relabelled, plus ``label_given`` and ``audit_action`` (keep | relabel).
+
+The DVC stage that reads the ingested files and writes these (with the reports, the gallery and the
+MLflow run) is :mod:`sslvision.stages.audit`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from sslvision.io import atomic_path, write_csv, write_json, write_parquet
 from sslvision.metrics import l2_normalise
-from sslvision.params import Section, Seed, TrainingSplits, load_section
+from sslvision.params import Section, Seed, TrainingSplits, validate_section
 
 log = logging.getLogger(__name__)
 
-OUT = Path("data/audit")
-REPORTS = Path("reports/audit")
-
 
 class AuditParams(Section):
-    splits: TrainingSplits = ["train", "pool"]
-    folds: int = Field(5, ge=2, le=100)
-    seed: Seed = 0
-    probe_c: float = Field(10.0, gt=0)
-    probe_max_iter: int = Field(200, ge=10, le=1_000_000)
-    class_balanced: bool = False
-    knn_k: int = Field(20, ge=1, le=10_000)
-    knn_temperature: float = Field(0.07, gt=0)
-    knn_weight: float = Field(0.5, ge=0, le=1)
-    consensus_k: int = Field(20, ge=1, le=10_000)
-    consensus_weight: float = Field(0.3, ge=0, le=1)
-    rounds: int = Field(2, ge=1, le=100)
-    quality: Literal["self_confidence", "normalized_margin"] = "normalized_margin"
-    selection: Literal["rank", "cleanlab"] = "rank"
+    """The ``audit`` stage: find wrong labels, duplicates and outliers with the SSL embeddings."""
+
+    splits: TrainingSplits = Field(["train", "pool"], description=(
+        "labelled rows of these splits are audited (the clean test split never is)"))
+    folds: int = Field(5, ge=2, le=100, description=(
+        "K of the cross-validated linear probe (every row scored out-of-sample)"))
+    seed: Seed = Field(0, description="fold assignment")
+    probe_c: float = Field(10.0, gt=0, description=(
+        "inverse L2 strength of the probe; embeddings are L2-normalised, so ~1-100 fits"))
+    probe_max_iter: int = Field(200, ge=10, le=1_000_000, description=(
+        "lbfgs iterations per fold (raise if sklearn warns it did not converge)"))
+    class_balanced: bool = Field(False, description=(
+        "class-balanced probe weights. Off: on long-tailed data they inflate rare-class probabilities on "
+        "head-class images, so correct head labels get flagged (benchmarks/audit.py); the per-class thresholds "
+        "of confident learning already protect the rare classes"))
+    knn_k: int = Field(20, ge=1, le=10_000, description=(
+        "neighbours in the kNN vote (leave-one-out: a row never votes for itself)"))
+    knn_temperature: float = Field(0.07, gt=0, description=(
+        "neighbour weight exp(cosine / T): lower = the nearest dominate"))
+    knn_weight: float = Field(0.5, ge=0, le=1, description=(
+        "share of the kNN vote in the predicted probabilities (rest: the linear probe)"))
+    consensus_k: int = Field(20, ge=1, le=10_000, description=(
+        "neighbours in the SimiFeat-style consensus (share agreeing with the given label)"))
+    consensus_weight: float = Field(0.3, ge=0, le=1, description=(
+        "quality = (1-w) * cleanlab quality score + w * consensus"))
+    quality: Literal["self_confidence", "normalized_margin"] = Field("normalized_margin", description=(
+        "cleanlab score to rank by: normalized_margin (better on asymmetric noise, where the wrong label is a "
+        "look-alike class) | self_confidence"))
+    rounds: int = Field(2, ge=1, le=100, description=(
+        "cleaning rounds: flagged rows stop training the probe / voting in the next"))
+    selection: Literal["rank", "cleanlab"] = Field("rank", description=(
+        "rank: flag cleanlab's estimated number of issues, lowest quality first | cleanlab: cleanlab's "
+        "find_label_issues(filter_by) mask as it is"))
     filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
-                       "predicted_neq_given", "low_self_confidence", "low_normalized_margin"] = "prune_by_noise_rate"
-    min_examples_per_class: int = Field(5, ge=0, le=1_000_000)
-    duplicate_similarity: float = Field(0.999, gt=0, le=1)
-    outlier_k: int = Field(10, ge=1, le=10_000)
-    outlier_fence: float = Field(3.0, gt=0)
-    policy: Literal["drop", "relabel", "keep"] = "relabel"
-    relabel_confidence: float = Field(0.8, ge=0, le=1)
-    drop_outliers: bool = False
-    gallery_size: int = Field(32, ge=0, le=10_000)
-    threads: int = Field(1, ge=1, le=1024)
-    pixel_pca: int = Field(64, ge=0, le=4096)
-    pixel_weight: float = Field(1.0, gt=0)
-    pixel_side: int = Field(32, ge=4, le=1024)
-    truth: str | None = None
+                       "predicted_neq_given", "low_self_confidence", "low_normalized_margin"] = Field(
+        "prune_by_noise_rate", description="cleanlab's filter when selection is cleanlab")
+    min_examples_per_class: int = Field(5, ge=0, le=1_000_000, description=(
+        "never flag a class below this many unflagged rows (rare classes survive)"))
+    duplicate_similarity: float = Field(0.999, gt=0, le=1, description=(
+        "cosine similarity at or above which two images are near-duplicates (exact copies: 1.0; lower values "
+        "pair distinct images when the embeddings are short-trained)"))
+    outlier_k: int = Field(10, ge=1, le=10_000, description=(
+        "neighbours whose mean cosine distance is the outlier score"))
+    outlier_fence: float = Field(3.0, gt=0, description=(
+        "outlier if the score exceeds Q3 + fence * IQR (Tukey's far-out fence)"))
+    policy: Literal["drop", "relabel", "keep"] = Field("relabel", description=(
+        "for label issues: drop | relabel | keep (report only)"))
+    relabel_confidence: float = Field(0.8, ge=0, le=1, description=(
+        "relabel only when the suggested label has at least this probability; the other flagged rows are dropped "
+        "(policy relabel only)"))
+    max_change_share: float = Field(0.3, ge=0, le=1, description=(
+        "act on label issues only when relabelling and dropping change at most this share of the audited labels; "
+        "above it the encoder more likely cannot yet separate the classes than the labels are that wrong, so every "
+        "label is kept and the issues are only listed (1 = always act)"))
+    drop_outliers: bool = Field(False, description="also drop outliers from the cleaned manifest")
+    gallery_size: int = Field(32, ge=0, le=10_000, description="top flagged images shown in reports/audit/gallery.png")
+    threads: int = Field(1, ge=1, le=1024, description=(
+        "BLAS threads of the probe; 1 avoids oversubscription on shared machines"))
+    pixel_pca: int = Field(64, ge=0, le=4096, description=(
+        "append this many principal components of the raw pixels to the SSL embeddings (0 = embeddings alone): "
+        "the two make different mistakes, so together they find more label errors (README: benchmarks)"))
+    pixel_weight: float = Field(1.0, gt=0, description=(
+        "mean norm of the pixel features next to the unit-norm embeddings"))
+    pixel_side: int = Field(32, ge=4, le=1024, description=(
+        "images larger than this are area-averaged down to it before the PCA"))
+    truth: str | None = Field(None, description=(
+        "benchmarks/tests only: a scenario truth.parquet; adds precision/recall/F1/AUROC"))
 
 
 # --- detection -------------------------------------------------------------------------------------
@@ -129,24 +161,25 @@ def nearest_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, 1.0 - dist
 
 
-def probe_probs(x: np.ndarray, labels: np.ndarray, n_classes: int, p: AuditParams,
+def probe_probs(x: np.ndarray, labels: np.ndarray, n_classes: int, *, folds: int = 5, seed: int = 0,
+                c: float = 10.0, max_iter: int = 200, class_balanced: bool = False, threads: int = 1,
                 trusted: np.ndarray | None = None) -> np.ndarray:
-    """Out-of-fold probabilities of a logistic-regression probe (stratified K-fold); only ``trusted``
-    rows train it, every row is predicted by the fold model that did not see it."""
+    """Out-of-fold probabilities ``(N, n_classes)`` of a logistic-regression probe (inverse regularisation
+    ``c``) by stratified ``folds``-fold cross-validation (fewer when a class has fewer rows); only
+    ``trusted`` rows train it, every row is predicted by the fold model that did not see it."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from threadpoolctl import threadpool_limits
 
     counts = np.bincount(labels, minlength=n_classes)
-    folds = int(min(p.folds, max(2, counts[counts > 0].min())))
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=p.seed)
+    folds = int(min(folds, max(2, counts[counts > 0].min())))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     out = np.zeros((len(labels), n_classes))
-    with threadpool_limits(limits=p.threads):
+    with threadpool_limits(limits=threads):
         for fold, (train, test) in enumerate(cv.split(x, labels)):
             if trusted is not None:
                 train = train[trusted[train]]
-            model = LogisticRegression(C=p.probe_c, max_iter=p.probe_max_iter,
-                                       class_weight="balanced" if p.class_balanced else None)
+            model = LogisticRegression(C=c, max_iter=max_iter, class_weight="balanced" if class_balanced else None)
             model.fit(x[train], labels[train])
             out[np.ix_(test, model.classes_)] = model.predict_proba(x[test])
             log.info("probe fold %d/%d done", fold + 1, folds)
@@ -179,6 +212,7 @@ class LabelAudit:
     pred_probs: np.ndarray
     self_confidence: np.ndarray
     consensus: np.ndarray
+    quality: np.ndarray
     score: np.ndarray
     is_label_issue: np.ndarray
     suggested: np.ndarray
@@ -230,11 +264,14 @@ def pixel_features(images: np.ndarray, index: np.ndarray, n_components: int, sid
 
 
 def detect_label_issues(embeddings: np.ndarray, labels: np.ndarray, n_classes: int,
-                        p: AuditParams, pixels: np.ndarray | None = None) -> LabelAudit:
-    """Steps 1-5 of the module docstring on ``embeddings`` (N, D) with given ``labels`` (N,); ``pixels``
-    (N, K): pixel features (``pixel_features``) appended to the embeddings (step 0)."""
+                        p: AuditParams | None = None, pixels: np.ndarray | None = None) -> LabelAudit:
+    """Steps 1-5 of the module docstring on ``embeddings`` (N, D) with given ``labels`` (N,) in
+    ``0..n_classes-1``; ``p``: the settings (default ``AuditParams()``); ``pixels`` (N, K): pixel features
+    (``pixel_features``) appended to the embeddings (step 0). Raises ValueError when the lengths differ or
+    there is too little to audit."""
+    p = p if p is not None else AuditParams()
     from cleanlab.count import estimate_joint, num_label_issues
-    from cleanlab.filter import find_label_issues
+    from cleanlab.filter import find_label_issues as cleanlab_label_issues
     from cleanlab.rank import get_label_quality_scores
 
     labels = np.asarray(labels, dtype=np.int64)
@@ -250,13 +287,16 @@ def detect_label_issues(embeddings: np.ndarray, labels: np.ndarray, n_classes: i
     consensus = knn_consensus(idx, labels, p.consensus_k)
     trusted = None
     for r in range(p.rounds):
-        pred_probs = (1 - p.knn_weight) * probe_probs(x, labels, n_classes, p, trusted) \
+        probe = probe_probs(x, labels, n_classes, folds=p.folds, seed=p.seed, c=p.probe_c,
+                            max_iter=p.probe_max_iter, class_balanced=p.class_balanced, threads=p.threads,
+                            trusted=trusted)
+        pred_probs = (1 - p.knn_weight) * probe \
             + p.knn_weight * knn_probs(idx, sim, labels, n_classes, p.knn_k, p.knn_temperature, trusted)
         quality = (1 - p.consensus_weight) * get_label_quality_scores(labels, pred_probs, method=p.quality) \
             + p.consensus_weight * consensus
         if p.selection == "cleanlab":
-            flagged = find_label_issues(labels, pred_probs, filter_by=p.filter_by,
-                                        min_examples_per_class=p.min_examples_per_class, n_jobs=1)
+            flagged = cleanlab_label_issues(labels, pred_probs, filter_by=p.filter_by,
+                                            min_examples_per_class=p.min_examples_per_class, n_jobs=1)
         else:
             flagged = select_lowest(labels, quality, num_label_issues(labels, pred_probs),
                                     p.min_examples_per_class)
@@ -266,7 +306,8 @@ def detect_label_issues(embeddings: np.ndarray, labels: np.ndarray, n_classes: i
     others[np.arange(len(labels)), labels] = -1.0
     suggested = others.argmax(axis=1)
     return LabelAudit(
-        pred_probs=pred_probs, self_confidence=pred_probs[np.arange(len(labels)), labels], consensus=consensus, score=1.0 - quality,
+        pred_probs=pred_probs, self_confidence=pred_probs[np.arange(len(labels)), labels], consensus=consensus,
+        quality=quality, score=1.0 - quality,
         is_label_issue=flagged, suggested=suggested,
         suggested_confidence=pred_probs[np.arange(len(labels)), suggested],
         joint=estimate_joint(labels, pred_probs), neighbours=idx, similarities=sim)
@@ -330,7 +371,145 @@ def outlier_distances(sim: np.ndarray, k: int, fence: float) -> tuple[np.ndarray
     return dist, dist > q3 + fence * (q3 - q1)
 
 
-# --- the stage -------------------------------------------------------------------------------------
+# --- every row: labels, duplicates, outliers (what the stage and find_label_issues share) -------------
+
+@dataclass
+class RowAudit:
+    """Per-row results of :func:`audit_rows` (arrays aligned with the audited rows)."""
+
+    label: LabelAudit
+    group: np.ndarray  # near-duplicate group id, -1 for a row in no group
+    conflict: np.ndarray  # member of a group with disagreeing labels whose label is not the group's class
+    outlier_distance: np.ndarray
+    is_outlier: np.ndarray
+
+    @property
+    def is_issue(self) -> np.ndarray:
+        """A label issue: flagged by the label audit or a conflicting near-duplicate."""
+        return self.label.is_label_issue | self.conflict
+
+
+def pixel_view(images: np.ndarray, index: np.ndarray, p: AuditParams) -> np.ndarray | None:
+    """The pixel features of ``images[index]`` that step 0 appends (``p.pixel_pca`` components, at most
+    ``p.threads`` BLAS threads); None when ``p.pixel_pca`` is 0."""
+    if not p.pixel_pca:
+        return None
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=p.threads):
+        return pixel_features(images, index, p.pixel_pca, p.pixel_side, p.seed)
+
+
+def audit_rows(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, p: AuditParams,
+               pixels: np.ndarray | None = None) -> RowAudit:
+    """Steps 1-7 of the module docstring: :func:`detect_label_issues`, then near-duplicates (with
+    conflicting labels) and outliers in the same kNN graph. ``pixels``: as for detect_label_issues."""
+    labels = np.asarray(labels, dtype=np.int64)
+    la = detect_label_issues(embeddings, labels, n_classes, p, pixels)
+    group = near_duplicate_groups(la.neighbours, la.similarities, p.duplicate_similarity)
+    conflict = conflicting_duplicates(group, labels, la.pred_probs)
+    dist, outlier = outlier_distances(la.similarities, p.outlier_k, p.outlier_fence)
+    return RowAudit(label=la, group=group, conflict=conflict, outlier_distance=dist, is_outlier=outlier)
+
+
+def first_of_group(group: np.ndarray) -> np.ndarray:
+    """Per row, the position of the first row of its near-duplicate group; -1 for the first row itself
+    and for a row in no group."""
+    first = pd.Series(np.arange(len(group))).groupby(group).transform("min").to_numpy()
+    return np.where((group >= 0) & (first != np.arange(len(group))), first, -1)
+
+
+# cleanlab.filter.find_label_issues's ways of choosing the issues (AuditParams.filter_by)
+FilterBy = Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                   "predicted_neq_given", "low_self_confidence", "low_normalized_margin"]
+
+
+def find_label_issues(
+    embeddings: np.ndarray, labels: np.ndarray, *, pixels: np.ndarray | None = None, n_classes: int | None = None,
+    folds: int = 5, seed: int = 0, probe_c: float = 10.0, probe_max_iter: int = 200, class_balanced: bool = False,
+    knn_k: int = 20, knn_temperature: float = 0.07, knn_weight: float = 0.5, consensus_k: int = 20,
+    consensus_weight: float = 0.3, rounds: int = 2,
+    quality: Literal["self_confidence", "normalized_margin"] = "normalized_margin",
+    selection: Literal["rank", "cleanlab"] = "rank", filter_by: FilterBy = "prune_by_noise_rate",
+    min_examples_per_class: int = 5, duplicate_similarity: float = 0.999, outlier_k: int = 10,
+    outlier_fence: float = 3.0, threads: int = 1, pixel_pca: int = 64, pixel_weight: float = 1.0,
+    pixel_side: int = 32,
+) -> pd.DataFrame:
+    """Find wrong labels, conflicting near-duplicates and outliers with the embeddings of an encoder that
+    never saw the labels (the method of the module docstring; the audit stage runs the same code).
+
+    Args:
+        embeddings: ``(N, D)`` float array, one row per example (e.g. ``sslvision.embed(encoder, images)``).
+        labels: ``(N,)`` given labels, integers ``0..n_classes-1``.
+        pixels: the images, uint8 ``(N, H, W)`` or ``(N, H, W, C)`` aligned with ``embeddings``: with
+            ``pixel_pca > 0`` their first ``pixel_pca`` principal components are appended to the embeddings
+            (the two views make different mistakes). None: the embeddings alone.
+        n_classes: number of classes (default ``labels.max() + 1``).
+        folds, seed, ...: the settings of the ``audit`` section of params.yaml (:class:`AuditParams`), same
+            names and defaults; ``knn_k`` neighbours vote, ``consensus_k`` give the kNN agreement,
+            ``rounds`` of cleaning, ``selection`` ``rank`` or ``cleanlab``.
+
+    Returns:
+        A DataFrame with one row per example, in input order: ``given_label`` (int64), ``suggested_label``
+        (int64: the most probable other class for a label issue, else the given label), ``label_quality``
+        (float64 in [0, 1], low = likely wrong), ``is_label_issue`` (bool, including conflicting
+        near-duplicates), ``suggested_confidence`` (float64, NaN where not an issue), ``self_confidence``
+        (out-of-sample probability of the given label), ``consensus`` (share of the nearest neighbours with
+        the same label), ``duplicate_of`` (int64 position of the first row of its near-duplicate group, -1
+        for none), ``is_outlier`` (bool), ``outlier_distance`` (float64) and ``reason`` (str, "" when not
+        flagged).
+
+    Raises:
+        ParamsError (a ValueError) naming the setting, e.g. ``audit.knn_k``, for an invalid value;
+        ValueError for mismatched lengths, non-integer or negative labels, or too few rows (< 2 * folds)
+        or classes (< 2).
+
+    Example:
+        >>> issues = find_label_issues(embeddings, labels, pixels=images)
+        >>> issues[issues["is_label_issue"]].sort_values("label_quality").head()
+    """
+    arguments = dict(locals())  # the settings are the keyword arguments named like AuditParams fields
+    p = validate_section("audit", AuditParams, {k: v for k, v in arguments.items() if k in AuditParams.model_fields},
+                         source="find_label_issues")
+    x = np.asarray(embeddings)
+    y = np.asarray(labels)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array (N, D), got shape {x.shape}")
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or len(y) == 0):
+        raise ValueError(f"labels must be a 1-D array of integers 0..n_classes-1, got {y.dtype} of shape {y.shape}")
+    if len(y) and y.min() < 0:
+        raise ValueError(f"labels must be >= 0, got {y.min()}")
+    k = int(y.max()) + 1 if n_classes is None and len(y) else int(n_classes or 0)
+    if len(y) and y.max() >= k:
+        raise ValueError(f"label {y.max()} but n_classes is {k}")
+    features = None
+    if pixels is not None and p.pixel_pca:
+        images = np.asarray(pixels)
+        images = images[..., None] if images.ndim == 3 else images
+        if images.ndim != 4 or len(images) != len(x):
+            raise ValueError(f"pixels must be the {len(x)} images (N, H, W) or (N, H, W, C), got shape "
+                             f"{np.shape(pixels)}")
+        features = pixel_view(images, np.arange(len(images)), p)
+    rows = audit_rows(np.asarray(x, dtype=np.float32), y, k, p, features)
+    la, issue = rows.label, rows.is_issue
+    classes = [str(c) for c in range(k)]
+    y = y.astype(np.int64)
+    return pd.DataFrame({
+        "given_label": y,
+        "suggested_label": np.where(issue, la.suggested, y).astype(np.int64),
+        "label_quality": la.quality.astype(np.float64),
+        "is_label_issue": issue,
+        "suggested_confidence": np.where(issue, la.suggested_confidence, np.nan),
+        "self_confidence": la.self_confidence,
+        "consensus": la.consensus.astype(np.float64),
+        "duplicate_of": first_of_group(rows.group).astype(np.int64),
+        "is_outlier": rows.is_outlier,
+        "outlier_distance": rows.outlier_distance.astype(np.float64),
+        "reason": [_reason(i, la, rows.conflict, rows.is_outlier, classes) for i in range(len(y))],
+    })
+
+
+# --- the audit of a manifest -------------------------------------------------------------------------
 
 def audited_rows(manifest: pd.DataFrame, splits: list[str]) -> np.ndarray:
     """Positions (in ``manifest``) of the rows the audit scores: labelled rows of ``splits``."""
@@ -359,34 +538,38 @@ def run_audit(p: AuditParams, manifest: pd.DataFrame, embeddings: np.ndarray, cl
     log.info("auditing %d labelled rows of splits %s", len(sub), p.splits)
     t0 = time.perf_counter()
     emb = np.asarray(embeddings[sub["index"].to_numpy()], dtype=np.float32)
-    pixels = None
-    if p.pixel_pca:
-        if int(manifest["index"].max()) >= len(images):
-            raise ValueError(f"manifest refers to row {int(manifest['index'].max())} but images.npy has "
-                             f"{len(images)} rows; re-run ingest")
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=p.threads):
-            pixels = pixel_features(images, sub["index"].to_numpy(), p.pixel_pca, p.pixel_side, p.seed)
-    la = detect_label_issues(emb, labels, len(classes), p, pixels)
-    group = near_duplicate_groups(la.neighbours, la.similarities, p.duplicate_similarity)
-    conflict = conflicting_duplicates(group, labels, la.pred_probs)
-    dist, outlier = outlier_distances(la.similarities, p.outlier_k, p.outlier_fence)
+    if p.pixel_pca and int(manifest["index"].max()) >= len(images):
+        raise ValueError(f"manifest refers to row {int(manifest['index'].max())} but images.npy has "
+                         f"{len(images)} rows; re-run ingest")
+    pixels = pixel_view(images, sub["index"].to_numpy(), p)
+    ra = audit_rows(emb, labels, len(classes), p, pixels)
     seconds = time.perf_counter() - t0
 
-    issue = la.is_label_issue | conflict
-    first = pd.Series(np.arange(len(sub))).groupby(group).transform("min").to_numpy()
-    dup_of = np.where((group >= 0) & (first != np.arange(len(sub))), sub["id"].to_numpy()[first], None)
+    la, group, conflict, dist, outlier = ra.label, ra.group, ra.conflict, ra.outlier_distance, ra.is_outlier
+    issue = ra.is_issue
+    first = first_of_group(group)
+    dup_of = np.where(first >= 0, sub["id"].to_numpy()[first], None)
     action = np.full(len(sub), "keep", dtype=object)
     if p.policy == "drop":
         action[issue] = "drop"
     elif p.policy == "relabel":
         action[issue] = np.where(la.suggested_confidence[issue] >= p.relabel_confidence, "relabel", "drop")
+    changed = float((action[issue] != "keep").sum()) / max(len(sub), 1)
+    withheld = None
+    if changed > p.max_change_share:
+        withheld = (f"the audit would change {changed:.0%} of the {len(sub)} audited labels, above "
+                    f"audit.max_change_share {p.max_change_share:g}: more likely the encoder cannot yet separate "
+                    "the classes (pretrain longer or on more images) than that so many labels are wrong; every "
+                    "label kept and the issues only listed")
+        log.warning("audit: %s", withheld)
+        action[issue] = "keep"
     if p.drop_outliers:
         action[outlier & ~issue] = "drop"
     issues = _issues_table(sub, classes, la, issue, conflict, outlier, dist, dup_of, action)
     clean = clean_manifest(manifest, rows, action, la.suggested, classes)
     metrics = audit_metrics(p, sub, classes, la, issue, conflict, outlier, group, action, seconds)
+    if withheld:
+        metrics["actions_withheld"] = withheld
     if truth is not None:
         metrics["truth"] = truth_metrics(sub, truth, issue, la.score)
     return issues, clean, metrics
@@ -536,95 +719,3 @@ def truth_metrics(sub: pd.DataFrame, truth: pd.DataFrame, flagged: np.ndarray, s
     auroc = float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
     return {"n_matched": int(known.sum()), "n_noisy": int(y.sum()), "n_flagged": int(f.sum()),
             "precision": float(precision), "recall": float(recall), "f1": float(f1), "auroc": auroc}
-
-
-# --- gallery, files, CLI ----------------------------------------------------------------------------
-
-def gallery(images: np.ndarray, issues: pd.DataFrame, path: str | os.PathLike, n: int, columns: int = 8) -> None:
-    """PNG grid of ``n`` top-scored label issues (the best of each confusion in turn), each titled
-    ``given -> suggested (confidence)``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    flagged = issues[issues["is_label_issue"]].sort_values("score", ascending=False, kind="stable")
-    # round-robin over (given, suggested) pairs (best of each pair, then the second best, ...): the very
-    # top of the ranking is often one easy confusion repeated
-    turn = flagged.groupby(["label_given", "label_suggested"]).cumcount()
-    top = flagged.assign(_turn=turn).sort_values(["_turn", "score"], ascending=[True, False], kind="stable").head(n)
-    count = max(len(top), 1)
-    cols = min(columns, count)
-    rows = -(-count // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (_, r) in zip(axes.ravel(), top.iterrows(), strict=False):
-        img = np.asarray(images[int(r["index"])])
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{r['label_given_name']}\n→ {r['label_suggested_name']} ({r['suggested_confidence']:.2f})",
-                     fontsize=7)
-    if top.empty:
-        axes[0, 0].text(0.5, 0.5, "no label issues found", ha="center", va="center")
-    fig.suptitle("Top label issues: given → suggested (confidence)", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(issues: pd.DataFrame, clean: pd.DataFrame, metrics: dict[str, Any], images: np.ndarray,
-                  p: AuditParams, out: str | os.PathLike = OUT, reports: str | os.PathLike = REPORTS) -> list[Path]:
-    """Write the stage's outputs; return the report files (for MLflow)."""
-    out, reports = Path(out), Path(reports)
-    write_parquet(out / "label_issues.parquet", issues)
-    write_parquet(out / "manifest_clean.parquet", clean)
-    write_json(reports / "metrics.json", metrics)
-    by_class = pd.DataFrame({"class": list(metrics["issues_by_class"]),
-                             "issues": list(metrics["issues_by_class"].values()),
-                             "noise_rate_estimated": list(metrics["noise_rate_by_class"].values())})
-    write_csv(reports / "issues_by_class.csv", by_class)
-    gallery(images, issues, reports / "gallery.png", p.gallery_size)
-    return [reports / "metrics.json", reports / "issues_by_class.csv", reports / "gallery.png"]
-
-
-def _metric_items(metrics: dict[str, Any]) -> dict[str, float]:
-    from sslvision.tracking import flatten
-
-    return {re.sub(r"[^\w\-./ :]", "_", k): float(v) for k, v in flatten(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
-
-
-def audit_cli(params: str | os.PathLike, ingested: str | os.PathLike = "data/ingested",
-              embeddings: str | os.PathLike = "data/embeddings", out: str | os.PathLike = OUT,
-              reports: str | os.PathLike = REPORTS, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The stage: params from ``params``, outputs in ``out`` and ``reports``, one MLflow run."""
-    import mlflow
-
-    from sslvision import tracking
-    from sslvision.data import Ingested, load_embeddings
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    p = load_section("audit", AuditParams, params, overrides=overrides)
-    ing = Ingested.load(ingested)
-    emb = load_embeddings(embeddings)
-    if len(emb) != len(ing.images):
-        raise ValueError(f"{Path(embeddings) / 'embeddings.npy'}: {len(emb)} rows but "
-                         f"{Path(ingested) / 'images.npy'} has {len(ing.images)}; re-run pretrain")
-    truth = None
-    if p.truth:
-        if not Path(p.truth).exists():
-            raise FileNotFoundError(f"{p.truth}: truth file (audit.truth) not found")
-        truth = pd.read_parquet(p.truth)
-    with tracking.stage_run("audit", p.model_dump()):
-        issues, clean, metrics = run_audit(p, ing.manifest, emb, ing.classes, truth, ing.images)
-        paths = write_outputs(issues, clean, metrics, ing.images, p, out, reports)
-        mlflow.log_metrics(_metric_items(metrics))
-        for path in paths:
-            mlflow.log_artifact(str(path), artifact_path="audit")
-    log.info("audit: %d label issues of %d rows (estimated noise rate %.3f), %d outliers, %d conflicting "
-             "duplicates; actions %s", metrics["n_label_issues"], metrics["n_audited"],
-             metrics["noise_rate_estimated"], metrics["n_outliers"], metrics["n_conflicting_duplicates"],
-             json.dumps(metrics["actions"]))
-    return metrics

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from sslvision.data import EMBEDDINGS, INGESTED
+
 app = typer.Typer(
     name="sslvision",
     help="Self-supervised learning for messy real-world image data: ingest, pretrain, audit, "
@@ -56,7 +58,8 @@ def init(
                               "directories, optionally under train/ and test/) or a CSV/Parquet manifest "
                               "(path,label[,split]). Read where they are, never copied."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", min=0.01, max=0.9,
-                                        help="Share of each class held out for testing when the data has no test split."),
+                                        help="Share of each class held out for testing when the data has no test "
+                                        "split."),
     max_size: int | None = typer.Option(None, "--max-size", min=8, max=4096,
                                         help="Largest image size to choose (default: 64 on a CPU, 128 with a GPU)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the held-out split and the image sample."),
@@ -89,7 +92,7 @@ def ingest(
         None, help="ImageFolder directory, CSV/Parquet manifest (path,label[,split]) or IDX directory "
         "(default: params.yaml ingest.source)."),
     out: Path = typer.Option(
-        Path("data/ingested"), "--out", help="Output directory. With a SOURCE or another --out than the project's "
+        INGESTED, "--out", help="Output directory. With a SOURCE or another --out than the project's "
         "data/ingested the ingest is ad hoc: everything it writes (reports, decode cache) goes under --out."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with an `ingest` section."),
     pool: Path | None = typer.Option(
@@ -97,7 +100,7 @@ def ingest(
         "for the project's ingest, none for an ad-hoc one)."),
 ) -> None:
     """Decode, validate and convert every image once; quarantine what cannot be used, with the reason."""
-    from sslvision.ingest import ingest_cli
+    from sslvision.stages.ingest import ingest_cli
 
     try:
         ingest_cli(source=source, out=out, params=params, pool=pool)
@@ -112,13 +115,14 @@ def pretrain(
     method: str | None = typer.Option(None, "--method", help="Override pretrain.method "
                                          "(simclr|vicreg|dino|mae|cl_mim)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Override pretrain.epochs."),
-    ingested: Path = typer.Option(Path("data/ingested"), "--ingested", help="Ingested data directory."),
+    ingested: Path = typer.Option(INGESTED, "--ingested", help="Ingested data directory."),
 ) -> None:
     """Self-supervised pretraining on the ingested images; writes the encoder, embeddings and metrics.
 
     Runs DistributedDataParallel when launched with `torchrun --nproc_per_node=N stages/pretrain.py`.
     """
-    from sslvision.pretrain import NonFiniteLossError, pretrain_cli
+    from sslvision.pretrain import NonFiniteLossError
+    from sslvision.stages.pretrain import pretrain_cli
 
     overrides = {k: v for k, v in {"method": method, "epochs": epochs}.items() if v is not None}
     try:
@@ -134,7 +138,7 @@ def sweep_temperature(
     values: str = typer.Option("0.05,0.1,0.2,0.5", "--values", help="Comma-separated InfoNCE temperatures."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs per run (default: pretrain.epochs)."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `pretrain` section."),
-    ingested: Path = typer.Option(Path("data/ingested"), "--ingested", help="Ingested data directory."),
+    ingested: Path = typer.Option(INGESTED, "--ingested", help="Ingested data directory."),
 ) -> None:
     """Short pretrains at several temperatures; writes reports/pretrain/temperature_sweep.{csv,png}.
 
@@ -142,7 +146,7 @@ def sweep_temperature(
     value), then `dvc queue start` and `dvc exp show`.
     """
     from sslvision.pretrain import NonFiniteLossError
-    from sslvision.pretrain import sweep_temperature as sweep
+    from sslvision.stages.pretrain import sweep_temperature as sweep
 
     try:
         temps = [float(v) for v in values.split(",") if v.strip()]
@@ -159,12 +163,12 @@ def audit(
     policy: str | None = typer.Option(None, "--policy", help="Override audit.policy (drop|relabel|keep)."),
     truth: Path | None = typer.Option(
         None, "--truth", help="A scenario truth.parquet: also score the detection (precision/recall/F1/AUROC)."),
-    ingested: Path = typer.Option(Path("data/ingested"), "--ingested", help="Ingested data directory."),
-    embeddings: Path = typer.Option(Path("data/embeddings"), "--embeddings", help="Embeddings directory."),
+    ingested: Path = typer.Option(INGESTED, "--ingested", help="Ingested data directory."),
+    embeddings: Path = typer.Option(EMBEDDINGS, "--embeddings", help="Embeddings directory."),
 ) -> None:
     """Find wrong labels, near-duplicates and outliers with the SSL embeddings; write the cleaned manifest,
     label_issues.parquet and a gallery of the top flagged images (reports/audit/gallery.png)."""
-    from sslvision.audit import audit_cli
+    from sslvision.stages.audit import audit_cli
 
     overrides = {k: v for k, v in {"policy": policy, "truth": str(truth) if truth else None}.items()
                  if v is not None}
@@ -196,8 +200,8 @@ def drift_eval(
 ) -> None:
     """Compare a production batch with the training reference: input drift, prediction shift, accuracy
     (estimated without labels), label noise; write trigger.json with each metric's threshold and stage."""
-    from sslvision.drift import drift_eval_cli
     from sslvision.registry import RegistryError
+    from sslvision.stages.drift_eval import drift_eval_cli
 
     try:
         out = out or (Path("reports/drift-eval") / batch.resolve().name if batch else Path("reports/drift"))
@@ -214,7 +218,8 @@ def drift_eval(
 @app.command("synthesize")
 def synthesize(
     generator: str | None = typer.Option(
-        None, "--generator", help="mae_inpaint | feature_interp | augment (default: params.yaml synthesize.generator)."),
+        None, "--generator",
+        help="mae_inpaint | feature_interp | augment (default: params.yaml synthesize.generator)."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `synthesize` section."),
     out: Path = typer.Option(Path("data/synthetic"), "--out", help="Output directory (images.npy, manifest.parquet); "
                              "an existing non-empty one is replaced only when it is an earlier synthesize output."),
@@ -222,7 +227,7 @@ def synthesize(
 ) -> None:
     """Make rare-class images from the clean data, keep those the SSL embedding finds class-consistent
     and novel; print made/kept and fidelity per class."""
-    from sslvision.synthesize import synthesize_cli
+    from sslvision.stages.synthesize import synthesize_cli
 
     try:
         metrics = synthesize_cli(params=params, out=out, reports=reports,
@@ -242,7 +247,7 @@ def finetune(
 ) -> None:
     """Train the classifier on the SSL encoder, evaluate it on the test split, register it as
     `challenger` and (finetune.registry.auto_promote) run the gated promotion."""
-    from sslvision.finetune import finetune_cli
+    from sslvision.stages.finetune import finetune_cli
 
     try:
         m = finetune_cli(params)
@@ -323,7 +328,7 @@ def run(
     line on stderr, not after hundreds of lines of tracebacks. The file is kept when the run fails."""
     import tempfile
 
-    from pipelines.train import train
+    from sslvision.flows.train import train
     from sslvision.pipeline import PipelineBusy, StageFailed, pipeline_lock, stderr_to
 
     try:
@@ -374,6 +379,32 @@ def profile(path: Path = typer.Argument(..., help="Profile file, e.g. profiles/g
     typer.echo(" ".join(dvc_set_params(overrides)))
 
 
+# --- params (params.yaml generated from the settings classes) ---------------------------------------
+@app.command("params")
+def params_cmd(
+    out: Path | None = typer.Option(None, "--out", help="Write the file here (default: print it)."),
+    check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 when --out's file is not the output."),
+) -> None:
+    """The demo project's params.yaml, generated from the stages' settings classes: every key with its default
+    and its description as a comment, and the demo's overrides with their reasons (`sslvision params --out
+    params.yaml` rewrites this repository's)."""
+    from sslvision.io import OutputError, write_text
+    from sslvision.project import demo_params_text
+
+    text = demo_params_text()
+    if out is None:
+        typer.echo(text, nl=False)
+    elif check:
+        if not out.is_file() or out.read_text() != text:
+            typer.echo(f"{out}: not the generated params.yaml; run `sslvision params --out {out}`", err=True)
+            raise typer.Exit(code=1)
+    else:
+        try:
+            write_text(out, text)
+        except OutputError as err:
+            _fail(err)
+
+
 # --- monitor / serve (the monitor flow and the deployments) ----------------------------------------
 @app.command("monitor")
 def monitor_cmd(
@@ -382,7 +413,7 @@ def monitor_cmd(
     retrain: bool = typer.Option(True, "--retrain/--no-retrain", help="Re-run from the failed stage and promote."),
 ) -> None:
     """Evaluate a production batch; on degradation re-run only the stages downstream of the failure."""
-    from pipelines.monitor import monitor
+    from sslvision.flows.monitor import monitor
     from sslvision.pipeline import PipelineBusy
 
     try:
@@ -393,7 +424,8 @@ def monitor_cmd(
         d = o["decision"]
         typer.echo(f"{d['batch']}: " + (f"degraded -> re-run from {d['stage']}: " if d["degraded"] else
                                        "class mix changed -> prior correction: " if d.get("action") else
-                                       "healthy, nothing re-runs") + ("; ".join(d["reasons"]) if d.get("action") else ""))
+                                       "healthy, nothing re-runs")
+                   + ("; ".join(d["reasons"]) if d.get("action") else ""))
         if "prior_correction" in o:
             typer.echo(f"  prior correction: version {o['prior_correction']['version']}, "
                        f"{o['prior_correction']['promotion']['decision']}")
@@ -411,8 +443,8 @@ def serve() -> None:
     PREFECT_API_URL=http://127.0.0.1:4200/api first."""
     from prefect import serve as prefect_serve
 
-    from pipelines.deployments import build_deployments
-    from pipelines.monitor import MonitorParams
+    from sslvision.flows.deployments import build_deployments
+    from sslvision.flows.monitor import MonitorParams
     from sslvision.params import ParamsError, load_section
 
     try:
@@ -428,7 +460,8 @@ def predict(
     paths: list[Path] = typer.Argument(..., help="Image files, folders (recursively) or CSV/Parquet manifests "
                                        "with a `path` column."),
     model: str | None = typer.Option(None, "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a "
-                                     "classifier directory (default: models:/<finetune.registry.model_name>@champion)."),
+                                     "classifier directory (default: "
+                                     "models:/<finetune.registry.model_name>@champion)."),
     out: Path | None = typer.Option(None, "--out", help="Write the rows to this CSV (.parquet: Parquet) file "
                                     "instead of printing them."),
     log_batch: bool = typer.Option(False, "--log-batch", help="Also copy the files predicted into the monitor "
@@ -458,7 +491,7 @@ def predict(
         classifier, source = load_model(model)
         batch = None
         if log_batch:
-            from pipelines.monitor import MonitorParams
+            from sslvision.flows.monitor import MonitorParams
 
             batch = InboxBatch(load_section("monitor", MonitorParams, params).inbox, model=source)
         with batch or contextlib.nullcontext():

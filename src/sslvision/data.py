@@ -50,10 +50,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
+# The stages' directories: the single definition the command line's defaults and the stage runners use.
+# numpy and pandas are imported where they are used, so importing these paths (``sslvision --help``) is instant.
 INGESTED = Path("data/ingested")
 EMBEDDINGS = Path("data/embeddings")
 
@@ -68,6 +72,9 @@ class Ingested:
 
     @classmethod
     def load(cls, root: str | Path = INGESTED, manifest: str | Path | None = None) -> Ingested:
+        import numpy as np
+        import pandas as pd
+
         root = Path(root)
         for name in ("images.npy", "manifest.parquet", "classes.json"):
             if not (root / name).exists():
@@ -76,7 +83,8 @@ class Ingested:
         df = pd.read_parquet(manifest or root / "manifest.parquet")
         classes = json.loads((root / "classes.json").read_text())["classes"]
         if len(df) and int(df["index"].max()) >= len(images):
-            raise ValueError(f"{root}: manifest refers to row {int(df['index'].max())} but images.npy has {len(images)}")
+            raise ValueError(f"{root}: manifest refers to row {int(df['index'].max())} but images.npy has "
+                             f"{len(images)}")
         return cls(images=images, manifest=df, classes=classes)
 
     def split(self, name: str) -> pd.DataFrame:
@@ -84,6 +92,8 @@ class Ingested:
 
 
 def load_embeddings(root: str | Path = EMBEDDINGS) -> np.ndarray:
+    import numpy as np
+
     path = Path(root) / "embeddings.npy"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the pretrain stage first (dvc repro pretrain)")

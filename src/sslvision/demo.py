@@ -121,26 +121,49 @@ DEMO_KIND = "demo-data"  # the output marker's kind (sslvision.io.output_dir)
 
 
 class DemoParams(Section):
-    """The ``demo`` section of params.yaml (see the comments there)."""
+    """The demo scenario (`sslvision demo-data`): Fashion-MNIST made as messy as real data. What was done is
+    written to OUT/scenario.json; the true labels to OUT/truth.parquet (never read by the pipeline)."""
 
-    seed: Seed = 0
-    imbalance_ratio: float = Field(100.0, ge=1.0)
-    max_per_class: int = Field(5000, ge=1, le=1_000_000)
-    noise_rate: float = Field(0.2, ge=0.0, lt=1.0)
-    noise_type: Literal["symmetric", "asymmetric", "pairflip"] = "asymmetric"
-    long_tail_order: Literal["natural", "hard_rare"] | list[str] = "natural"
-    exact_duplicates: int = Field(20, ge=0, le=100_000)
-    conflicting_duplicates: int = Field(10, ge=0, le=100_000)
-    broken_files: int = Field(2, ge=0, le=100_000)
-    test_per_class: int = Field(1000, ge=1, le=1_000_000)
-    incoming_batch_size: int = Field(500, ge=1, le=1_000_000)
-    clean_batches: int = Field(2, ge=0, le=1000)
-    corruptions: list[Corruption] = Field(default_factory=lambda: list(SEVERITIES))
-    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
-    prior_shift_classes: list[int] = Field(default_factory=lambda: [8, 9])
-    prior_shift_share: float = Field(0.8, gt=0.0, le=1.0)
-    noisy_batch_rate: float = Field(0.4, ge=0.0, lt=1.0)
-    workers: int = Field(2, ge=1, le=256)
+    seed: Seed = Field(0, description="everything below is deterministic for a seed (same files, byte for byte)")
+    imbalance_ratio: float = Field(100.0, ge=1.0, description=(
+        "largest/smallest class count in train, exponential profile in class-index order (as CIFAR-10-LT): "
+        "T-shirt is the head class, ankle boot the tail"))
+    max_per_class: int = Field(5000, ge=1, le=1_000_000, description=(
+        "head class size (Fashion-MNIST has 6,000 train images per class); keep it below 6000: production batches "
+        "are drawn from the unused train images"))
+    noise_rate: float = Field(0.2, ge=0.0, lt=1.0, description=(
+        "share of train labels replaced by a wrong one (exactly, same rate in every class)"))
+    noise_type: Literal["symmetric", "asymmetric", "pairflip"] = Field("asymmetric", description=(
+        "symmetric (uniform over other classes) | asymmetric (realistic confusions: shirt<->t-shirt, "
+        "pullover<->coat, sneaker->sandal->ankle boot->sneaker; trouser, dress and bag have no look-alike and flip "
+        "uniformly) | pairflip (every wrong label of class c is c+1: the pair flipping of Co-teaching, Han et al. "
+        "2018)"))
+    long_tail_order: Literal["natural", "hard_rare"] | list[str] = Field("natural", description=(
+        "which classes are rare, head first: natural (class-index order: the easy sneaker, bag and ankle boot are "
+        "rarest) | hard_rare (shirt, pullover, coat rarest: classes ordered by the pixel baseline's per-class "
+        "recall, sslvision.demo.HARD_RARE_ORDER; set prior_shift_classes to rare ones too) | a list of the 10 "
+        "class names"))
+    exact_duplicates: int = Field(20, ge=0, le=100_000, description="exact copies added to train ...")
+    conflicting_duplicates: int = Field(10, ge=0, le=100_000, description=(
+        "... of which this many carry a different label than their original"))
+    broken_files: int = Field(2, ge=0, le=100_000, description=(
+        "of each broken kind: zero-byte, truncated PNG, text named .png, wrong mode/size"))
+    test_per_class: int = Field(1000, ge=1, le=1_000_000, description=(
+        "balanced, clean test split (Fashion-MNIST t10k has 1,000 per class)"))
+    incoming_batch_size: int = Field(500, ge=1, le=1_000_000, description=(
+        "images per production batch (unseen train images, with the train class prior)"))
+    clean_batches: int = Field(2, ge=0, le=1000, description="production batches with no shift")
+    corruptions: list[Corruption] = Field(default_factory=lambda: list(SEVERITIES), description=(
+        "one batch per corruption x severity, all from the same base images (as CIFAR-10-C)"))
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description=(
+        "as CIFAR-10-C: 1 barely visible, 5 severe (table: sslvision.demo.SEVERITIES)"))
+    prior_shift_classes: list[int] = Field(default_factory=lambda: [8, 9], description=(
+        "the class-prior-shift batch is dominated by these classes (bag, ankle boot: rare in train, so the shift "
+        "is strong) ..."))
+    prior_shift_share: float = Field(0.8, gt=0.0, le=1.0, description="... which make up this share of it")
+    noisy_batch_rate: float = Field(0.4, ge=0.0, lt=1.0, description=(
+        'label-noise rate of the labeled "noisy_labels" production batch'))
+    workers: int = Field(2, ge=1, le=256, description="processes writing PNGs and corruptions (use the cores you have)")
 
     @model_validator(mode="after")
     def _consistent(self) -> DemoParams:

@@ -1,9 +1,11 @@
-"""Drift and degradation checks for one production batch (the ``drift_eval`` stage).
+"""Drift and degradation checks for one production batch, on arrays (the statistics of the ``drift_eval`` stage).
 
-A production batch (a directory of images: flat files are unlabeled, class subdirectories labeled, as
-the demo's ``incoming/`` batches; or an already ingested directory with ``images.npy``) is compared
-with the training reference, and every monitored metric is reported with its threshold and the
-pipeline stage that owns it. The trigger (``sslvision.trigger.decide``) re-runs from the EARLIEST
+A production batch's SSL embeddings and classifier probabilities (and its labels, when it has them) are
+compared with a :class:`Reference` built from held-out arrays (:func:`evaluate_batch`), and every monitored
+metric is reported with its threshold and the pipeline stage that owns it. Nothing here reads or writes a
+file: the stage runner :mod:`sslvision.stages.drift_eval` loads the batch, the models and the reference
+data and writes the report. :func:`detect_drift` is the input-drift test alone, on two arrays of
+embeddings. The trigger (``sslvision.trigger.decide``) re-runs from the EARLIEST
 stage that owns a failed metric, so each rule below only has to say what it measures:
 
 ================================  ==========  ====================================================
@@ -59,12 +61,7 @@ The methods:
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -75,36 +72,71 @@ from sslvision.metrics import per_class_recall
 from sslvision.params import Section, Seed
 from sslvision.trigger import PRIOR_CORRECTION
 
-log = logging.getLogger("sslvision.drift")
-
-REPORTS = Path("reports/drift")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
 
 class DriftParams(Section):
-    """The ``drift_eval`` section of params.yaml (each key is commented there)."""
+    """The ``drift_eval`` stage: compare a production batch with the training reference; every monitored metric
+    has a threshold and the stage that owns it (written to reports/drift/trigger.json; the trigger re-runs from
+    the earliest stage whose metric failed). ``sslvision drift-eval BATCH`` evaluates another batch."""
 
-    batch: str = "data/demo/incoming/clean_01"
-    ingested: str = "data/ingested"
-    embeddings: str = "data/embeddings"
-    encoder: str = "models/encoder"
-    classifier: str = "models/classifier"
-    reference_size: int = Field(2000, ge=10, le=10_000_000)
-    calibration_size: int = Field(2000, ge=10, le=10_000_000)
-    alpha: float = Field(0.01, gt=0, lt=1)
-    permutations: int = Field(500, ge=20, le=1_000_000)
-    bandwidths: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=100)
-    prediction_shift_alpha: float = Field(0.01, gt=0, lt=1)
-    accuracy_drop_max: float = Field(0.05, gt=0, le=1)
-    rare_class_share: float = Field(0.1, gt=0, le=1)
-    rare_min_count: int = Field(5, ge=1, le=1_000_000)
-    tail_recall_drop_max: float = Field(0.2, gt=0, le=1)
-    label_noise_max: float = Field(0.15, gt=0, lt=1)
-    prior_method: Literal["em", "bbse"] = "bbse"
-    floor_batches: int = Field(200, ge=20, le=100_000)
-    floor_quantile: float = Field(0.99, gt=0.5, lt=1)
-    batch_size: int = Field(256, gt=0, le=65536)
-    seed: Seed = 0
+    batch: str = Field("data/demo/incoming/clean_01", description=(
+        "production batch directory (flat images = unlabeled, class subdirectories = labeled) or an ingested "
+        'directory with images.npy; "" = none (the stage says so in trigger.json)'))
+    ingested: str = Field("data/ingested", description=(
+        "the training data: reference (train split) and calibration (test split) images"))
+    embeddings: str = Field("data/embeddings", description=(
+        "reference SSL embeddings written by pretrain (same encoder as `encoder`)"))
+    encoder: str = Field("models/encoder", description="embeds the batch")
+    classifier: str = Field("models/classifier", description="predicts the batch (calibrated probabilities)")
+    reference_size: int = Field(2000, ge=10, le=10_000_000, description=(
+        "at most this many held-out test images the batch's embeddings are compared with, re-sampled (no "
+        "repeats) to the batch's estimated class prior so a new class mix alone is not input drift; the MMD "
+        "kernel matrix is (reference_size + batch)^2"))
+    calibration_size: int = Field(2000, ge=10, le=10_000_000, description=(
+        "clean test images that calibrate the prior estimator and ATC, give the per-class recall, and make the "
+        "clean batches every threshold is checked against"))
+    alpha: float = Field(0.01, gt=0, lt=1, description=(
+        "[pretrain] embedding drift fails when the MMD permutation p-value < alpha; this is the false-positive "
+        "rate on clean batches (lower = fewer needless pretrain re-runs, less power on mild corruptions)"))
+    permutations: int = Field(500, ge=20, le=1_000_000, description=(
+        "permutations of the MMD test; the smallest p-value is 1/(permutations+1), so keep permutations >= "
+        "5/alpha"))
+    bandwidths: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=100, description=(
+        "Gaussian kernel widths as multiples of the median pairwise distance (median heuristic); several values "
+        "sum kernels (multi-scale), e.g. [0.5, 1, 2]"))
+    label_noise_max: float = Field(0.15, gt=0, lt=1, description=(
+        "[audit] a labeled batch fails when cleanlab estimates more than this share of wrong labels. cleanlab "
+        "counts some clean labels as issues: below its clean floor (see floor_quantile) the threshold is raised "
+        "to it"))
+    rare_class_share: float = Field(0.1, gt=0, le=1, description=(
+        "rare classes: fewer train images than this share of the largest class"))
+    rare_min_count: int = Field(5, ge=1, le=1_000_000, description=(
+        "a rare class's recall is judged only with at least this many labeled images"))
+    tail_recall_drop_max: float = Field(0.2, gt=0, le=1, description=(
+        "[synthesize] a labeled batch fails when a rare class's recall is this much below its recall on the clean "
+        "test split (small counts: keep it generous)"))
+    accuracy_drop_max: float = Field(0.05, gt=0, le=1, description=(
+        "[finetune] fails when the accuracy (true with labels, else ATC with its threshold fitted on test images "
+        "re-weighted to the estimated prior) is this much below the test split's per-class recall weighted by "
+        "the same prior: a balanced batch is judged against the accuracy a balanced batch can reach, not a "
+        "head-heavy one"))
+    prediction_shift_alpha: float = Field(0.01, gt=0, lt=1, description=(
+        "[prior_correction] the class mix changed when a chi-square test finds the batch's predicted-class counts "
+        "differ, at this level, from test images re-sampled to the prior the champion is set for; alone, the "
+        "champion's logits are corrected for the estimated prior (a new registered version, gated): no "
+        "retraining"))
+    prior_method: Literal["em", "bbse"] = Field("bbse", description=(
+        "class prior of a batch without labels: bbse (Lipton et al. 2018: the test split's confusion matrix; uses "
+        "only the predicted classes, so it stays sane when a corruption changes the confidences) | em (Saerens "
+        "et al. 2002 on bias-calibrated probabilities: lower variance under pure label shift, but it runs off to "
+        "a corner when the probabilities stop being calibrated)"))
+    floor_batches: int = Field(200, ge=20, le=100_000, description=(
+        "clean batches (of the batch's size, drawn from the calibration images at the expected class prior) that "
+        "give each threshold's clean floor"))
+    floor_quantile: float = Field(0.99, gt=0.5, lt=1, description=(
+        "the clean floor is this quantile; a threshold below it would fail clean batches, so it is raised to it "
+        "and reported (trigger.json threshold_checks/_warnings)"))
+    batch_size: int = Field(256, gt=0, le=65536, description="images per forward pass")
+    seed: Seed = Field(0, description="reference/calibration samples and permutations")
 
 
 # --- input drift: MMD with a permutation test ------------------------------------------------------
@@ -177,6 +209,52 @@ def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int = 500, 
     p_value = float((1 + np.sum(null_t >= stat)) / (1 + permutations))
     return MMDResult(statistic=stat, p_value=p_value, critical_value=float(np.quantile(null_t, 1 - alpha)),
                      null=null_t, bandwidth=bandwidth)
+
+
+@dataclass
+class DriftResult:
+    """:func:`detect_drift`'s verdict. ``drifted``: ``p_value < alpha``. ``statistic``: the observed unbiased
+    MMD²; ``critical_value``: the ``1 - alpha`` quantile of its permutation null (``null``, one value per
+    permutation); ``bandwidth``: the Gaussian kernel's bandwidth (the median heuristic's)."""
+
+    drifted: bool
+    p_value: float
+    statistic: float
+    alpha: float
+    critical_value: float
+    bandwidth: float
+    permutations: int
+    null: np.ndarray = field(repr=False)
+
+
+def detect_drift(reference: np.ndarray, batch: np.ndarray, *, permutations: int = 500, alpha: float = 0.01,
+                 seed: int = 0, bandwidths: list[float] | None = None) -> DriftResult:
+    """Whether ``batch`` comes from another distribution than ``reference``: the MMD² permutation test
+    (:func:`mmd_permutation_test`) on two samples of embeddings (e.g. ``sslvision.embed``'s output).
+
+    Args: ``reference`` ``(m, D)`` and ``batch`` ``(n, D)``: finite float arrays, at least 2 rows each;
+    ``permutations``: size of the permutation null (the smallest p-value is ``1 / (1 + permutations)``);
+    ``alpha``: the test's level; ``seed``: the permutations' seed (the same arrays and seed give the same
+    result); ``bandwidths``: multiples of the median-heuristic bandwidth, one Gaussian kernel each
+    (default ``[1.0]``). Time and memory grow with ``(m + n)²``: sub-sample large arrays.
+
+    Returns a :class:`DriftResult`. Raises ValueError for arrays that are not 2-D, finite and of the same
+    width, an ``alpha`` outside (0, 1), too few permutations to ever reach ``alpha``, or embeddings that
+    are all identical.
+    """
+    x, y = np.asarray(reference), np.asarray(batch)
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(f"detect_drift: expected 2-D embeddings (rows, dims), got {x.shape} and {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("detect_drift: the embeddings contain NaN or infinite values")
+    if not 0 < alpha < 1:
+        raise ValueError(f"detect_drift: alpha must be in (0, 1), got {alpha}")
+    if permutations < 1 or 1 / (1 + permutations) >= alpha:
+        raise ValueError(f"detect_drift: {permutations} permutations can never give a p-value below alpha {alpha}; "
+                         f"use more than {int(np.ceil(1 / alpha)) - 1}")
+    r = mmd_permutation_test(x, y, permutations, alpha, bandwidths, seed)
+    return DriftResult(drifted=r.p_value < alpha, p_value=r.p_value, statistic=r.statistic, alpha=alpha,
+                       critical_value=r.critical_value, bandwidth=r.bandwidth, permutations=permutations, null=r.null)
 
 
 # --- prediction shift, accuracy estimation, label noise --------------------------------------------
@@ -288,8 +366,26 @@ def estimate_class_prior(probs: np.ndarray, *, reference_probs: np.ndarray | Non
     P(predicted i, true j)`` of the held-out reference and the batch's predicted-class shares ``mu``
     give the weights ``w = C⁻¹ mu`` (least squares, clipped at 0) and ``q = w * p``: no calibration
     needed, more variance. Both return a prior clipped at ``floor`` and renormalised.
+
+    Args: ``probs``: ``(n, C)`` probabilities (rows sum to 1); ``reference_probs``/``reference_labels``:
+    ``(m, C)`` probabilities of labeled held-out images and their labels in ``[0, C)`` (BBSE needs them; EM
+    fits its calibration on them unless ``calibration`` is given, and then needs every class among the
+    labels); ``source_prior``: the ``(C,)`` prior ``probs`` are posteriors under (EM with neither);
+    ``max_iter``/``tol``: EM's stopping rule; ``floor``: the smallest share before renormalising.
+
+    Returns the ``(C,)`` float prior: every share positive, summing to 1.
+
+    Raises ValueError for an unknown ``method``, ``probs`` that are not 2-D or a reference of another
+    width, BBSE without a labeled reference, or EM with none of a reference, ``calibration`` or
+    ``source_prior``.
     """
+    probs = np.asarray(probs)
+    if probs.ndim != 2:
+        raise ValueError(f"estimate_class_prior: expected (n, classes) probabilities, got shape {probs.shape}")
     c = probs.shape[1]
+    if reference_probs is not None and np.shape(reference_probs)[1:] != (c,):
+        raise ValueError(f"estimate_class_prior: reference probabilities {np.shape(reference_probs)} do not "
+                         f"have the {c} columns of probs")
     if method == "bbse":
         if reference_probs is None or reference_labels is None:
             raise ValueError("estimate_class_prior(method='bbse') needs reference_probs and reference_labels")
@@ -390,13 +486,13 @@ class Reference:
     ``embeddings``/``embedding_labels``: SSL embeddings of held-out labeled images (the clean ``test``
     split) and their labels: the input-drift reference, re-sampled to each batch's estimated class prior
     so that a new class mix alone is not input drift. ``probs``: the classifier's probabilities on
-    train-distribution images it never trained on (:func:`classifier_reference_rows`): the prior
+    train-distribution images it never trained on (``stages.drift_eval.classifier_reference_rows``): the prior
     estimator's self-check. ``calib_probs``/``calib_labels``: a sample of the clean test split (the
     prior estimator's calibration, ATC, per-class recall, the clean floors). ``train_counts``: images per
     class in the classifier's training labels (the rare classes; the prior production is expected at
     unless the classifier carries a prior correction). ``deployed_prior``: the class prior the scored
     classifier is set for (its prior correction's, else the training labels'). ``model``: which
-    classifier (:func:`scored_classifier`).
+    classifier (``stages.drift_eval.scored_classifier``).
     """
 
     embeddings: np.ndarray
@@ -432,8 +528,8 @@ class Reference:
         self.accuracy = accuracy_at_prior(self.recall, self.deployed_prior)
         self.noise_floor = estimate_label_noise(self.calib_labels, self.calib_probs)
         held_out_prior = self.estimate_prior(self.probs)
-        self.held_out_prior_tv = float(0.5 * np.abs(held_out_prior - self.train_counts / max(self.train_counts.sum(), 1))
-                                       .sum())
+        train_prior = self.train_counts / max(self.train_counts.sum(), 1)
+        self.held_out_prior_tv = float(0.5 * np.abs(held_out_prior - train_prior).sum())
         self._floors: dict[tuple, dict[str, np.ndarray]] = {}
 
     def estimate_prior(self, probs: np.ndarray) -> np.ndarray:
@@ -469,7 +565,8 @@ class Reference:
             probs, labels = self.calib_probs[rows], self.calib_labels[rows]
             if labeled:
                 mix = np.bincount(labels, minlength=len(self.classes)) / len(labels)
-                out["accuracy_drop"].append(accuracy_at_prior(self.recall, mix) - float(np.mean(self.calib_correct[rows])))
+                out["accuracy_drop"].append(accuracy_at_prior(self.recall, mix)
+                                            - float(np.mean(self.calib_correct[rows])))
                 out["label_noise_rate"].append(estimate_label_noise(labels, probs))
                 rec, cnt = per_class_recall(labels, probs.argmax(1), len(self.classes))
                 drops = [self.recall[c] - rec[c] for c in rare if cnt[c] >= p.rare_min_count]
@@ -491,7 +588,8 @@ class Reference:
                 "prior_estimate_tv_on_held_out_train_rows": round(self.held_out_prior_tv, 6),
                 "deployed_prior": _by_class(self.classes, _floats(self.deployed_prior)),
                 "test_recall": _by_class(self.classes, _floats(self.recall)),
-                "predicted": _by_class(self.classes, _floats(self.predicted_counts / max(self.predicted_counts.sum(), 1)))}
+                "predicted": _by_class(self.classes,
+                                       _floats(self.predicted_counts / max(self.predicted_counts.sum(), 1)))}
 
 
 def _floats(a: np.ndarray) -> list[float | None]:
@@ -650,365 +748,4 @@ def to_json(result: dict[str, Any]) -> dict[str, Any]:
     out["input_drift"] = {k: v for k, v in result["input_drift"].items() if k != "null"}
     out["prediction_shift"] = {k: v for k, v in result["prediction_shift"].items() if k not in ("batch", "reference")}
     return out
-
-
-# --- reading a production batch --------------------------------------------------------------------
-
-
-def read_batch(path: str | os.PathLike, classes: list[str], channels: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The images and labels of :func:`read_batch_files`, without the record of the files."""
-    images, labels, _ = read_batch_files(path, classes, channels, size)
-    return images, labels
-
-
-def read_batch_files(path: str | os.PathLike, classes: list[str], channels: int,
-                     size: int) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-    """The images of a production batch as uint8 ``(N, size, size, channels)``, their labels (``-1`` =
-    unlabeled), converted exactly as ingest converts training images, and the files they came from.
-
-    ``path`` is a batch directory (flat image files are unlabeled; files in a subdirectory named after
-    a class carry that class; other subdirectories are an error naming them) or an ingested directory
-    (``images.npy`` + ``manifest.parquet``). Files ingest would quarantine are skipped with a warning,
-    and so are symbolic links (never followed: a link can point anywhere outside the batch).
-
-    The files: ``{path relative to the batch: sha256}`` of every file decoded, its bytes the same
-    before and after decoding; what admitting the batch to the pool may copy (``trigger.admit_batch``),
-    so a file written to the batch during or after its evaluation never joins unevaluated. Empty for
-    an ingested directory.
-    """
-    from sslvision.ingest import Conversion, IngestParams, decode_one
-    from sslvision.io import file_sha256
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: production batch directory not found")
-    if (path / "images.npy").exists():
-        return (*_read_ingested_batch(path, channels, size), {})
-    index = {name: i for i, name in enumerate(classes)}
-    files: list[tuple[Path, int]] = []
-    links = []
-    for entry in sorted(path.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_symlink():
-            links.append(entry.name)
-        elif entry.is_dir():
-            if entry.name not in index:
-                raise ValueError(f"{entry}: subdirectory is not a class of the training data {classes}")
-            for f in sorted(entry.rglob("*")):  # rglob does not descend into linked directories
-                if f.is_symlink():
-                    links.append(str(f.relative_to(path)))
-                elif f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append((f, index[entry.name]))
-        elif entry.suffix.lower() in IMAGE_SUFFIXES:
-            files.append((entry, -1))
-    if links:
-        log.warning("%s: %d symbolic link(s) skipped, never followed (%s%s)", path, len(links), ", ".join(links[:3]),
-                    ", ..." if len(links) > 3 else "")
-    if not files:
-        raise ValueError(f"{path}: no image files in the batch")
-    limits = IngestParams()  # the same size guards as ingest's defaults
-    conv = Conversion(channels, size, limits.max_file_bytes, limits.max_pixels)
-    images, labels, bad, evaluated = [], [], [], {}
-    for f, label in files:
-        before = file_sha256(f)
-        r = decode_one(str(f), None, None, conv)
-        if r[0] == "ok":
-            images.append(r[2])
-            labels.append(label)
-            if before is not None and file_sha256(f) == before:
-                evaluated[f.relative_to(path).as_posix()] = before
-        else:
-            bad.append(f"{f.name}: {r[1]}")
-    if bad:
-        log.warning("%s: %d file(s) skipped (%s%s)", path, len(bad), "; ".join(bad[:3]), ", ..." if len(bad) > 3 else "")
-    if not images:
-        raise ValueError(f"{path}: none of the {len(files)} image files could be decoded")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), evaluated
-
-
-def _read_ingested_batch(path: Path, channels: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    import pandas as pd
-
-    images = np.load(path / "images.npy", mmap_mode="r")
-    if images.shape[1:] != (size, size, channels):
-        raise ValueError(f"{path / 'images.npy'}: images of shape {images.shape[1:]}, the training data's are "
-                         f"{(size, size, channels)}")
-    manifest = path / "manifest.parquet"
-    if manifest.exists():
-        df = pd.read_parquet(manifest, columns=["index", "label"]).sort_values("index")
-        labels = df["label"].to_numpy(np.int64)
-        images = images[df["index"].to_numpy()]
-    else:
-        labels = np.full(len(images), -1, dtype=np.int64)
-    return np.asarray(images), labels
-
-
-# --- the stage ------------------------------------------------------------------------------------
-
-
-def classifier_reference_rows(finetune: Any, ingested_manifest: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Train-distribution rows of ``images.npy`` the classifier never trained on, and the per-class counts
-    of every labeled row finetune used (to tell the rare classes).
-
-    The rows: finetune's validation rows (``finetune.train_val_rows``, a ``val_fraction`` share of each
-    class of the audited manifest) plus the same share of the rows the audit dropped. Validation rows
-    alone would be biased towards easy images (the audit drops the ambiguous ones), which would make the
-    reference accuracy too high; with the dropped share added, the rows are an unbiased sample of the
-    ingested training images. ``ingested_manifest``: ``data/ingested/manifest.parquet`` as a DataFrame.
-    """
-    from sslvision.finetune import train_val_rows
-
-    train, val = train_val_rows(finetune)
-    kept = set(train["index"]) | set(val["index"])
-    ingested = ingested_manifest[ingested_manifest["split"].isin(finetune.splits) & (ingested_manifest["label"] >= 0)]
-    dropped = ingested.loc[~ingested["index"].isin(kept), "index"].to_numpy()
-    rng = np.random.default_rng(finetune.seed)
-    dropped = rng.choice(dropped, int(round(finetune.val_fraction * len(dropped))), replace=False)
-    labels = np.concatenate([train["label"].to_numpy(np.int64), val["label"].to_numpy(np.int64)])
-    return np.sort(np.concatenate([val["index"].to_numpy(), dropped])), np.bincount(labels)
-
-
-def scored_classifier(p: DriftParams, finetune: Any) -> tuple[Any, dict[str, Any]]:
-    """The classifier monitoring scores, and the record of which one it is (``trigger.json``'s ``model``).
-
-    The registry's ``champion`` (``models:/NAME@champion``, NAME: ``finetune.registry.model_name``), its
-    files checked against the digests recorded at registration
-    (:func:`sslvision.registry.load_champion_classifier`): the model in production, never whatever
-    ``models/classifier`` the last run left (after a refused challenger, that is the refused model).
-    ``p.classifier`` is scored instead, with the reason recorded and a warning, only where no model is
-    in production: the registry is off (``finetune.registry.enabled: false``: the file is the only
-    model there is), or no version was ever promoted (the newest classifier is then the one a first
-    promotion would serve; refusing would fail a new project's first ``dvc repro`` at its last stage).
-    """
-    from sslvision import registry, tracking
-    from sslvision.finetune import load_classifier
-
-    if finetune.registry.enabled:
-        name = finetune.registry.model_name
-        tracking.setup()
-        champion = registry.load_champion_classifier(name)
-        if champion is not None:
-            return champion[0], {"source": "registry", "uri": f"models:/{name}@{registry.CHAMPION}",
-                                 "name": name, "version": champion[1]}
-        reason = f"model {name!r} has no {registry.CHAMPION!r} version (none promoted yet)"
-        log.warning("%s: scoring %s instead, which is not a model in production", reason, p.classifier)
-    else:
-        reason = "finetune.registry.enabled is false"
-    return load_classifier(p.classifier), {"source": "file", "path": p.classifier, "reason": reason}
-
-
-def build_reference(p: DriftParams, params: str | Path | None = None) -> tuple[Reference, Any, Any, tuple[int, ...]]:
-    """Load the ingested data, reference embeddings, encoder and the classifier to score
-    (:func:`scored_classifier`); compute the reference. ``params`` is the params file whose ``finetune``
-    section says which rows finetune held out and which registered model is the champion.
-
-    Returns ``(reference, encoder, classifier, image shape (H, W, C))``.
-    """
-    from sslvision.data import Ingested, load_embeddings
-    from sslvision.finetune import FinetuneParams
-    from sslvision.models import load_encoder
-    from sslvision.params import load_section
-
-    data = Ingested.load(p.ingested)
-    all_embeddings = load_embeddings(p.embeddings)
-    if len(all_embeddings) != len(data.images):
-        raise ValueError(f"{p.embeddings}/embeddings.npy has {len(all_embeddings)} rows but {p.ingested}/images.npy "
-                         f"has {len(data.images)}; re-run pretrain (dvc repro pretrain)")
-    encoder = load_encoder(p.encoder)
-    finetune = load_section("finetune", FinetuneParams, params)
-    classifier, model = scored_classifier(p, finetune)
-    classes = data.classes
-    if list(classifier.classes) != list(classes):
-        raise ValueError(f"{model.get('uri', p.classifier)}: classes {classifier.classes} differ from "
-                         f"{p.ingested}/classes.json {classes}")
-    train = data.split("train")
-    test = data.split("test")
-    if len(train) < 2 or len(test) < 2:
-        raise ValueError(f"{p.ingested}: the reference needs train and test images (found {len(train)} train, "
-                         f"{len(test)} test)")
-    val_rows, train_counts = classifier_reference_rows(finetune, data.manifest)
-    calib = test.sample(n=min(p.calibration_size, len(test)), random_state=p.seed).sort_values("index")
-    test_rows, test_labels = test["index"].to_numpy(), test["label"].to_numpy(np.int64)
-    log.info("reference: %d test images (embeddings, re-sampled to each batch's class prior), %d train images the "
-             "classifier never saw, calibration: %d test images", len(test_rows), len(val_rows), len(calib))
-    correction = classifier.prior_correction
-    reference = Reference(
-        embeddings=np.asarray(all_embeddings[test_rows], dtype=np.float32),
-        embedding_labels=test_labels,
-        probs=classifier.predict_proba(np.asarray(data.images[val_rows]), p.batch_size),
-        calib_probs=classifier.predict_proba(np.asarray(data.images[calib["index"].to_numpy()]), p.batch_size),
-        calib_labels=calib["label"].to_numpy(np.int64),
-        train_counts=np.pad(train_counts, (0, len(classes) - len(train_counts))),
-        classes=classes,
-        model=model,
-        deployed_prior=np.asarray(correction["prior"]) if correction else None,
-        prior_method=p.prior_method,
-        seed=p.seed,
-    )
-    return reference, encoder, classifier, tuple(data.images.shape[1:])
-
-
-def run_drift_eval(p: DriftParams, batch: str | Path | None = None, reports: str | Path = REPORTS,
-                   params: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate the batch (default ``p.batch``): write ``trigger.json`` and the plots to ``reports``; return
-    the JSON result and ``evaluated_files`` (see :func:`read_batch_files`). ``params``: the params file (for
-    finetune's held-out rows)."""
-    from sslvision.data import Ingested
-    from sslvision.io import write_json
-    from sslvision.models import embed
-    from sslvision.trigger import decide
-
-    batch = Path(batch or p.batch)
-    reference, encoder, classifier, (size, _, channels) = build_reference(p, params)
-    images, labels, files = read_batch_files(batch, reference.classes, channels, size)
-    log.info("%s: %d images (%d labeled)", batch, len(images), int(np.sum(labels >= 0)))
-    embeddings = embed(encoder, images, p.batch_size)
-    result = evaluate_batch(reference, embeddings, classifier.predict_proba(images, p.batch_size), labels, p)
-    for warning in result["threshold_warnings"]:
-        log.warning("%s", warning)
-    data = Ingested.load(p.ingested)
-    test_hashes = {hashlib.sha256(np.ascontiguousarray(data.images[i]).tobytes()).hexdigest()
-                   for i in data.split("test")["index"]}  # ingest's content_hash: sha256 of the converted pixels
-    held_out = held_out_files(batch, files, test_hashes, channels, size)
-    if held_out:
-        log.warning("%s: %d image(s) identical to held-out test images (%s%s): they are evaluated but never join the "
-                    "pool", batch, len(held_out), ", ".join(list(held_out)[:3]), ", ..." if len(held_out) > 3 else "")
-    reports = Path(reports)
-    write_plots(result, reference, reports, embeddings)
-    out = {"batch": str(batch), "model": reference.model, **to_json(result),
-           "decision": decide(result["metrics"], batch=batch.name).to_dict(), "held_out_files": held_out}
-    write_json(reports / "trigger.json", out)
-    return {**out, "evaluated_files": files}  # for trigger.admit_batch; not a metric, so not in trigger.json
-
-
-def held_out_files(batch: str | Path, evaluated: dict[str, str], held_out_hashes: set[str], channels: int,
-                   size: int) -> dict[str, str]:
-    """The evaluated files of ``batch`` whose pixels, converted as ingest converts them, are identical to a
-    held-out image (``held_out_hashes``: the test split's ``content_hash`` column): ``{path: why}``. Such a
-    file must never join the pool: pretraining on it would leak the test split into every later
-    evaluation."""
-    from sslvision.ingest import Conversion, IngestParams, decode_one
-
-    limits = IngestParams()
-    conv = Conversion(channels, size, limits.max_file_bytes, limits.max_pixels)
-    out = {}
-    for rel in evaluated:
-        r = decode_one(str(Path(batch) / rel), None, None, conv)
-        if r[0] == "ok" and r[3][3] in held_out_hashes:
-            out[rel] = "identical to an image of the held-out test split (never pooled: it would leak the test set)"
-    return out
-
-
-# --- the report -----------------------------------------------------------------------------------
-
-
-def write_plots(result: dict[str, Any], reference: Reference, reports: str | Path, batch_embeddings: np.ndarray
-                | None = None) -> list[Path]:
-    """``mmd.png`` (the permutation null, the observed MMD² and the critical value), ``prediction_shift.png``
-    and ``.csv`` (predicted-class shares, reference vs batch, and their difference ``shift``), ``embeddings_pca.png`` (2-D PCA fitted
-    on the reference, when ``batch_embeddings`` is given)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from sslvision.io import atomic_path, write_csv
-
-    reports = Path(reports)
-    written = []
-
-    def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        with atomic_path(reports / name, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-        written.append(reports / name)
-
-    drift = result["input_drift"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(drift["null"], bins=40, color="0.7", label=f"permutation null ({drift['permutations']})")
-    ax.axvline(drift["critical_value"], color="tab:orange", ls="--", label=f"threshold (alpha {drift['alpha']})")
-    ax.axvline(drift["statistic"], color="tab:red", lw=2, label=f"batch MMD² (p = {drift['p_value']:.3g})")
-    ax.set_xlabel("unbiased MMD² on SSL embeddings")
-    ax.set_ylabel("permutations")
-    ax.set_title("input drift: batch vs reference")
-    ax.legend(fontsize=8)
-    save(fig, "mmd.png")
-
-    shift = result["prediction_shift"]
-    table = pd.DataFrame({"class": reference.classes, "reference": shift["reference"], "batch": shift["batch"],
-                          "shift": shift["batch"] - shift["reference"]})
-    write_csv(reports / "prediction_shift.csv", table)
-    written.append(reports / "prediction_shift.csv")
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    x = np.arange(len(reference.classes))
-    ax.bar(x - 0.2, table["reference"], 0.4, label="reference")
-    ax.bar(x + 0.2, table["batch"], 0.4, label="batch")
-    ax.set_xticks(x, reference.classes, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("share of predictions")
-    ax.set_title(f"predicted classes: total variation {shift['tv']:.3f}, chi-square p = {shift['pvalue']:.3g}")
-    ax.legend()
-    save(fig, "prediction_shift.png")
-
-    if batch_embeddings is not None:
-        from sklearn.decomposition import PCA
-
-        pca = PCA(2, random_state=0).fit(reference.embeddings)
-        a, b = pca.transform(reference.embeddings), pca.transform(batch_embeddings)
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.scatter(a[:, 0], a[:, 1], s=4, alpha=0.4, label="reference")
-        ax.scatter(b[:, 0], b[:, 1], s=4, alpha=0.6, label="batch")
-        ax.set_title("SSL embeddings, PCA fitted on the reference")
-        ax.legend(markerscale=3)
-        save(fig, "embeddings_pca.png")
-    return written
-
-
-def scored_model_name(model: dict[str, Any]) -> str:
-    """One line for the record of :func:`scored_classifier`: ``NAME version V (champion)`` or the file and why."""
-    if model.get("source") == "registry":
-        return f"{model['name']} version {model['version']} (champion)"
-    return f"{model.get('path')} ({model.get('reason')})"
-
-
-def log_to_mlflow(result: dict[str, Any], reports: str | Path) -> None:
-    """Each metric's value and failed flag, the failed metrics and the scored model (``sslvision.scored_model``)
-    as tags, the report files as artifacts."""
-    import mlflow
-
-    values = {}
-    for name, m in result["metrics"].items():
-        if m["value"] is not None:
-            values[name] = float(m["value"])
-        values[f"{name}.failed"] = float(m["failed"])
-    values["mmd2"] = float(result["input_drift"]["statistic"])
-    mlflow.log_metrics(values)
-    mlflow.set_tag("sslvision.drift.failed", ",".join(result["failed"]) or "none")
-    mlflow.set_tag("sslvision.scored_model", scored_model_name(result.get("model", {})))
-    for f in sorted(Path(reports).iterdir()):
-        if f.is_file():
-            mlflow.log_artifact(str(f), artifact_path="drift")
-
-
-def drift_eval_cli(batch: str | Path | None, params: str | Path, reports: str | Path = REPORTS) -> dict[str, Any]:
-    """``sslvision drift-eval`` and the stage: params from the file, one MLflow run, the report written."""
-    from sslvision import tracking
-    from sslvision.io import write_json
-    from sslvision.params import load_section
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    p = load_section("drift_eval", DriftParams, params)
-    if not (batch or p.batch):  # a new project (sslvision init) has no production batch yet: say so, evaluate nothing
-        skipped = {"batch": None, "metrics": {}, "failed": [],
-                   "skipped": "no production batch to evaluate (drift_eval.batch is empty): put a batch directory "
-                              "in the monitor inbox and run `sslvision monitor`, or set drift_eval.batch"}
-        write_json(Path(reports) / "trigger.json", skipped)
-        return {**skipped, "evaluated_files": {}}
-    with tracking.stage_run("drift_eval", {**p.model_dump(), "batch": str(batch or p.batch)}):
-        result = run_drift_eval(p, batch, reports, params)
-        log_to_mlflow(result, reports)
-    return result
 

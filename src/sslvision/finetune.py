@@ -6,11 +6,10 @@ computed once, so an epoch costs almost nothing) or as a **full fine-tune** with
 rate decay (timm's ``layer_decay`` parameter groups: the stem learns ``layer_decay**depth`` times
 slower than the head, which keeps the SSL features the labels cannot improve).
 
-Inputs (the contract in :mod:`sslvision.data`): the encoder in ``models/encoder/``, the train rows of
-the audited manifest ``data/audit/manifest_clean.parquet`` (split ``train``), the images in
-``data/ingested/``, and the kept synthetic images in ``data/synthetic/`` (optional: absent or empty
-means none; their loss weight is ``synthetic_weight``). Validation is a stratified share of the *real*
-train rows (synthetic images never validate). The clean, balanced ``test`` split is the evaluation set.
+Inputs: a :class:`FinetuneData` (train: real rows, plus synthetic images whose loss weight is
+``synthetic_weight``; validation: a stratified share of the *real* train rows, :func:`stratified_split` and
+:func:`train_val_rows`; synthetic images never validate) and an encoder (:func:`init_classifier`). The DVC
+stage that reads them from the project, evaluates, reports and registers is :mod:`sslvision.stages.finetune`.
 
 Long-tail methods (``loss``, ``sampler``, ``drw_epoch``):
 
@@ -43,22 +42,15 @@ validation split is long-tailed while a prior-corrected classifier models the ba
 so the fit adds the log-prior change (:func:`calibration_shift`) to the logits, as the validation
 distribution would; the temperature then calibrates the balanced probabilities the model outputs.
 
-Baselines: the stage also fits :func:`sslvision.baselines.pixel_logreg` (logistic regression on pixel PCA
-features) on the same real training rows and labels, and reports it beside the classifier (``metrics.json``
-``baselines.pixel_logreg``, MLflow ``baseline/pixel_logreg/...``); its balanced accuracy on the golden set is
-recorded with the registered version, and promotion refuses a classifier that does not beat it
-(``promotion.beat_pixel_baseline``, :mod:`sslvision.registry`).
-
-On disk (``models/classifier/``): ``classifier.safetensors`` and ``config.json`` (encoder config,
-classes, head kind, temperature, and ``conversion``: how ingest converted the training images, so the
-model converts a new image the same way wherever it runs): :func:`load_classifier` rebuilds it; no
+On disk (:func:`save_classifier`, a directory): ``classifier.safetensors`` and ``config.json`` (encoder
+config, classes, head kind, temperature, and ``conversion``: how ingest converted the training images, so
+the model converts a new image the same way wherever it runs): :func:`load_classifier` rebuilds it; no
 pickles anywhere.
 
-Under ``torchrun --nproc_per_node=N stages/finetune.py`` a full fine-tune (``mode: finetune``) runs
-DistributedDataParallel (gloo on CPU, NCCL on GPU): ``batch_size`` stays the global batch, each
-process trains on its share of every batch, validation decisions are rank 0's, and only rank 0
-evaluates, writes ``models/classifier``/``reports/finetune`` and logs to MLflow. A linear probe trains
-a head on features computed once (seconds), so it refuses to run distributed.
+Under ``torchrun --nproc_per_node=N`` a full fine-tune (``mode: finetune``) runs DistributedDataParallel
+(gloo on CPU, NCCL on GPU, :func:`join_process_group`): ``batch_size`` stays the global batch, each process
+trains on its share of every batch and validation decisions are rank 0's. A linear probe trains a head on
+features computed once (seconds), so it refuses to run distributed.
 """
 
 from __future__ import annotations
@@ -66,9 +58,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,86 +73,149 @@ from pydantic import Field, model_validator
 from safetensors.torch import save_file
 from torch import nn
 
-from sslvision.data import Ingested
 from sslvision.ingest import Conversion, IngestParams
-from sslvision.io import atomic_path, check_replaceable, output_dir, write_csv, write_json
-from sslvision.metrics import balanced_accuracy, classification_metrics, reliability_table
+from sslvision.io import output_dir
+from sslvision.metrics import balanced_accuracy
 from sslvision.models import (
     MAX_CLASSES,
     Encoder,
     build_for_weights,
     embed,
     encoder_config,
-    load_encoder,
     load_weights,
     to_input,
 )
-from sslvision.params import Section, Seed, TrainingSplits, load_section
+from sslvision.params import Section, Seed, TrainingSplits
 
 log = logging.getLogger(__name__)
-
-REPORTS = Path("reports/finetune")
 
 
 # --- params --------------------------------------------------------------------------------------
 
 class RegistryParams(Section):
-    enabled: bool = True
-    model_name: str = Field("sslvision-classifier", min_length=1)
-    auto_promote: bool = True
+    enabled: bool = Field(True, description="log the classifier to MLflow and register it as `challenger`")
+    model_name: str = Field("sslvision-classifier", min_length=1, description="registered model name")
+    auto_promote: bool = Field(True, description=(
+        "run the gated promotion right after registering (`sslvision promote` does the same by hand); a refusal "
+        "is reported, not an error"))
 
 
 class PromotionParams(Section):
-    min_balanced_accuracy: float = Field(0.5, ge=0, le=1)
-    max_ece: float = Field(0.1, gt=0, le=1)
-    min_improvement: float = Field(0.005, gt=0, le=1)
-    worst_class_tolerance: float = Field(0.0, ge=0, le=1)
-    min_worst_class_recall: float = Field(0.0, ge=0, le=1)
-    beat_pixel_baseline: bool = True
-    baseline_margin: float = Field(0.0, ge=-1, le=1)
-    golden_per_class: int = Field(0, ge=0, le=1_000_000)
+    min_balanced_accuracy: float = Field(0.5, ge=0, le=1, description="absolute floor, also for the first model")
+    max_ece: float = Field(0.1, gt=0, le=1, description="expected calibration error ceiling (15 bins)")
+    min_improvement: float = Field(0.005, gt=0, le=1, description=(
+        "balanced accuracy must beat the champion's by at least this (must be > 0; below ~0.005 a 10,000-image "
+        "test split cannot tell models apart)"))
+    worst_class_tolerance: float = Field(0.0, ge=0, le=1, description=(
+        "worst-class recall may be at most this much below the champion's (0 = not worse)"))
+    min_worst_class_recall: float = Field(0.0, ge=0, le=1, description=(
+        "absolute floor on worst-class recall, also for the first model (a floor the classifier cannot reach "
+        "leaves no champion)"))
+    beat_pixel_baseline: bool = Field(True, description=(
+        "refuse a challenger whose balanced accuracy does not beat the pixel baseline the finetune stage fits on "
+        "the same training labels (logistic regression on 64 PCA components of the pixels; metrics.json "
+        "baselines.pixel_logreg), on the same golden set: a model a user could build in two minutes without "
+        "sslvision is not worth deploying"))
+    baseline_margin: float = Field(0.0, ge=-1, le=1, description="... by at least this much (balanced accuracy, 0-1)")
+    golden_per_class: int = Field(0, ge=0, le=1_000_000, description=(
+        "images per class of the golden set (0 = the whole test split)"))
 
 
 class FinetuneParams(Section):
-    encoder: str = "models/encoder"
-    ingested: str = "data/ingested"
-    manifest: str = "data/audit/manifest_clean.parquet"
-    synthetic: str = "data/synthetic"
-    splits: TrainingSplits = Field(default_factory=lambda: ["train", "pool"], min_length=1)
-    synthetic_weight: float = Field(1.0, ge=0)
-    synthetic_ablation: Literal["auto", "on", "off"] = "auto"
-    out: str = "models/classifier"
-    init: Literal["ssl", "scratch"] = "ssl"
-    mode: Literal["linear_probe", "finetune"] = "linear_probe"
-    epochs: int = Field(30, ge=1, le=100_000)
-    batch_size: int = Field(256, ge=1, le=65536)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    layer_decay: float = Field(0.75, gt=0, le=1)
-    warmup_epochs: int = Field(1, ge=0, le=100_000)
-    augment: bool = True
-    loss: Literal["ce", "logit_adjusted", "balanced_softmax", "ldam"] = "logit_adjusted"
-    tau: float = Field(1.0, ge=0)
-    ldam_max_margin: float = Field(0.5, gt=0)
-    ldam_scale: float = Field(30.0, gt=0)
-    drw_epoch: int = Field(-1, ge=-1, le=100_000)
-    drw_beta: float = Field(0.9999, ge=0, lt=1)
-    sampler: Literal["random", "class_balanced"] = "random"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    mixup_alpha: float = Field(0.0, ge=0)
-    label_correction_epoch: int = Field(-1, ge=-1, le=100_000)
-    label_correction_momentum: float = Field(0.9, ge=0, lt=1)
-    ema_decay: float = Field(0.0, ge=0, lt=1)
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    patience: int = Field(5, ge=1, le=100_000)
-    select_epoch: Literal["best", "last"] = "best"
-    calibrate: bool = False
-    eval_batch_size: int = Field(512, ge=1, le=65536)
-    threads: int = Field(0, ge=0, le=1024)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: Seed = 0
-    registry: RegistryParams = RegistryParams()
-    promotion: PromotionParams = PromotionParams()
+    """The ``finetune`` stage: the SSL encoder + timm's classification head, trained on the audited (+ synthetic)
+    data for the balanced error; calibrated; evaluated on the clean balanced test split; registered in MLflow."""
+
+    encoder: str = Field("models/encoder", description="the pretrained encoder (pretrain's output)")
+    ingested: str = Field("data/ingested", description=(
+        "images and the test split (the clean, balanced evaluation set)"))
+    manifest: str = Field("data/audit/manifest_clean.parquet", description=(
+        "train rows and labels (audited); the raw data/ingested/manifest.parquet trains on the labels as given"))
+    synthetic: str = Field("data/synthetic", description="synthesize's kept images; absent or empty = none")
+    splits: TrainingSplits = Field(default_factory=lambda: ["train", "pool"], min_length=1, description=(
+        "labelled rows of these manifest splits train (pool = labelled production batches that joined the data; "
+        "unlabelled rows are always skipped)"))
+    synthetic_weight: float = Field(1.0, ge=0, description=(
+        "loss weight of a synthetic image relative to a real one (0 = ignore them); lower it (0.3-0.5) when "
+        "synthesize's fidelity/consistency metrics are poor"))
+    synthetic_ablation: Literal["auto", "on", "off"] = Field("auto", description=(
+        "also train the same classifier without the synthetic images and report what they changed on the test "
+        "split (metrics.json: synthetic_ablation; a warning when they lower tail recall or balanced accuracy). "
+        "auto = on for linear_probe (seconds), off for a full fine-tune (it doubles the training) | on | off"))
+    out: str = Field("models/classifier", description=(
+        "where the classifier (safetensors + config.json) is written"))
+    init: Literal["ssl", "scratch"] = Field("ssl", description=(
+        "ssl = start from the pretrained encoder | scratch = same architecture, random init (the supervised "
+        "baseline; needs mode: finetune)"))
+    mode: Literal["linear_probe", "finetune"] = Field("linear_probe", description=(
+        "linear_probe: encoder frozen, features computed once (seconds per epoch on CPU; robust to label noise) | "
+        "finetune: the whole network, layer-wise lr decay"))
+    epochs: int = Field(30, ge=1, le=100_000, description=(
+        "maximum epochs (early stopping usually ends sooner; select_epoch: last runs them all)"))
+    batch_size: int = Field(256, ge=1, le=65536, description="images per step")
+    lr: float = Field(3e-3, gt=0, description=(
+        "AdamW peak lr (cosine schedule). linear_probe: 1e-3..1e-2; finetune: 3e-4..2e-3"))
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    layer_decay: float = Field(0.75, gt=0, le=1, description=(
+        "finetune: each layer group down from the head learns this times slower (1 = same lr everywhere; "
+        "0.65-0.8 keeps the SSL features of early layers)"))
+    warmup_epochs: int = Field(1, ge=0, le=100_000, description="linear warm-up epochs of the cosine schedule")
+    augment: bool = Field(True, description=(
+        "finetune: random horizontal flips and 2-pixel shifts (linear_probe: none)"))
+    loss: Literal["ce", "logit_adjusted", "balanced_softmax", "ldam"] = Field("logit_adjusted", description=(
+        "ce | logit_adjusted (logits + tau*log prior in training) | balanced_softmax (= logit_adjusted with tau "
+        "1) | ldam (cosine head, per-class margins)"))
+    tau: float = Field(1.0, ge=0, description=(
+        "logit_adjusted: strength of the prior correction (1 = Bayes-optimal for the balanced error; 0 = plain "
+        "cross-entropy)"))
+    ldam_max_margin: float = Field(0.5, gt=0, description=(
+        "ldam: margin of the rarest class (the others get n^-1/4-proportional ones)"))
+    ldam_scale: float = Field(30.0, gt=0, description=(
+        "ldam: scale of the cosine logits (LDAM paper: 30; lower if training stalls)"))
+    drw_epoch: int = Field(-1, ge=-1, le=100_000, description=(
+        "deferred re-weighting (LDAM-DRW): from this epoch weight classes by their effective number; -1 = never. "
+        "Typical: ~2/3 of the epochs, with loss: ldam"))
+    drw_beta: float = Field(0.9999, ge=0, lt=1, description="effective-number beta of DRW (0.999-0.9999)")
+    sampler: Literal["random", "class_balanced"] = Field("random", description=(
+        "random | class_balanced (every class drawn equally often; the prior correction of logit_adjusted then "
+        "vanishes, do not expect both to add up). For a full fine-tune it does much of what synthesize's images "
+        "do"))
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description=(
+        "cross-entropy label smoothing (0.05-0.1 helps against residual label noise; it lowers confidence: turn "
+        "calibrate on, or ECE rises)"))
+    mixup_alpha: float = Field(0.0, ge=0, description=(
+        "mixup (Zhang et al. 2018): train on lam*x1 + (1-lam)*x2 with both labels weighted, lam ~ Beta(alpha, "
+        "alpha); 0 = off, 0.2-0.4 typical; slows convergence on short runs"))
+    label_correction_epoch: int = Field(-1, ge=-1, le=100_000, description=(
+        "from this epoch, each training row's target becomes a running average of the model's predictions "
+        "(self-ensemble label correction: relabels what the audit missed); -1 = off. Start it before the model "
+        "memorises the wrong labels (~1/3 of the epochs)"))
+    label_correction_momentum: float = Field(0.9, ge=0, lt=1, description=(
+        "share of the old target kept at each visit (0.9: ~10 visits to flip a label)"))
+    ema_decay: float = Field(0.0, ge=0, lt=1, description=(
+        "> 0: validate, select and save an exponential moving average of the weights (timm ModelEmaV3 with "
+        "warm-up; 0.998 for ~750 steps); 0 = off"))
+    val_fraction: float = Field(0.1, gt=0, lt=1, description=(
+        "share of each class of the real train rows held out for early stopping and calibration (a class with "
+        "one image keeps it for training)"))
+    patience: int = Field(5, ge=1, le=100_000, description=(
+        "early stopping: epochs without a better validation balanced accuracy"))
+    select_epoch: Literal["best", "last"] = Field("best", description=(
+        "best: keep the epoch with the best validation balanced accuracy (early stopping) | last: train every "
+        "epoch and keep the end of the cosine schedule. The validation rows carry the audited labels and a rare "
+        'class has only a handful of them, so "best" can pick a noisy maximum (with drw_epoch, keep drw_epoch + '
+        "patience within epochs so DRW gets its turn)"))
+    calibrate: bool = Field(False, description=(
+        "fit a temperature on the validation logits (prior change accounted for); on with label_smoothing, which "
+        "leaves the model under-confident. Off for a linear probe: its validation labels (the audited ones) agree "
+        "with the SSL probe more than the truth does, so the fit sharpens the model and test ECE rises"))
+    eval_batch_size: int = Field(512, ge=1, le=65536, description=(
+        "images per forward pass when embedding / evaluating"))
+    threads: int = Field(0, ge=0, le=1024, description="torch intra-op threads; 0 = torch's default (all cores)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (cuda if present) | cpu | cuda")
+    seed: Seed = Field(0, description="validation split, init, batch order, augmentation")
+    registry: RegistryParams = Field(RegistryParams(), description="the MLflow model registry")
+    promotion: PromotionParams = Field(PromotionParams(), description=(
+        "gates a challenger must pass on the golden set (the test split) to become champion"))
 
     @model_validator(mode="after")
     def _compatible_options(self) -> FinetuneParams:
@@ -223,29 +276,6 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def load_synthetic(directory: str | Path, shape: tuple[int, ...], num_classes: int, weight: float) -> Split | None:
-    """The kept synthetic images, or None when the directory is absent or empty (no synthetic data)."""
-    directory = Path(directory)
-    npy, manifest = directory / "images.npy", directory / "manifest.parquet"
-    if not npy.exists() and not manifest.exists():
-        return None
-    for path in (npy, manifest):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: missing while {directory} has the other half of the synthetic set")
-    df = pd.read_parquet(manifest)
-    if len(df) == 0:
-        return None
-    images = np.load(npy, mmap_mode="r")
-    if images.shape[1:] != shape:
-        raise ValueError(f"{npy}: images are {images.shape[1:]}, the ingested images are {shape}")
-    if int(df["index"].max()) >= len(images):
-        raise ValueError(f"{manifest}: refers to row {int(df['index'].max())} but {npy} has {len(images)}")
-    labels = df["label"].to_numpy(np.int64)
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"{manifest}: labels must be in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
-    return Split.of(images[df["index"].to_numpy()], labels, weight, synthetic=True)
-
-
 def train_val_rows(p: FinetuneParams) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The rows of ``p.manifest`` the classifier trains on and those held out for validation: the
     labelled rows of ``p.splits`` (``pool`` holds labelled production batches that joined the data),
@@ -262,29 +292,6 @@ def train_val_rows(p: FinetuneParams) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise ValueError(f"{manifest}: no labelled rows in splits {p.splits}")
     tr, va = stratified_split(df["label"].to_numpy(np.int64), p.val_fraction, p.seed)
     return df.iloc[tr], df.iloc[va]
-
-
-def load_data(p: FinetuneParams) -> FinetuneData:
-    """Train (real minus validation, plus synthetic), validation (real) and test splits."""
-    ing = Ingested.load(p.ingested)
-    train_df, val_df = train_val_rows(p)
-    num_classes = len(ing.classes)
-    top = int(max(train_df["label"].max(), val_df["label"].max() if len(val_df) else 0))
-    if top >= num_classes:
-        raise ValueError(f"{p.manifest}: label {top} but {p.ingested}/classes.json has {num_classes} classes")
-    train = Split.of(ing.images[train_df["index"].to_numpy()], train_df["label"].to_numpy())
-    val = Split.of(ing.images[val_df["index"].to_numpy()], val_df["label"].to_numpy())
-    synthetic = load_synthetic(p.synthetic, ing.images.shape[1:], num_classes, p.synthetic_weight)
-    if synthetic is not None and p.synthetic_weight > 0:
-        train = train.concat(synthetic)
-    test_df = ing.split("test")
-    test_df = test_df[test_df["label"] >= 0]
-    if len(test_df) == 0:
-        raise ValueError(f"{p.ingested}/manifest.parquet: no labelled test rows to evaluate on")
-    test = Split.of(ing.images[test_df["index"].to_numpy()], test_df["label"].to_numpy())
-    log.info("train %d images (%d synthetic), validation %d, test %d", len(train), int(train.synthetic.sum()),
-             len(val), len(test))
-    return FinetuneData(train=train, val=val, test=test, classes=list(ing.classes))
 
 
 # --- the classifier ------------------------------------------------------------------------------
@@ -347,10 +354,10 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, dim=1).numpy()
 
 
-def build_classifier(p: FinetuneParams, classes: list[str]) -> Classifier:
-    """The SSL encoder (or, ``init: scratch``, the same architecture freshly initialised) with a head,
-    initialised from ``p.seed`` (not from whatever the global generator's state happens to be)."""
-    encoder = load_encoder(p.encoder)
+def init_classifier(encoder: Encoder, classes: list[str], p: FinetuneParams) -> Classifier:
+    """``encoder`` (or, ``init: scratch``, the same architecture freshly initialised) with a new head for
+    ``classes`` (cosine for ``loss: ldam``), initialised from ``p.seed`` (not from whatever the global
+    generator's state happens to be). ``encoder`` becomes the classifier's: its head is replaced."""
     torch.manual_seed(p.seed)
     if p.init == "scratch":
         encoder = Encoder(encoder.config)
@@ -415,7 +422,7 @@ MAX_PRIOR_ADJUSTMENT = 10.0  # |log prior ratio| per class: a correction never r
 
 
 def check_prior_correction(raw: Any, num_classes: int, path: Path) -> dict[str, Any] | None:
-    """A config's ``prior_correction`` (``sslvision.trigger.correct_prior``), checked: ``adjustment`` (added
+    """A config's ``prior_correction`` (``sslvision.actions.correct_prior``), checked: ``adjustment`` (added
     to the temperature-scaled logits) and ``prior`` (the class prior it corrects for), one finite number per
     class, the adjustment within ``MAX_PRIOR_ADJUSTMENT``, the prior a distribution; other keys are kept."""
     if raw is None:
@@ -781,7 +788,8 @@ def train_classifier(classifier: Classifier, data: FinetuneData, p: FinetunePara
             row["labels_corrected"] = int((soft_targets.argmax(1) != y_train).sum())
         result.history.append(row)
         if rank == 0:
-            log.info("epoch %d/%d  loss %.4f  val balanced accuracy %.4f", epoch + 1, p.epochs, row["train_loss"], val_bacc)
+            log.info("epoch %d/%d  loss %.4f  val balanced accuracy %.4f", epoch + 1, p.epochs, row["train_loss"],
+                     val_bacc)
         if on_epoch is not None:
             on_epoch(epoch, row)
         if p.select_epoch == "last":  # the end of the schedule, whatever the validation score says
@@ -818,229 +826,55 @@ def _val_logits(classifier: Classifier, forward: Any, x: torch.Tensor, batch_siz
     return np.concatenate(out) if out else np.zeros((0, len(classifier.classes)), np.float32)
 
 
-# --- reports -------------------------------------------------------------------------------------
+# --- the array API -------------------------------------------------------------------------------
 
-def write_reports(metrics: dict[str, Any], history: list[dict[str, float]], labels: np.ndarray, probs: np.ndarray,
-                  classes: list[str], out: str | Path = REPORTS) -> dict[str, Any]:
-    """``metrics.json``, DVC plot data (predictions for the confusion matrix, per-class recall,
-    training history, reliability) and the PNG figures. Returns the matplotlib figures by file name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    out = Path(out)
-    write_json(out / "metrics.json", metrics)
-    pred = probs.argmax(1)
-    names = np.asarray(classes, dtype=object)
-    write_csv(out / "predictions.csv", pd.DataFrame({"actual": names[labels], "predicted": names[pred]}))
-    write_csv(out / "per_class_recall.csv", pd.DataFrame(
-        {"class": classes, "recall": [metrics["per_class_recall"][c] for c in classes]}))
-    write_csv(out / "history.csv", pd.DataFrame(history))
-    reliability = reliability_table(probs.max(1), pred == labels)
-    write_csv(out / "reliability.csv", reliability)
-
-    figures: dict[str, Any] = {}
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ConfusionMatrixDisplay(np.asarray(metrics["confusion_matrix"]), display_labels=classes).plot(
-        ax=ax, xticks_rotation=45, colorbar=False, values_format="d")
-    ax.set_title(f"test: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
-                 f"worst class {metrics['worst_class']} {metrics['worst_class_recall']:.3f}")
-    fig.tight_layout()
-    figures["confusion_matrix.png"] = fig
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.bar(reliability["confidence"], reliability["accuracy"], width=1 / len(reliability), alpha=0.7, edgecolor="k")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability (ECE {metrics['ece']:.3f})")
-    fig.tight_layout()
-    figures["reliability.png"] = fig
-    for name, fig in figures.items():
-        with atomic_path(out / name, suffix=".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    return figures
+# FinetuneParams fields that say where the stage reads and writes, or what it does around the training:
+# not settings of :func:`fit_classifier`.
+STAGE_FIELDS = frozenset({"encoder", "ingested", "manifest", "synthetic", "splits", "synthetic_weight",
+                          "synthetic_ablation", "out", "threads", "registry", "promotion"})
 
 
-# --- the stage -----------------------------------------------------------------------------------
+def fit_classifier(encoder: Encoder, images: np.ndarray, labels: np.ndarray, *, classes: list[str] | None = None,
+                   seed: int = 0, device: str = "cpu", **overrides: Any) -> Classifier:
+    """Train a classifier on ``encoder`` with the finetune stage's recipe, from arrays; reads and writes no file.
 
-def run_finetune(p: FinetuneParams, on_epoch: Any = None) -> tuple[Classifier, FinetuneData, TrainResult, dict, np.ndarray]:
-    """Load, train, calibrate and evaluate on the test split; return (classifier, data, result, metrics, probs)."""
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    data = load_data(p)
-    classifier = build_classifier(p, data.classes)
-    result = train_classifier(classifier, data, p, on_epoch=on_epoch)
-    probs = classifier.predict_proba(data.test.images, p.eval_batch_size)
-    metrics = classification_metrics(data.test.labels, probs, data.classes)
-    metrics.update(best_epoch=result.best_epoch, val_balanced_accuracy=result.best_val_balanced_accuracy,
-                   temperature=result.temperature, train_images=len(data.train),
-                   synthetic_images=int(data.train.synthetic.sum()), train_seconds=result.seconds,
-                   world_size=result.world_size)
-    ablate = p.synthetic_ablation == "on" or (p.synthetic_ablation == "auto" and p.mode == "linear_probe")
-    if ablate and data.train.synthetic.any():
-        if result.world_size > 1:
-            log.info("synthetic_ablation: skipped under torchrun (the other processes do not train it)")
-        else:
-            metrics["synthetic_ablation"] = synthetic_ablation(p, data, metrics)
-    metrics["baselines"] = {"pixel_logreg": pixel_baseline(p, data, metrics)}
-    return classifier, data, result, metrics, probs
+    Args:
+        encoder: the (pretrained) encoder; copied, the caller's is left as it is.
+        images: uint8 ``(N, H, W)`` or ``(N, H, W, C)`` images of the encoder's input size and channels.
+        labels: integer class indices, one per image.
+        classes: the class names (default: ``"0"`` .. ``"K-1"`` for the largest label ``K - 1``).
+        seed, device, overrides: :class:`FinetuneParams` fields (``mode``, ``epochs``, ``loss``, ``calibrate``,
+            ``val_fraction``...); the stage's paths and reporting fields (:data:`STAGE_FIELDS`) are refused.
 
+    Returns the trained :class:`Classifier` (eval mode; ``predict_proba`` takes the same kind of images), the
+    epoch of the best balanced accuracy on a stratified ``val_fraction`` of the rows (:func:`stratified_split`),
+    which it did not train on. For the rows and params of a project, the same weights as the finetune stage's
+    without synthetic images.
 
-def pixel_baseline(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any]) -> dict[str, Any]:
-    """:func:`sslvision.baselines.pixel_logreg` fitted on the real training rows the classifier trained on
-    (same audited labels, same validation rows held out; no synthetic images) and scored on the same test
-    split as ``metrics``, and on the promotion's golden set (:func:`golden_set`): ``golden_balanced_accuracy``
-    and ``golden_sha256`` are what the gate compares a challenger with (``promotion.beat_pixel_baseline``)."""
-    from sslvision.baselines import pixel_logreg
-    from sslvision.registry import golden_digest
-
-    real = data.train.take(np.flatnonzero(~data.train.synthetic))
-    model = pixel_logreg(real.images, real.labels, num_classes=len(data.classes), seed=p.seed)
-    test = classification_metrics(data.test.labels, model.predict_proba(data.test.images), data.classes)
-    golden_images, golden_labels = golden_set(p)
-    golden = classification_metrics(golden_labels, model.predict_proba(golden_images), data.classes)
-    out = {
-        "model": "logistic regression (class_weight balanced) on 64 PCA components of the pixels",
-        **{k: test[k] for k in ("balanced_accuracy", "worst_class_recall", "worst_class", "accuracy", "macro_f1",
-                                "per_class_recall")},
-        "golden_balanced_accuracy": golden["balanced_accuracy"],
-        "golden_size": int(len(golden_labels)),
-        "golden_sha256": golden_digest(golden_images, golden_labels),
-        "train_rows": model.train_rows,
-        "seconds": model.seconds,
-        "classifier_gain": metrics["balanced_accuracy"] - test["balanced_accuracy"],
-    }
-    behind = out["classifier_gain"] <= 0
-    log.log(logging.WARNING if behind else logging.INFO,
-            "pixel baseline (%s, %d rows, %.1f s): balanced accuracy %.1f %%, worst class %s %.1f %%; the classifier "
-            "%.1f %% (%+.1f points)%s", out["model"], model.train_rows, model.seconds, 100 * test["balanced_accuracy"],
-            test["worst_class"], 100 * test["worst_class_recall"], 100 * metrics["balanced_accuracy"],
-            100 * out["classifier_gain"], "; promotion.beat_pixel_baseline refuses it" if behind else "")
-    return out
-
-
-def synthetic_ablation(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any]) -> dict[str, Any]:
-    """What the synthetic images changed: the same classifier (same params and seed, same validation rows)
-    trained on the real training rows alone, evaluated on the same test split as ``metrics``.
-
-    A report, not a selection: the deployed classifier is the one trained with the synthetic images either
-    way. ``tail`` is the (up to) 3 classes with the fewest real training images among those that received
-    synthetic ones, the classes synthesis is for; the gains are with minus without, in recall points (0-1).
+    Raises:
+        ValueError: images and labels that do not fit each other, the classes or the encoder; an unknown or
+            invalid setting (pydantic's ``ValidationError`` is a ``ValueError``).
     """
-    k = len(data.classes)
-    real = data.train.take(np.flatnonzero(~data.train.synthetic))
-    baseline = build_classifier(p, data.classes)
-    train_classifier(baseline, FinetuneData(train=real, val=data.val, test=data.test, classes=data.classes), p)
-    without = classification_metrics(data.test.labels, baseline.predict_proba(data.test.images, p.eval_batch_size),
-                                     data.classes)
-    real_counts = np.bincount(real.labels, minlength=k)
-    synthesised = np.flatnonzero(np.bincount(data.train.labels[data.train.synthetic], minlength=k))
-    tail = sorted(synthesised.tolist(), key=lambda c: (int(real_counts[c]), c))[:3]
-
-    def mean_recall(m: dict[str, Any], cs: list[int]) -> float:
-        vals = [m["per_class_recall"][data.classes[c]] for c in cs]
-        vals = [v for v in vals if v is not None]
-        return float(np.mean(vals)) if vals else math.nan
-
-    out: dict[str, Any] = {
-        "tail_classes": [data.classes[c] for c in tail],
-        "tail_recall": mean_recall(metrics, tail),
-        "tail_recall_without": mean_recall(without, tail),
-        "synthesised_recall": mean_recall(metrics, synthesised.tolist()),
-        "synthesised_recall_without": mean_recall(without, synthesised.tolist()),
-        "balanced_accuracy_without": without["balanced_accuracy"],
-        "worst_class_recall_without": without["worst_class_recall"],
-        "ece_without": without["ece"],
-        "per_class_recall_without": {data.classes[c]: without["per_class_recall"][data.classes[c]]
-                                     for c in synthesised.tolist()},
-    }
-    out["tail_recall_gain"] = out["tail_recall"] - out["tail_recall_without"]
-    out["synthesised_recall_gain"] = out["synthesised_recall"] - out["synthesised_recall_without"]
-    out["balanced_accuracy_gain"] = metrics["balanced_accuracy"] - without["balanced_accuracy"]
-    hurt = out["tail_recall_gain"] < 0 or out["balanced_accuracy_gain"] < 0
-    log.log(logging.WARNING if hurt else logging.INFO,
-            "synthetic images (%d): mean recall of %s %.1f -> %.1f %%, balanced accuracy %.1f -> %.1f %% (without -> "
-            "with, same test split)%s", int(data.train.synthetic.sum()), ", ".join(out["tail_classes"]),
-            100 * out["tail_recall_without"], 100 * out["tail_recall"], 100 * without["balanced_accuracy"],
-            100 * metrics["balanced_accuracy"],
-            "; they lower it: try another synthesize.generator or a lower finetune.synthetic_weight" if hurt else "")
-    return out
-
-
-def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
-    """The stage: train, write ``models/classifier`` and ``reports/finetune``, log to MLflow, register
-    the model as ``challenger`` and (``registry.auto_promote``) run the gated promotion. Under torchrun
-    the other processes only train alongside rank 0 and return None."""
-    import mlflow
-
-    from sslvision import registry, tracking
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    p = load_section("finetune", FinetuneParams, params)
-    check_replaceable(p.out, "classifier")  # a directory of someone's files: refuse before training, not after
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: train only; rank 0 evaluates, logs and writes
-        if p.threads:
-            torch.set_num_threads(p.threads)
-        data = load_data(p)
-        train_classifier(build_classifier(p, data.classes), data, p)
-        return None
-    with tracking.stage_run("finetune", p.model_dump()):
-        classifier, data, result, metrics, probs = run_finetune(
-            p, on_epoch=lambda epoch, row: mlflow.log_metrics({f"train/{k}": v for k, v in row.items()}, step=epoch))
-        classifier.conversion = training_conversion(data.train.images.shape, params)
-        save_classifier(p.out, classifier, extra={"metrics": {k: metrics[k] for k in (
-            "accuracy", "balanced_accuracy", "worst_class_recall", "ece")}})
-        figures = write_reports(metrics, result.history, data.test.labels, probs, data.classes)
-        mlflow.log_metrics(scalar_metrics(metrics))
-        for name, fig in figures.items():
-            mlflow.log_figure(fig, f"finetune/{name}")
-        mlflow.log_artifact(str(REPORTS / "metrics.json"), artifact_path="finetune")
-        version = None
-        if p.registry.enabled:
-            version = registry.log_and_register(p.out, p.registry.model_name, data.test.images[:4])
-            registry.record_pixel_baseline(p.registry.model_name, version, metrics["baselines"]["pixel_logreg"])
-            metrics["registered_version"] = int(version)
-    if version is None or not p.registry.auto_promote:
-        decision = {"decision": "not_run", "reason": "finetune.registry.enabled or auto_promote is false"}
-    else:
-        decision = registry.promote_cli(p)
-    write_json(REPORTS / "promotion.json", decision)
-    metrics["promotion"] = decision
-    return metrics
-
-
-def training_conversion(shape: tuple[int, ...], params: str | Path | None = None) -> Conversion:
-    """The conversion ingest applied to the training images: their shape ``(N, H, W, C)`` as ingested,
-    and the size limits of the ``ingest`` section of the params file (its defaults when it has none)."""
-    limits = load_section("ingest", IngestParams, params)
-    return Conversion(int(shape[3]), int(shape[1]), limits.max_file_bytes, limits.max_pixels)
-
-
-def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    out.update({f"recall/{c}": float(r) for c, r in metrics["per_class_recall"].items() if r is not None})
-    out.update({f"synthetic_ablation/{k}": float(v) for k, v in metrics.get("synthetic_ablation", {}).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
-    for name, b in metrics.get("baselines", {}).items():
-        out.update({f"baseline/{name}/{k}": float(v) for k, v in b.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
-        out.update({f"baseline/{name}/recall/{c}": float(r) for c, r in b["per_class_recall"].items() if r is not None})
-    return out
-
-
-def golden_set(p: FinetuneParams) -> tuple[np.ndarray, np.ndarray]:
-    """The promotion set: the clean, balanced test split (``golden_per_class`` > 0 keeps that many
-    images per class, the first ones in manifest order, so every run compares on the same images)."""
-    ing = Ingested.load(p.ingested)
-    df = ing.split("test")
-    df = df[df["label"] >= 0]
-    if p.promotion.golden_per_class:
-        df = df.groupby("label", sort=False).head(p.promotion.golden_per_class)
-    if len(df) == 0:
-        raise ValueError(f"{p.ingested}/manifest.parquet: no labelled test rows for the golden set")
-    return np.ascontiguousarray(ing.images[df["index"].to_numpy()]), df["label"].to_numpy(np.int64)
-
-
-def load_params(params: str | Path | None = None) -> FinetuneParams:
-    return load_section("finetune", FinetuneParams, params)
+    stage = sorted(STAGE_FIELDS & set(overrides))
+    if stage:
+        raise ValueError(f"fit_classifier: {', '.join(stage)} are settings of the finetune stage, not of training")
+    p = FinetuneParams(seed=seed, device=device, **overrides)
+    x = np.asarray(images)
+    x = x[..., None] if x.ndim == 3 else x
+    y = np.asarray(labels)
+    cfg = encoder.config
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (cfg.img_size, cfg.img_size, cfg.in_chans):
+        raise ValueError(f"images must be uint8 (N, {cfg.img_size}, {cfg.img_size}, {cfg.in_chans}) for this encoder "
+                         f"(or (N, H, W) with one channel), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or len(y) != len(x) or len(y) == 0 or y.dtype.kind not in "iu":
+        raise ValueError(f"labels must be {len(x)} integers (one per image), got {y.dtype} {y.shape}")
+    k = len(classes) if classes is not None else int(y.max()) + 1
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(f"labels must be in 0..{k - 1}, got {y.min()}..{y.max()}")
+    names = list(classes) if classes is not None else [str(c) for c in range(k)]
+    tr, va = stratified_split(y.astype(np.int64), p.val_fraction, p.seed)
+    data = FinetuneData(train=Split.of(x[tr], y[tr]), val=Split.of(x[va], y[va]), test=Split.of(x[:0], y[:0]),
+                        classes=names)
+    classifier = init_classifier(copy.deepcopy(encoder), names, p)
+    train_classifier(classifier, data, p)
+    return classifier.eval()

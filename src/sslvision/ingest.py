@@ -1,4 +1,4 @@
-"""The ingest stage: decode every image once, convert it, quarantine what cannot be used.
+"""Ingest: decode every image once, convert it, quarantine what cannot be used.
 
 Sources (``list_source`` detects which from the path):
 
@@ -31,6 +31,10 @@ and distinct for distinct files even when every class directory uses the same na
 by split, batch and id, so changing a label (moving a file to another class directory, editing a
 manifest's label) leaves ``images.npy``, ``images.parquet`` and ``ssl_pool.parquet`` byte-identical and
 DVC does not re-run pretrain.
+
+:func:`run_ingest` takes its source and output directory as arguments and writes there and in the decode
+cache (``cache_dir``) only; the DVC stage (its paths, reports, dataset card, MLflow run) is
+:mod:`sslvision.stages.ingest`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ import io as _io
 import logging
 import os
 import re
-import sys
 import time
 import uuid
 import warnings
@@ -59,12 +62,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
 from sslvision import io
-from sslvision.params import Section, load_section
+from sslvision.params import Section
 
 log = logging.getLogger(__name__)
-
-OUT = Path("data/ingested")  # the stage's output (dvc.yaml); ingesting anywhere else is ad hoc (see ingest_cli)
-REPORTS = Path("reports/ingest")
 
 UNREADABLE = "unreadable"
 TRUNCATED = "truncated"
@@ -92,24 +92,49 @@ MAX_CLASSES = 1000
 
 
 class IngestParams(Section):
-    """The ``ingest`` section of params.yaml (each key is commented there)."""
+    """The ``ingest`` stage: decode every image once, convert it, quarantine what cannot be used (with the
+    reason)."""
 
-    source: str = "data/raw"
-    # The directory a manifest's paths are resolved against and must stay inside ("" = the manifest's own
-    # directory): a project's manifest (``sslvision init``) lists the user's files where they are.
-    manifest_root: str = ""
-    pool: str = "data/pool"
-    channels: Literal[1, 3] = 1
-    size: int = Field(28, gt=0, le=4096)
-    max_file_bytes: int = Field(20_000_000, gt=0, le=2**31)
-    max_pixels: int = Field(40_000_000, gt=0, le=1_000_000_000)
-    chunk_size: int = Field(1024, gt=0, le=65536)
-    workers: int = Field(2, ge=0, le=256)
-    near_duplicate_bits: int = Field(0, ge=0, le=16)
-    min_class_count: int = Field(1, ge=0, le=1_000_000)
-    class_names: list[str] = Field(default_factory=list)
-    max_classes: int = Field(MAX_CLASSES, ge=1, le=100_000)
-    cache_dir: str = "data/.ingest_cache"
+    source: str = Field("data/raw", description=(
+        "ImageFolder dir (train/ and test/ of class dirs, or class dirs = all train), CSV/Parquet manifest "
+        "(path,label[,split]; paths relative to manifest_root), or a directory of MNIST-format IDX files "
+        "(train-images-idx3-ubyte[.gz], ...)"))
+    manifest_root: str = Field("", description=(
+        "the directory a manifest's paths are resolved against and must stay inside (\"\" = the manifest's own "
+        "directory): a project's manifest (`sslvision init`) lists the user's files where they are"))
+    pool: str = Field("data/pool", description=(
+        "directory of production batches that joined the SSL pool, one directory per batch (flat images = "
+        "unlabeled, class subdirectories = labeled); must exist (empty is fine) because dvc.yaml tracks it"))
+    channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB; every image is converted to this")
+    size: int = Field(28, gt=0, le=4096, description=(
+        "every image is resized (bilinear) to size x size (Fashion-MNIST native: 28); larger sizes grow "
+        "images.npy and every later stage quadratically"))
+    max_file_bytes: int = Field(20_000_000, gt=0, le=2**31, description=(
+        'larger files are quarantined as "too large" without being read'))
+    max_pixels: int = Field(40_000_000, gt=0, le=1_000_000_000, description=(
+        'images with more pixels are quarantined as "too large" before decoding (decompression-bomb guard; '
+        "Pillow's own limit is set to this too)"))
+    chunk_size: int = Field(1024, gt=0, le=65536, description=(
+        "images per chunk sent to a worker; memory is about 2 x workers x chunk_size x decoded image size, "
+        "whatever the dataset size"))
+    workers: int = Field(2, ge=0, le=256, description=(
+        "decoding processes (use the cores you have; 0 or 1 = in this process)"))
+    near_duplicate_bits: int = Field(0, ge=0, le=16, description=(
+        "64-bit perceptual hashes within this Hamming distance are near-duplicates (0 = equal hashes; 4-8 also "
+        "catches re-encoded/slightly edited copies but flags look-alikes on tiny images such as Fashion-MNIST "
+        "trousers)"))
+    min_class_count: int = Field(1, ge=0, le=1_000_000, description=(
+        "train classes with fewer images are counted in metrics.rare_classes (kept)"))
+    class_names: list[str] = Field(default_factory=list, description=(
+        'names for integer labels (IDX files, integer manifests), in label order; empty = "0", "1", ...; for an '
+        "ImageFolder they must match the class dirs"))
+    max_classes: int = Field(MAX_CLASSES, ge=1, le=100_000, description=(
+        "a source with more classes stops ingest (one stray integer label such as 100000000 would otherwise make "
+        "that many classes); raise it for real ones"))
+    cache_dir: str = Field("data/.ingest_cache", description=(
+        "decoded images keyed by file-content hash + conversion, so re-ingesting after a new pool batch decodes "
+        'only the new files; "" disables; not a DVC output (delete it to reclaim space; a damaged cache is '
+        "ignored and rebuilt)"))
 
 
 # --- listing ---------------------------------------------------------------------------------------
@@ -724,7 +749,8 @@ class DecodeCache:
     to reclaim its space; it is not a DVC output.
     """
 
-    COLUMNS: ClassVar[list[str]] = ["key", "shard", "row", "orig_width", "orig_height", "orig_mode", "content_hash", "phash"]
+    COLUMNS: ClassVar[list[str]] = ["key", "shard", "row", "orig_width", "orig_height", "orig_mode", "content_hash",
+                                    "phash"]
 
     def __init__(self, root: Path | None, conv: Conversion):
         self.dir = root / conv.tag if root else None
@@ -795,7 +821,7 @@ class DecodeCache:
             log.warning("%s: could not update the decode cache (%s); the next run decodes again", self.dir, err)
 
 
-# --- the stage -------------------------------------------------------------------------------------
+# --- decoding a source -----------------------------------------------------------------------------
 
 
 def _progress(done: int, total: int, state: dict) -> None:
@@ -1086,134 +1112,3 @@ def run_ingest(params: IngestParams, source: str | os.PathLike, out: str | os.Pa
     log.info("%d images kept, %d quarantined, %d decoded, %d from the cache", len(manifest), len(quarantine),
              decode_stats["decoded"], decode_stats["cache_hits"])
     return metrics
-
-
-# --- reports and tracking --------------------------------------------------------------------------
-
-
-def write_reports(metrics: dict, out: Path, reports: Path = REPORTS) -> list[Path]:
-    """metrics.json, class_counts.csv (the DVC plot), class_counts.png and dataset_card.md."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = metrics["class_counts"]
-    classes = list(counts["train"])
-    io.write_json(reports / "metrics.json", metrics)
-    io.write_csv(reports / "class_counts.csv",
-                 pd.DataFrame({"class": classes, "count": [counts["train"][c] for c in classes]}))
-
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(classes) + 1.5))
-    y = np.arange(len(classes))
-    ax.barh(y - 0.2, [counts["train"][c] for c in classes], height=0.4, label="train")
-    ax.barh(y + 0.2, [counts["test"][c] for c in classes], height=0.4, label="test")
-    ax.set_yticks(y, classes)
-    ax.invert_yaxis()
-    ax.set_xlabel("images")
-    ax.set_title(f"images per class (train imbalance ratio {metrics['imbalance_ratio']})")
-    ax.legend()
-    fig.tight_layout()
-    with io.atomic_path(reports / "class_counts.png", suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-    io.write_text(reports / "dataset_card.md", dataset_card(metrics, out))
-    return [reports / n for n in ("metrics.json", "class_counts.csv", "class_counts.png", "dataset_card.md")]
-
-
-def dataset_card(metrics: dict, out: Path) -> str:
-    """A human-readable summary of what was ingested and what was not."""
-    q = pd.read_parquet(out / "quarantine.parquet")
-    counts = metrics["class_counts"]
-    lines = [
-        "# Dataset card",
-        "",
-        (f"Source `{metrics['source']}` ({metrics['layout']} layout): {metrics['listed']} files listed = "
-         f"{metrics['images']} images kept + {metrics['quarantined']} quarantined (every listed file is a row "
-         "of `manifest.parquet` or of `quarantine.parquet`)."),
-        "",
-        *(["## Warnings", "", *(f"- {w}" for w in metrics["warnings"]), ""] if metrics["warnings"] else []),
-        "Original image modes (each converted to the configured channels): "
-        + ", ".join(f"{m} {n}" for m, n in metrics["orig_modes"].items()) + ".",
-        "",
-        "| split | images |", "|---|---|",
-        *(f"| {s} | {n} |" for s, n in metrics["by_split"].items()),
-        "",
-        f"## Classes ({metrics['classes']}; train imbalance ratio {metrics['imbalance_ratio']})",
-        "", "| class | train | test |", "|---|---|---|",
-        *(f"| {c} | {counts['train'][c]} | {counts['test'][c]} |" for c in counts["train"]),
-        "",
-        "## Quarantine", "", "| reason | files |", "|---|---|",
-        *(f"| {r} | {n} |" for r, n in metrics["quarantine"].items() if n),
-        "",
-    ]
-    if len(q):
-        lines += ["Examples:", ""]
-        lines += [f"- `{r.source_path}` ({r.split}): {r.reason}: {r.detail}"
-                  for r in q.groupby("reason").head(3).itertuples()]
-        lines.append("")
-    d = metrics["duplicates"]
-    lines += [
-        "## Duplicates", "",
-        f"- exact duplicates (same decoded pixels): {d['exact']} images in {d['exact_groups']} groups",
-        f"- near duplicates (perceptual hash): {d['near']} images in {d['near_groups']} groups",
-        f"- groups with conflicting labels: {d['conflicting_label_groups']}",
-        (f"- groups spanning train and test (leakage): {d['leakage_groups']} "
-         f"({d['leaked_test_images']} test images)"),
-        "",
-        ("Duplicates are kept and flagged in `manifest.parquet` (`exact_duplicate_of`, `near_duplicate_of`); "
-         "each group is listed in `duplicates.parquet`."),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _metric_items(metrics: dict) -> dict[str, float]:
-    from sslvision.tracking import flatten
-
-    flat = flatten({k: v for k, v in metrics.items() if k not in ("source", "layout")})
-    return {re.sub(r"[^\w\-./ ]", "_", k): float(v) for k, v in flat.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def ingest_cli(source: str | os.PathLike | None, out: str | os.PathLike, params: str | os.PathLike,
-               pool: str | os.PathLike | None = None) -> dict:
-    """Ingest with the params from ``params``; one MLflow run with the params, the metrics, the dataset
-    card and the plots.
-
-    With no ``source`` and ``out`` the project's ``data/ingested`` this is the stage: it reads
-    ``ingest.source`` and the batches under ``ingest.pool``, writes the reports to ``reports/ingest`` and
-    shares the decode cache ``ingest.cache_dir``. Anything else is an ad-hoc ingest, which writes only
-    under ``out`` (reports in ``out/reports``, decode cache in ``out/.ingest_cache``) and reads no pool
-    but ``pool``: the project's reports and pool are DVC outputs and dependencies of the stage, and
-    touching them would make ``dvc status`` report the stage changed and its dataset card describe
-    another source.
-    """
-    import mlflow
-
-    from sslvision import tracking
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    p = load_section("ingest", IngestParams, params)
-    src = check_source(source if source is not None else p.source)  # before opening an MLflow run
-    out = Path(out)
-    ad_hoc = source is not None or out.resolve() != OUT.resolve()
-    reports = out / "reports" if ad_hoc else REPORTS
-    if ad_hoc:
-        p = p.model_copy(update={"cache_dir": str(out / ".ingest_cache") if p.cache_dir else ""})
-    elif pool is None and p.pool:
-        pool = p.pool
-    pool = Path(pool) if pool is not None else None
-    run_params = {**p.model_dump(), "source": str(src), "out": str(out), "pool": str(pool or "")}
-    with tracking.stage_run("ingest", run_params):
-        mlflow.set_tag("sslvision.ingest.ad_hoc", str(ad_hoc).lower())
-        metrics = run_ingest(p, src, out, pool)
-        paths = write_reports(metrics, out, reports)
-        mlflow.log_metrics(_metric_items(metrics))
-        for path in paths:
-            mlflow.log_artifact(str(path), artifact_path="ingest")
-        mlflow.log_artifact(str(out / "classes.json"), artifact_path="ingest")
-    return metrics
-

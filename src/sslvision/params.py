@@ -1,4 +1,8 @@
-"""Reading ``params.yaml``: one section per stage, validated with pydantic.
+"""Reading ``params.yaml``: one section per stage, validated with pydantic; and writing it.
+
+Every key's default and its help live once, in its section's settings class (a :class:`Section`:
+``Field(default, description=...)``); :func:`render_params` writes ``params.yaml`` from them, each key
+commented with its description (the repository's demo project and ``sslvision init``'s projects alike).
 
 A malformed value stops the stage before any work with a message that names the file, the key and
 the problem (``params.yaml: ingest.size: Input should be greater than 0 (got -3)``).
@@ -11,8 +15,11 @@ error are shortened, and every size-like key has an upper bound far above real u
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import reprlib
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -25,6 +32,22 @@ MAX_YAML_VALUES = 100_000
 # Longest echo of a bad value in an error message, and most problems listed in one.
 MAX_SHOWN_CHARS = 200
 MAX_PROBLEMS = 20
+
+# params.yaml's sections in file order (pipeline order): name -> "module:class" of its settings. Imported by
+# name when used: every one of those modules imports this one.
+SECTIONS: dict[str, str] = {
+    "demo": "sslvision.demo:DemoParams",
+    "ingest": "sslvision.ingest:IngestParams",
+    "pretrain": "sslvision.pretrain:PretrainParams",
+    "audit": "sslvision.audit:AuditParams",
+    "synthesize": "sslvision.synthesize:SynthesizeParams",
+    "finetune": "sslvision.finetune:FinetuneParams",
+    "drift_eval": "sslvision.drift:DriftParams",
+    "monitor": "sslvision.flows.monitor:MonitorParams",
+}
+# Layout of a rendered params.yaml: comments start at this column and lines end by this width.
+COMMENT_COLUMN = 28
+WIDTH = 120
 
 # A random seed: numpy's generators take 0 <= seed < 2**32.
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
@@ -183,3 +206,107 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+# --- writing params.yaml -----------------------------------------------------------------------------
+
+
+def section_class(name: str) -> type[Section]:
+    """The settings class of params.yaml section ``name`` (a key of :data:`SECTIONS`); KeyError otherwise."""
+    module, cls = SECTIONS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def section_defaults(name: str) -> dict[str, Any]:
+    """Section ``name``'s defaults as params.yaml holds them (params.yaml key names, JSON types)."""
+    return section_class(name)().model_dump(mode="json", by_alias=True)
+
+
+def comment(text: str, indent: str = "") -> list[str]:
+    """``text`` as ``# `` comment lines at ``indent``, wrapped at :data:`WIDTH`."""
+    return textwrap.wrap(text, WIDTH, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ",
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def render_params(sections: Iterable[str] = tuple(SECTIONS), *, values: Mapping[str, Mapping[str, Any]] | None = None,
+                  notes: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+                  header: Sequence[str] = ()) -> str:
+    """The text of a params.yaml: ``header`` (lines as they are), then each of ``sections`` (names in
+    :data:`SECTIONS`) after a comment that is its settings class's docstring, each key in field order with
+    its value and, as its comment, its field's description (wrapped at :data:`WIDTH`).
+
+    Args:
+        values: per section, the keys whose value differs from the field's default (params.yaml names;
+            a nested section's keys as a nested mapping); every other key gets its default.
+        notes: per section, comment lines written above a key (``"key"``, or ``"key.subkey"`` in a nested
+            section): why a value departs from the default.
+
+    Raises:
+        ParamsError: a value that its section refuses (the message names the key).
+        KeyError: a section name not in :data:`SECTIONS`.
+    """
+    values, notes = values or {}, notes or {}
+    lines = list(header)
+    for name in sections:
+        cls = section_class(name)
+        data = cls().model_dump(mode="json", by_alias=True)
+        data = _override(cls, data, dict(values.get(name) or {}))
+        validate_section(name, cls, data, source="render_params")
+        doc = " ".join((cls.__doc__ or "").split()).replace("``", "`")
+        where = f"{cls.__module__}.{cls.__name__}"
+        lines += ["", *comment(f"{doc} ({where})" if doc else where), f"{name}:"]
+        lines += _render_fields(cls, data, "  ", notes.get(name) or {}, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _override(cls: type[BaseModel], data: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    fields = {f.alias or n: f for n, f in cls.model_fields.items()}
+    for key, value in over.items():
+        if key not in fields:
+            raise ParamsError(f"render_params: {key}: not a key of {cls.__name__}")
+        sub = _section_of(fields[key])
+        data[key] = _override(sub, dict(data[key]), dict(value)) if sub and isinstance(value, Mapping) else value
+    return data
+
+
+def _section_of(field: Any) -> type[Section] | None:
+    ann = field.annotation
+    return ann if isinstance(ann, type) and issubclass(ann, Section) else None
+
+
+def _render_fields(cls: type[BaseModel], data: dict[str, Any], indent: str,
+                   notes: Mapping[str, Sequence[str]], prefix: str) -> list[str]:
+    lines: list[str] = []
+    for name, field in cls.model_fields.items():
+        key = field.alias or name
+        value = data[key]
+        for note in notes.get(prefix + key, ()):
+            lines += comment(note, indent)
+        sub = _section_of(field)
+        if sub is not None:
+            lines += _keyed(f"{indent}{key}:", field.description)
+            lines += _render_fields(sub, value, indent + "  ", notes, f"{prefix}{key}.")
+        elif isinstance(value, dict) and value:
+            lines += _keyed(f"{indent}{key}:", field.description)
+            block = yaml.safe_dump(value, default_flow_style=None, sort_keys=False, width=10**6, allow_unicode=True)
+            lines += [f"{indent}  {line}" for line in block.splitlines()]
+        else:
+            lines += _keyed(f"{indent}{key}: {yaml_flow(value)}", field.description)
+    return lines
+
+
+def _keyed(head: str, description: str | None) -> list[str]:
+    """``head`` (``key: value``) with ``description`` as its comment from :data:`COMMENT_COLUMN` on."""
+    if not description:
+        return [head]
+    first = head.ljust(COMMENT_COLUMN) if len(head) + 2 <= COMMENT_COLUMN else head + "  "
+    if len(first) > WIDTH // 2:  # no room beside a long value: the comment goes below it
+        return [head, *comment(description, " " * COMMENT_COLUMN)]
+    return textwrap.wrap(description, WIDTH, initial_indent=first + "# ",
+                         subsequent_indent=" " * COMMENT_COLUMN + "# ", break_long_words=False, break_on_hyphens=False)
+
+
+def yaml_flow(value: Any) -> str:
+    """A value on one line as YAML writes it (flow style for lists and mappings)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, allow_unicode=True)
+    return text.removesuffix("\n...\n").strip()

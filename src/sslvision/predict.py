@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = {".csv", ".parquet"}
 NOT_REGULAR = "not a regular file"
-# File name suffix for an image whose name has none the monitor reads (drift.IMAGE_SUFFIXES), by Pillow format.
+# File name suffix for an image whose name has none the monitor reads (batches.IMAGE_SUFFIXES), by Pillow format.
 FORMAT_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
                  "WEBP": ".webp"}
 
@@ -60,7 +60,8 @@ def _manifest_paths(manifest: Path) -> list[str]:
     try:
         df = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest, dtype=str)
     except Exception as err:  # noqa: BLE001 - pandas and pyarrow raise many types for a bad file
-        raise ValueError(f"{manifest}: not a readable {manifest.suffix[1:]} manifest: {type(err).__name__}: {err}") from None
+        raise ValueError(f"{manifest}: not a readable {manifest.suffix[1:]} manifest: "
+                         f"{type(err).__name__}: {err}") from None
     if "path" not in df.columns:
         raise ValueError(f"{manifest}: manifest without a 'path' column (columns: {list(df.columns)[:10]})")
     return ["" if pd.isna(p) or not str(p) else os.path.join(manifest.parent, str(p)) for p in df["path"]]
@@ -160,7 +161,7 @@ class InboxBatch:
 
     def add(self, source: str, data: bytes, image_format: str | None) -> None:
         """Copy the bytes ``data`` read from ``source`` (flat: the monitor reads subfolders as class labels)."""
-        from sslvision.drift import IMAGE_SUFFIXES
+        from sslvision.batches import IMAGE_SUFFIXES
 
         name = f"{len(self.files):06d}-{Path(source).name}"
         if Path(name).suffix.lower() not in IMAGE_SUFFIXES:

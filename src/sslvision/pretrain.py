@@ -1,28 +1,28 @@
 """Self-supervised pretraining: SimCLR (InfoNCE/RINCE), VICReg, DINO, MAE and CL+MIM on timm backbones.
 
-What it reads (never labels that can change): ``images.npy`` and ``images.parquet`` from
-``data/ingested/``. It trains on the ``train`` and ``pool`` rows (never ``test``), embeds EVERY row,
-and evaluates on the clean ``test`` split only, with ``eval_labels.parquet``: a label fixed or broken
-in ``manifest.parquet`` cannot change (or re-run) this stage.
+On arrays: :func:`pretrain` trains an encoder on a uint8 image array and :func:`embed` embeds images with it;
+:func:`train` is the loop underneath (rows of an ``.npy`` file or of an array, checkpoints, DDP). The
+methods are the registry :mod:`sslvision.ssl`. The DVC stage around this (which rows it trains on, the
+evaluation, reports, MLflow) is :mod:`sslvision.stages.pretrain`.
 
-Evaluation protocol (``test`` split, 2-fold cross-validation): the test rows are split in two
-stratified halves; the kNN classifier (k=200, temperature 0.1, the similarity-weighted vote of
-InstDisc that lightly's benchmarks use) takes one half as its memory bank and classifies the other,
-then the halves swap; the linear probe (logistic regression on standardised features) is trained on
-one half and scored on the other, and swapped. Reported accuracies are the means of both folds. The
-SSL training never saw these images, and the evaluation never uses the (possibly noisy) train labels.
+Evaluation protocol (:func:`evaluate`, 2-fold cross-validation on labelled images the training never saw):
+the images are split in two stratified halves; the kNN classifier (k=200, temperature 0.1, the
+similarity-weighted vote of InstDisc that lightly's benchmarks use) takes one half as its memory bank and
+classifies the other, then the halves swap; the linear probe (logistic regression on standardised
+features) is trained on one half and scored on the other, and swapped. Reported accuracies are the means
+of both folds.
 
 Training loop:
 
-- Data: ``images.npy`` memory-mapped and read by DataLoader workers, which return uint8 views
-  (``augment.ViewMaker``); a view depends only on ``(seed, epoch, index)``.
+- Data: an ``.npy`` file memory-mapped in each DataLoader worker, or an in-memory array the forked workers
+  share; the workers return uint8 views (``augment.ViewMaker``); a view depends only on ``(seed, epoch, index)``.
 - Schedules (learning rate, DINO teacher momentum and temperature) are arrays precomputed per step.
 - Checkpoints every ``checkpoint_every`` steps and at each epoch end, atomically, with the model,
   optimiser, torch RNG state and per-epoch history: a killed run resumes from the last one and ends
   with the weights an uninterrupted run would have (the batch order and views are functions of the
   seed and step, the RNG state is restored).
 - Precision (``precision``): fp32, or the forward pass under bf16 autocast with fp32 weights, optimiser and
-  losses (:func:`in_fp32`); ``auto`` resolves per device and architecture (:func:`resolve_precision`).
+  losses (:func:`sslvision.ssl.in_fp32`); ``auto`` resolves per device and architecture (:func:`resolve_precision`).
 - A non-finite loss stops training with :class:`NonFiniteLossError`; collapse (low effective rank or
   per-dimension std of the features) is measured every epoch and reported.
 - Throughput: ``data_img_s`` (what the workers can produce), ``model_img_s`` (forward+backward+step
@@ -35,17 +35,15 @@ Training loop:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,27 +52,13 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sslvision import objectives
 from sslvision.augment import AugmentConfig, ViewMaker
-from sslvision.io import atomic_path, output_dir, write_csv, write_json
+from sslvision.io import atomic_path
 from sslvision.metrics import knn_predict, linear_probe_predict
-from sslvision.models import (
-    DecoderConfig,
-    DINOHead,
-    Encoder,
-    EncoderConfig,
-    MAEDecoder,
-    embed,
-    load_encoder,
-    mlp,
-    patchify,
-    save_encoder,
-    to_input,
-)
+from sslvision.models import Encoder, EncoderConfig, MAEDecoder, to_input
+from sslvision.models import embed as embed_features
 from sslvision.params import Section, Seed
-
-if TYPE_CHECKING:  # pandas is imported where manifests are read: train() and its workers never need it (~60 MiB)
-    import pandas as pd
+from sslvision.ssl import build_method, cosine_schedule
 
 log = logging.getLogger("sslvision.pretrain")
 
@@ -83,74 +67,128 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 
 class PretrainParams(Section):
-    """The ``pretrain`` section of params.yaml (each key is documented there with tuning advice)."""
+    """The ``pretrain`` stage: self-supervised learning on the train + pool images only (never labels); the
+    ``embed`` stage then embeds every image. kNN and linear-probe accuracy are measured on the clean test split
+    (2-fold CV)."""
 
-    method: Method = "simclr"
-    backbone: str = "resnet18"
-    backbone_args: dict[str, Any] = Field(default_factory=dict)
-    stem_stride: int = Field(1, ge=1, le=4)
-    patch_size: int = Field(4, ge=1, le=1024)
-    proj_hidden_dim: int = Field(512, gt=0, le=65536)
-    proj_dim: int = Field(128, gt=0, le=65536)
+    method: Method = Field("simclr", description=(
+        "simclr | vicreg | dino | mae | cl_mim. simclr: strongest on small CPU budgets; vicreg: no negatives, "
+        "batch-size robust; dino: EMA teacher, needs longer training; mae / cl_mim: ViT only (set backbone: "
+        "vit_tiny_patch16_224)"))
+    backbone: str = Field("resnet18", description=(
+        "any timm resnet* (3x3 stem, no max-pool for small images) or vit_* model"))
+    backbone_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "extra timm kwargs (layers, channels, stem_width, embed_dim, depth, ...); {} = the standard network"))
+    stem_stride: int = Field(1, ge=1, le=4, description=(
+        "ResNet: 1 keeps the full resolution into layer1 (best accuracy), 2 is ~4x cheaper"))
+    patch_size: int = Field(4, ge=1, le=1024, description=(
+        "ViT: patch side in pixels, must divide the image size (28/4 = 7x7 tokens; 7 is 3x cheaper and coarser)"))
+    proj_hidden_dim: int = Field(512, gt=0, le=65536, description=(
+        "projection / expander / DINO head hidden width"))
+    proj_dim: int = Field(128, gt=0, le=65536, description=(
+        "SimCLR projection output (DINO: bottleneck); 64-256 changes little"))
     # simclr
-    temperature: float = Field(0.1, gt=0)
-    loss: Literal["infonce", "rince"] = "infonce"
-    rince_q: float = Field(0.5, gt=0, le=1)
-    rince_lam: float = Field(0.01, gt=0)
+    temperature: float = Field(0.1, gt=0, description=(
+        "SimCLR: InfoNCE temperature, THE parameter to tune (sslvision sweep-temperature). 0.1-0.2 for batches of "
+        "256-1024; lower is sharper but unstable, >0.5 blurs classes"))
+    loss: Literal["infonce", "rince"] = Field("infonce", description=(
+        "SimCLR: infonce | rince (robust InfoNCE: tolerates noisy/false negatives and pairs)"))
+    rince_q: float = Field(0.5, gt=0, le=1, description=(
+        "RINCE: 0 -> InfoNCE, 1 -> most robust (slower to learn); 0.5 is a fair default"))
+    rince_lam: float = Field(0.01, gt=0, description="RINCE: weight of the negatives' term (0.01-0.1)")
     # vicreg
-    vicreg_sim_weight: float = Field(25.0, ge=0)
-    vicreg_var_weight: float = Field(25.0, ge=0)
-    vicreg_cov_weight: float = Field(1.0, ge=0)
+    vicreg_sim_weight: float = Field(25.0, ge=0, description="VICReg: invariance between views (paper: 25)")
+    vicreg_var_weight: float = Field(25.0, ge=0, description=(
+        "VICReg: keeps each dimension's std above 1 (prevents collapse; paper: 25)"))
+    vicreg_cov_weight: float = Field(1.0, ge=0, description=(
+        "VICReg: decorrelates dimensions (paper: 1); raise if the effective rank is low"))
     # dino
-    dino_out_dim: int = Field(1024, gt=0, le=65536)
-    student_temp: float = Field(0.1, gt=0)
-    teacher_temp: float = Field(0.04, gt=0)
-    warmup_teacher_temp: float = Field(0.04, gt=0)
-    warmup_teacher_temp_epochs: float = Field(0.0, ge=0, le=100_000)
-    teacher_momentum: float = Field(0.996, ge=0, le=1)
-    center_momentum: float = Field(0.9, ge=0, lt=1)
-    local_crops: int = Field(2, ge=0, le=64)
-    local_size: int = Field(12, gt=0, le=1024)
+    dino_out_dim: int = Field(1024, gt=0, le=65536, description=(
+        "DINO prototypes; 65536 in the paper for ImageNet, 1024-4096 is plenty for 10 classes"))
+    student_temp: float = Field(0.1, gt=0, description="DINO: student softmax temperature (paper: 0.1)")
+    teacher_temp: float = Field(0.04, gt=0, description=(
+        "DINO: teacher sharpening; above 0.07 is often unstable early (paper advice)"))
+    warmup_teacher_temp: float = Field(0.04, gt=0, description=(
+        "DINO: teacher temperature at step 0, raised linearly to teacher_temp ..."))
+    warmup_teacher_temp_epochs: float = Field(0.0, ge=0, le=100_000, description=(
+        "... over this many epochs (paper: 30 when teacher_temp is 0.07)"))
+    teacher_momentum: float = Field(0.996, ge=0, le=1, description=(
+        "DINO: EMA of the teacher, cosine-raised to 1; use 0.99 for short runs / small batches"))
+    center_momentum: float = Field(0.9, ge=0, lt=1, description=(
+        "DINO: EMA of the teacher-output centre (prevents collapse to one prototype)"))
+    local_crops: int = Field(2, ge=0, le=64, description=(
+        "DINO: small crops per image (more = better features, linearly more compute)"))
+    local_size: int = Field(12, gt=0, le=1024, description=(
+        "DINO: side of the local crops in pixels (global crops are full size)"))
     # mae / cl_mim
-    mask_ratio: float = Field(0.75, gt=0, lt=1)
-    norm_pix_loss: bool = True
-    decoder_dim: int = Field(128, gt=0, le=8192)
-    decoder_depth: int = Field(2, ge=1, le=64)
-    decoder_heads: int = Field(4, ge=1, le=256)
-    cl_weight: float = Field(0.2, ge=0, le=1, alias="lambda")
-    cl_mim_cl: Literal["simclr", "dino"] = "simclr"
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description=(
+        "MAE / cl_mim (ViT only): share of patches hidden; 0.75 (paper) works for 7x7 tokens too"))
+    norm_pix_loss: bool = Field(True, description=(
+        "MAE: reconstruct per-patch-normalised pixels (better features; set false to get images back from the "
+        "decoder directly)"))
+    decoder_dim: int = Field(128, gt=0, le=8192, description=(
+        "MAE decoder width (kept in models/encoder/ for the synthesis stage)"))
+    decoder_depth: int = Field(2, ge=1, le=64, description=(
+        "MAE decoder blocks; a light decoder forces the encoder to do the work"))
+    decoder_heads: int = Field(4, ge=1, le=256, description="MAE decoder attention heads")
+    cl_weight: float = Field(0.2, ge=0, le=1, alias="lambda", description=(
+        "cl_mim: weight of the contrastive term (1 - lambda goes to MAE); Park et al. find small weights "
+        "(0.1-0.3) keep MIM's local features and add separability"))
+    cl_mim_cl: Literal["simclr", "dino"] = Field("simclr", description=(
+        "cl_mim: simclr | dino for the class-token term"))
     # augmentation
-    crop_scale_min: float = Field(0.2, gt=0, le=1)
-    flip: bool = True
-    jitter: float = Field(0.4, ge=0)
-    blur_p: float = Field(0.2, ge=0, le=1)
-    noise_p: float = Field(0.2, ge=0, le=1)
+    crop_scale_min: float = Field(0.2, gt=0, le=1, description=(
+        "augmentation (albumentations; colour jitter and grayscale only for RGB): smallest random-resized-crop "
+        "area; 0.08 (ImageNet) is too aggressive at 28px"))
+    flip: bool = Field(True, description=(
+        "horizontal flips (turn off for data where left/right matters, e.g. digits)"))
+    jitter: float = Field(0.4, ge=0, description="brightness/contrast (+saturation/hue for RGB) strength")
+    blur_p: float = Field(0.2, ge=0, le=1, description="Gaussian blur probability (keep low on tiny images)")
+    noise_p: float = Field(0.2, ge=0, le=1, description="Gaussian noise probability")
     # optimisation
-    epochs: int = Field(3, ge=1, le=100_000)
-    steps_per_epoch: int = Field(0, ge=0, le=10_000_000)
-    batch_size: int = Field(256, ge=2, le=65536)
-    optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    lr: float = Field(2e-3, gt=0)
-    min_lr_ratio: float = Field(0.01, ge=0, le=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: float = Field(0.5, ge=0, le=100_000)
-    seed: Seed = 0
-    workers: int = Field(2, ge=0, le=256)
-    threads: int = Field(0, ge=0, le=1024)
-    device: str = "auto"
+    epochs: int = Field(3, ge=1, le=100_000, description=(
+        "passes (of steps_per_epoch steps) over the train + pool images"))
+    steps_per_epoch: int = Field(0, ge=0, le=10_000_000, description=(
+        "steps per epoch; 0 = a full pass over the images"))
+    batch_size: int = Field(256, ge=2, le=65536, description=(
+        "global batch (split over torchrun processes); SimCLR likes large batches"))
+    optimizer: Literal["adamw", "sgd", "lars"] = Field("adamw", description=(
+        "adamw | sgd (momentum; one state buffer instead of two: ~45 MiB less for a ResNet-18) | lars (SGD with a "
+        "per-layer trust ratio, SimCLR's choice for big batches)"))
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd / lars momentum")
+    lr: float = Field(2e-3, gt=0, description=(
+        "peak learning rate; halve it if the loss spikes or becomes NaN. adamw: 2e-3; sgd: ~0.06 x batch/256 "
+        "(lightly's SimCLR recipe); lars: ~0.3 x batch/256"))
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine decay ends at lr * this")
+    weight_decay: float = Field(1e-4, ge=0, description=(
+        "adamw: 1e-4 (0.05 for ViTs on long runs); sgd / lars: ~5e-4 (lightly) / 1e-6"))
+    warmup_epochs: float = Field(0.5, ge=0, le=100_000, description=(
+        "linear warm-up (fractional epochs allowed); raise for ViTs / large lr"))
+    seed: Seed = Field(0, description=(
+        "fixes init, batch order and augmentations (resume gives the same result)"))
+    workers: int = Field(2, ge=0, le=256, description=(
+        "DataLoader worker processes (0 = in the training process); leave a core for the model"))
+    threads: int = Field(0, ge=0, le=1024, description="torch intra-op threads; 0 = torch's default (all cores)")
+    device: str = Field("auto", description="auto (cuda if present) | cpu | cuda")
     precision: Precision = Field("auto", description=(
         "auto | fp32 | bf16. bf16 runs the forward pass under bfloat16 autocast (weights, optimiser state and the "
         "losses stay float32): faster only where the hardware computes in bf16 natively; auto picks it there, and "
-        "only for the architectures where it measured >= 1.3x faster at equal accuracy (resolve_precision)"))
-    checkpoint_every: int = Field(50, ge=1, le=10_000_000)
-    checkpoint_dir: str = "checkpoints/pretrain"
+        "only for the architectures where it measured >= 1.3x faster at equal accuracy (resolve_precision, "
+        "benchmarks/README.md); else fp32"))
+    checkpoint_every: int = Field(50, ge=1, le=10_000_000, description=(
+        "steps between atomic checkpoints (also one at every epoch end)"))
+    checkpoint_dir: str = Field("checkpoints/pretrain", description=(
+        "outside DVC's cache; a killed run resumes from here"))
     # evaluation / outputs
-    embed_batch_size: int = Field(512, gt=0, le=65536)
-    knn_k: int = Field(200, gt=0, le=100_000)
-    knn_temperature: float = Field(0.1, gt=0)
-    collapse_min_effective_rank: float = Field(2.0, ge=0)
-    collapse_min_std_ratio: float = Field(0.05, ge=0)
+    embed_batch_size: int = Field(512, gt=0, le=65536, description=(
+        "images per forward pass when embedding every image (the embed stage)"))
+    knn_k: int = Field(200, gt=0, le=100_000, description=(
+        "neighbours of the kNN evaluation (lightly's benchmark protocol: 200)"))
+    knn_temperature: float = Field(0.1, gt=0, description="kNN vote weight exp(sim / T) (lightly / InstDisc: 0.1)")
+    collapse_min_effective_rank: float = Field(2.0, ge=0, description=(
+        "below: reported as collapsed (all images on a line)"))
+    collapse_min_std_ratio: float = Field(0.05, ge=0, description=(
+        "below: collapsed (normalised features' std x sqrt(dim); ~1 is healthy)"))
 
     def encoder_config(self, img_size: int, in_chans: int) -> EncoderConfig:
         return EncoderConfig(backbone=self.backbone, img_size=img_size, in_chans=in_chans, patch_size=self.patch_size,
@@ -176,165 +214,22 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped."""
 
 
-# --- methods ------------------------------------------------------------------------------------------
-
-
-def in_fp32(loss: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """``loss(*args)`` with autocast off and every floating tensor (or list of them) in ``args`` cast to float32.
-
-    Under bf16 autocast the heads' outputs are bfloat16 (8 bits of mantissa); the losses' normalisation,
-    softmax and log-sum-exp over the batch need float32 to stay stable (and ``index_put`` of -inf needs
-    one dtype). Outside autocast this is a plain call.
-    """
-    def fp32(a: Any) -> Any:
-        if isinstance(a, list):
-            return [fp32(x) for x in a]
-        return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-
-    first = next(a if isinstance(a, torch.Tensor) else a[0] for a in args if isinstance(a, (torch.Tensor, list)))
-    with torch.autocast(first.device.type, enabled=False):
-        return loss(*(fp32(a) for a in args))
-
-
-class SSLMethod(nn.Module):
-    """An encoder plus whatever heads a method needs; ``forward(views, step)`` returns the loss."""
-
-    def __init__(self, encoder: Encoder):
-        super().__init__()
-        self.encoder = encoder
-        self.decoder: MAEDecoder | None = None
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """Called after each optimiser step (EMA teachers)."""
-
-
-class SimCLR(SSLMethod):
-    def __init__(self, encoder: Encoder, p: PretrainParams):
-        super().__init__(encoder)
-        self.p = p
-        self.head = mlp(encoder.dim, p.proj_hidden_dim, p.proj_dim, layers=2)
-
-    def contrastive(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
-        z1, z2 = self.head(f1), self.head(f2)
-        if self.p.loss == "rince":
-            return in_fp32(objectives.rince, z1, z2, self.p.temperature, self.p.rince_q, self.p.rince_lam)
-        return in_fp32(objectives.nt_xent, z1, z2, self.p.temperature)
-
-    def forward(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
-        return self.contrastive(self.encoder(views[0]), self.encoder(views[1]))
-
-
-class VICReg(SSLMethod):
-    def __init__(self, encoder: Encoder, p: PretrainParams):
-        super().__init__(encoder)
-        self.p = p
-        self.head = mlp(encoder.dim, p.proj_hidden_dim, p.proj_hidden_dim, layers=3)
-
-    def forward(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
-        z1, z2 = self.head(self.encoder(views[0])), self.head(self.encoder(views[1]))
-        return in_fp32(objectives.vicreg, z1, z2, self.p.vicreg_sim_weight, self.p.vicreg_var_weight,
-                       self.p.vicreg_cov_weight)
-
-
-class DINO(SSLMethod):
-    """Student = encoder + DINO head; teacher = its EMA, fed the global crops only."""
-
-    def __init__(self, encoder: Encoder, p: PretrainParams, total_steps: int, steps_per_epoch: int):
-        super().__init__(encoder)
-        self.head = DINOHead(encoder.dim, p.dino_out_dim, p.proj_hidden_dim, p.proj_dim)
-        self.teacher_encoder = copy.deepcopy(encoder)
-        self.teacher_head = copy.deepcopy(self.head)
-        for t in (self.teacher_encoder, self.teacher_head):
-            t.requires_grad_(False)
-        self.criterion = objectives.DINOLoss(
-            p.dino_out_dim, total_steps, p.student_temp, p.teacher_temp, p.warmup_teacher_temp,
-            int(p.warmup_teacher_temp_epochs * steps_per_epoch), p.center_momentum)
-        # teacher momentum: cosine from teacher_momentum to 1 (DINO's schedule)
-        self.momentum = cosine_schedule(p.teacher_momentum, 1.0, total_steps)
-
-    def forward(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
-        student = [self.head(self.encoder(v)) for v in views]
-        with torch.no_grad():
-            teacher = [self.teacher_head(self.teacher_encoder(v)) for v in views[:2]]
-        return in_fp32(self.criterion, student, teacher, step)
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        m = float(self.momentum[min(step, len(self.momentum) - 1)])
-        for student, teacher in ((self.encoder, self.teacher_encoder), (self.head, self.teacher_head)):
-            for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
-                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-            for bs, bt in zip(student.buffers(), teacher.buffers(), strict=True):
-                bt.copy_(bs)
-
-
-class MAE(SSLMethod):
-    def __init__(self, encoder: Encoder, p: PretrainParams):
-        super().__init__(encoder)
-        if not encoder.is_vit:
-            raise ValueError(f"pretrain.method={p.method} needs a ViT backbone (vit_*), got {p.backbone}")
-        self.p = p
-        cfg = encoder.config
-        self.decoder = MAEDecoder(encoder.dim, encoder.num_patches, cfg.patch_size, cfg.in_chans,
-                                  DecoderConfig(p.decoder_dim, p.decoder_depth, p.decoder_heads))
-
-    def reconstruction(self, imgs: torch.Tensor) -> torch.Tensor:
-        latent, mask, ids_restore = self.encoder.forward_masked(imgs, self.p.mask_ratio)
-        pred = self.decoder(latent, ids_restore)
-        return in_fp32(objectives.mae_loss, pred, patchify(imgs, self.encoder.config.patch_size), mask,
-                       self.p.norm_pix_loss)
-
-    def forward(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
-        return self.reconstruction(views[0])
-
-
-class CLMIM(MAE):
-    """One ViT: ``lambda`` x (SimCLR or DINO on the class token of two views) + (1 - ``lambda``) x MAE."""
-
-    def __init__(self, encoder: Encoder, p: PretrainParams, total_steps: int, steps_per_epoch: int):
-        super().__init__(encoder, p)
-        self.cl = (SimCLR(encoder, p) if p.cl_mim_cl == "simclr"
-                   else DINO(encoder, p, total_steps, steps_per_epoch))
-
-    def forward(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
-        return objectives.cl_mim(self.cl(views[:2], step), self.reconstruction(views[0]), self.p.cl_weight)
-
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        self.cl.after_step(step)
-
-
-def build_method(p: PretrainParams, encoder: Encoder, total_steps: int, steps_per_epoch: int) -> SSLMethod:
-    if p.method == "simclr":
-        return SimCLR(encoder, p)
-    if p.method == "vicreg":
-        return VICReg(encoder, p)
-    if p.method == "dino":
-        return DINO(encoder, p, total_steps, steps_per_epoch)
-    if p.method == "mae":
-        return MAE(encoder, p)
-    return CLMIM(encoder, p, total_steps, steps_per_epoch)
-
-
-def cosine_schedule(start: float, end: float, steps: int, warmup_steps: int = 0) -> np.ndarray:
-    """Per-step values: linear warm-up from 0 to ``start``, then cosine from ``start`` to ``end``."""
-    warm = np.linspace(0, start, warmup_steps, endpoint=False)
-    t = np.arange(max(steps - warmup_steps, 1)) / max(steps - warmup_steps, 1)
-    return np.concatenate([warm, end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))])
-
-
 # --- data ---------------------------------------------------------------------------------------------
 
 
 class ViewDataset(Dataset):
-    """Views of rows of a memory-mapped ``images.npy``; fetched a batch at a time (``__getitems__``)."""
+    """Views of rows of a uint8 ``(N, H, W, C)`` array; fetched a batch at a time (``__getitems__``).
 
-    def __init__(self, images_path: Path, rows: np.ndarray, views: ViewMaker):
-        self.images_path = images_path
+    ``images`` is an ``.npy`` path, memory-mapped in each worker when it first reads (nothing but the path
+    travels to the workers), or an in-memory array, which forked workers share.
+    """
+
+    def __init__(self, images: str | Path | np.ndarray, rows: np.ndarray, views: ViewMaker):
+        in_memory = isinstance(images, np.ndarray)
+        self.images_path = None if in_memory else Path(images)
         self.rows = rows
         self.views = views
-        self._images: np.ndarray | None = None
+        self._images: np.ndarray | None = images if in_memory else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -395,7 +290,8 @@ class TrainResult:
     precision: str = "fp32"  # what the forward passes ran in: fp32 | bf16 (pretrain.precision resolved)
 
 
-def _dist() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside a process group)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -500,27 +396,31 @@ def _read_checkpoint(path: Path) -> dict | None:
     return state
 
 
-def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
+def train(p: PretrainParams, images: str | Path | np.ndarray, rows: np.ndarray, *,
           on_epoch: Callable[[dict[str, float]], None] | None = None,
           on_step: Callable[[int, float], bool | None] | None = None,
-          probe_rows: np.ndarray | None = None, progress: bool = True) -> TrainResult:
-    """Pretrain on ``rows`` of ``images_path`` (uint8 ``(N, H, W, C)`` .npy); resumes from checkpoints.
+          probe_rows: np.ndarray | None = None, progress: bool = True, checkpoints: bool = True) -> TrainResult:
+    """Pretrain on ``rows`` of ``images``: uint8 ``(N, H, W, C)``, an ``.npy`` path (memory-mapped, see
+    :class:`ViewDataset`) or an in-memory array (used as it is, not copied).
 
-    ``on_epoch(metrics)`` is called on rank 0 after each epoch (logging; on resume, first for the
-    epochs the checkpoint already holds); ``on_step(step, loss)``
-    after every step: returning True ends training there (a wall-clock budget), raising simulates a kill. ``probe_rows`` (default: the
-    first 512 training rows) are embedded each epoch to measure collapse.
+    With ``checkpoints`` it checkpoints to ``p.checkpoint_dir`` and resumes from a checkpoint of the same
+    params there; without, it neither reads nor writes one. ``on_epoch(metrics)`` is called on rank 0 after
+    each epoch (logging; on resume, first for the epochs the checkpoint already holds); ``on_step(step, loss)``
+    after every step: returning True ends training there (a wall-clock budget), raising simulates a kill.
+    ``probe_rows`` (default: the first 512 training rows) are embedded each epoch to measure collapse.
     """
-    images_path = Path(images_path)
-    images = np.load(images_path, mmap_mode="r")
+    views_from = images  # what the DataLoader workers read: the path (each maps the file) or the array
+    source = "images" if isinstance(images, np.ndarray) else str(images)
+    if not isinstance(images, np.ndarray):
+        images = np.load(Path(images), mmap_mode="r")
     if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"{images_path}: expected uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        raise ValueError(f"{source}: expected uint8 (N, H, W, C), got {images.dtype} {images.shape}")
     _, h, w, c = images.shape
     if h != w:
-        raise ValueError(f"{images_path}: images must be square, got {h}x{w}")
+        raise ValueError(f"{source}: images must be square, got {h}x{w}")
     device = resolve_device(p.device)
     distributed = init_distributed(device)
-    rank, world = _dist()
+    rank, world = rank_and_world()
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -545,10 +445,10 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
         log.info("pretrain: %s on %s", precision, device)
     lrs = cosine_schedule(p.lr, p.lr * p.min_lr_ratio, total, int(p.warmup_epochs * steps_per_epoch))
 
-    ckpt_path = Path(p.checkpoint_dir) / "last.pt"
+    ckpt_path = Path(p.checkpoint_dir) / "last.pt" if checkpoints else None
     fingerprint = p.fingerprint()
     step, history, epoch_sums = 0, [], {"loss": 0.0, "n": 0}
-    state = _read_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    state = _read_checkpoint(ckpt_path) if ckpt_path is not None and ckpt_path.exists() else None
     if state is not None:
         if state.get("fingerprint") == fingerprint and state.get("world") == world:
             model.load_state_dict(state["model"])
@@ -564,7 +464,7 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
     resumed_from = step
 
     def save_checkpoint() -> None:
-        if rank != 0:
+        if rank != 0 or ckpt_path is None:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                  "step": step, "history": history, "epoch_sums": epoch_sums, "fingerprint": fingerprint,
@@ -576,7 +476,7 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
     if distributed:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
-    dataset = ViewDataset(images_path, rows, ViewMaker(p.augment_config(h, c), seed=p.seed))
+    dataset = ViewDataset(views_from, rows, ViewMaker(p.augment_config(h, c), seed=p.seed))
     probe = np.asarray(probe_rows if probe_rows is not None else rows[:512])
     totals = {"images": 0, "data_s": 0.0, "wait_s": 0.0, "model_s": 0.0, "wall_s": 0.0}
     model.train()
@@ -602,10 +502,11 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = train_model(views, step)  # the losses themselves are computed in fp32 (in_fp32)
             if not torch.isfinite(loss):
+                last = ("no checkpoints are kept" if ckpt_path is None else f"the last good checkpoint is {ckpt_path}"
+                        + ("" if ckpt_path.exists() else " (none written yet)"))
                 raise NonFiniteLossError(
                     f"pretrain: loss is {loss.item()} at step {step} (epoch {epoch + 1}); training stopped. "
-                    f"Lower pretrain.lr (now {p.lr}), raise pretrain.temperature or warmup_epochs; the last good "
-                    f"checkpoint is {ckpt_path}" + ("" if ckpt_path.exists() else " (none written yet)"))
+                    f"Lower pretrain.lr (now {p.lr}), raise pretrain.temperature or warmup_epochs; {last}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -631,7 +532,8 @@ def train(p: PretrainParams, images_path: str | Path, rows: np.ndarray, *,
         if stop and step % steps_per_epoch:  # stopped mid-epoch: keep its partial sums for a resume
             save_checkpoint()
             break
-        stats = collapse_stats(embed(encoder, images[np.sort(probe)], p.embed_batch_size, device)) if rank == 0 else {}
+        stats = (collapse_stats(embed_features(encoder, images[np.sort(probe)], p.embed_batch_size, device))
+                 if rank == 0 else {})
         model.train()
         record = {"epoch": epoch + 1, "step": step, "loss": epoch_sums["loss"] / max(epoch_sums["n"], 1),
                   "lr": float(lrs[step - 1]), **stats, **throughput(totals, p.workers)}
@@ -707,243 +609,79 @@ def evaluate(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int 
     return out
 
 
-# --- the stage ----------------------------------------------------------------------------------------
+# --- the array API ------------------------------------------------------------------------------------
 
 
-@dataclass
-class StageInputs:
-    images_path: Path
-    images: pd.DataFrame
-    train_rows: np.ndarray
-    test_rows: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int
+def _as_nhwc(images: np.ndarray) -> np.ndarray:
+    """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` as ``(N, H, W, C)``: a view, never a copy."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim not in (3, 4):
+        got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise ValueError(f"images: expected a uint8 array (N, H, W) or (N, H, W, C), got {got}")
+    return images[..., None] if images.ndim == 3 else images
 
 
-def read_inputs(ingested: str | Path) -> StageInputs:
-    """The images pretraining reads, never labels that can change.
+def pretrain_encoder(images: np.ndarray, *, method: str = "simclr", epochs: int | None = None,
+                     batch_size: int | None = None,
+             seed: int = 0, device: str = "cpu", **overrides: Any) -> Encoder:
+    """Self-supervised pretraining of an encoder on every image of an array (no labels, no files).
 
-    ``ssl_pool.parquet`` (ingest's fingerprint of train, test and unlabeled pool images, the stage's DVC
-    dependency) selects the rows; ``images.parquet`` maps its ids to rows of ``images.npy``, and each
-    selected row's pixels are checked against the fingerprint's content hash, so the dependency really
-    covers what is trained on. Without ``ssl_pool.parquet`` every row of ``images.parquet`` is used.
-    ``eval_labels.parquet`` gives the clean test labels for the evaluation.
+    Args:
+        images: uint8 ``(N, H, W)`` or ``(N, H, W, C)``, square, ``N >= batch_size``; used as it is, not copied.
+        method: the SSL method (``simclr``, ``vicreg``, ``dino``, ``mae``, ``cl_mim``; the ViT-only ``mae`` and
+            ``cl_mim`` need ``backbone="vit_*"``).
+        epochs: passes over the images; None keeps :class:`PretrainParams`' default.
+        batch_size: images per step; None keeps :class:`PretrainParams`' default.
+        seed: seeds the weights, the batch order and the views.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        **overrides: any other :class:`PretrainParams` field (``backbone``, ``lr``, ``workers``, ...). Checkpoints
+            are written, and a checkpoint of the same params resumed, only when ``checkpoint_dir`` is given.
+
+    Returns:
+        The trained :class:`~sslvision.models.Encoder`, in eval mode, on ``device``.
+
+    Raises:
+        ValueError: an unknown or invalid parameter (the message names the key); images of another dtype or
+            shape; fewer images than ``batch_size``.
+        NonFiniteLossError: the loss became NaN or infinite.
+
+    Example::
+
+        images = np.random.default_rng(0).integers(0, 256, (512, 28, 28), dtype=np.uint8)
+        encoder = pretrain_encoder(images, epochs=1, batch_size=128)
+        features = embed(encoder, images)  # float32 (512, encoder.dim)
     """
-    import pandas as pd
-
-    root = Path(ingested)
-    for name in ("images.npy", "images.parquet", "eval_labels.parquet"):
-        if not (root / name).exists():
-            raise FileNotFoundError(f"{root / name}: missing; run the ingest stage first (dvc repro ingest)")
-    images = pd.read_parquet(root / "images.parquet")
-    labels = pd.read_parquet(root / "eval_labels.parquet")
-    for col in ("index", "id", "split"):
-        if col not in images.columns:
-            raise ValueError(f"{root / 'images.parquet'}: missing column {col!r}")
-    for col in ("id", "label"):
-        if col not in labels.columns:
-            raise ValueError(f"{root / 'eval_labels.parquet'}: missing column {col!r}")
-    if (root / "ssl_pool.parquet").exists():
-        pool = pd.read_parquet(root / "ssl_pool.parquet")
-        selected = images.merge(pool[["id", "content_hash"]], on="id", how="inner", suffixes=("", "_pool"))
-        if len(selected) != len(pool):
-            raise ValueError(f"{root / 'ssl_pool.parquet'}: {len(pool) - len(selected)} ids are not in images.parquet "
-                             "(re-run ingest)")
-        _check_hashes(np.load(root / "images.npy", mmap_mode="r"), selected, root)
-        images = selected
-    train_rows = np.sort(images.loc[images["split"].isin(["train", "pool"]), "index"].to_numpy())
-    test = images[images["split"] == "test"].merge(labels[["id", "label"]], on="id", how="inner")
-    test = test.sort_values("index")
-    if len(train_rows) == 0:
-        raise ValueError(f"{root / 'images.parquet'}: no train or pool images to pretrain on")
-    classes_path = root / "classes.json"
-    num_classes = (len(json.loads(classes_path.read_text())["classes"]) if classes_path.exists()
-                   else int(labels["label"].max()) + 1)
-    return StageInputs(root / "images.npy", images, train_rows, test["index"].to_numpy(),
-                       test["label"].to_numpy().astype(np.int64), num_classes)
+    given = {"epochs": epochs, "batch_size": batch_size}
+    p = PretrainParams(**{**overrides, "method": method, "seed": seed, "device": device,
+                          **{k: v for k, v in given.items() if v is not None}})
+    images = _as_nhwc(images)
+    result = train(p, images, np.arange(len(images)), checkpoints="checkpoint_dir" in overrides)
+    return result.encoder.eval()
 
 
-def _check_hashes(array: np.ndarray, selected: pd.DataFrame, root: Path) -> None:
-    if "content_hash_pool" not in selected.columns:
-        return
-    for row, expected in zip(selected["index"].to_numpy(), selected["content_hash_pool"], strict=True):
-        if hashlib.sha256(np.ascontiguousarray(array[row]).tobytes()).hexdigest() != expected:
-            raise ValueError(f"{root / 'images.npy'}: row {row} does not match ssl_pool.parquet's content hash "
-                             "(the ingested files are out of sync; re-run ingest)")
+def embed(encoder: Encoder, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """Embeddings of images, computed on the device ``encoder`` is on; its train/eval mode is left as it was.
 
+    Args:
+        encoder: from :func:`pretrain_encoder` or :func:`sslvision.models.load_encoder`.
+        images: uint8 ``(N, H, W)`` or ``(N, H, W, C)`` with the encoder's channel count; a memory-mapped array
+            is read ``batch_size`` images at a time.
+        batch_size: images per forward pass.
 
-def embedding_report(train_features: np.ndarray, test_features: np.ndarray, inputs: StageInputs,
-                     p: PretrainParams) -> dict[str, float]:
-    """Collapse statistics on (a sample of) the training rows and 2-fold kNN / linear-probe accuracy on ``test``."""
-    stats = collapse_stats(train_features)
-    stats["collapsed"] = bool(stats["effective_rank"] < p.collapse_min_effective_rank
-                              or stats["std_ratio"] < p.collapse_min_std_ratio)
-    if len(inputs.test_rows):
-        stats.update(evaluate(test_features, inputs.test_labels, inputs.num_classes, p.knn_k,
-                              p.knn_temperature, p.seed))
-    return stats
+    Returns:
+        float32 ``(N, D)``, ``D = encoder.dim``; row i embeds image i.
 
+    Raises:
+        ValueError: images of another dtype, shape or channel count, or ``batch_size < 1``.
 
-COLLAPSE_SAMPLE = 5000  # training rows the collapse statistics are computed on
+    Example::
 
-
-def embed_ingested(encoder_dir: str | Path = "models/encoder", ingested: str | Path = "data/ingested",
-                   embeddings_dir: str | Path = "data/embeddings", batch_size: int = 512,
-                   device: str = "cpu") -> dict[str, Any]:
-    """The ``embed`` stage: embeddings of EVERY ingested image with the saved encoder, written atomically.
-
-    Separate from pretraining so that images joining without re-training (a labeled batch) get
-    embeddings from a forward pass, not a new pretrain.
+        encoder = pretrain_encoder(images, epochs=1, batch_size=128)
+        features = embed(encoder, images, batch_size=512)
+        features.dtype, features.shape  # float32, (len(images), encoder.dim)
     """
-    encoder = load_encoder(encoder_dir)
-    images = np.load(Path(ingested) / "images.npy", mmap_mode="r")
-    t0 = time.perf_counter()
-    features = embed(encoder, images, batch_size, resolve_device(device), progress=True)
-    seconds = time.perf_counter() - t0
-    images_hash = hashlib.sha256((Path(ingested) / "images.parquet").read_bytes()).hexdigest()
-    info = {"encoder": vars(encoder.config), "dim": int(features.shape[1]), "rows": int(features.shape[0]),
-            "images_parquet_sha256": images_hash, "embed_img_s": len(images) / seconds if seconds else 0.0}
-    with output_dir(embeddings_dir, "embeddings") as tmp:
-        np.save(tmp / "embeddings.npy", features)
-        (tmp / "embeddings.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
-
-
-def run_stage(p: PretrainParams, ingested: str | Path = "data/ingested", encoder_dir: str | Path = "models/encoder",
-              embeddings_dir: str | Path | None = None, reports: str | Path = "reports/pretrain",
-              on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train, save the encoder, evaluate; returns the metrics (rank 0). With ``embeddings_dir`` also embed
-    every ingested image there (what the ``embed`` stage does; the DVC pipeline keeps the two apart)."""
-    inputs = read_inputs(ingested)
-    start = time.perf_counter()
-    result = train(p, inputs.images_path, inputs.train_rows, on_epoch=on_epoch)
-    train_s = time.perf_counter() - start
-    rank, _ = _dist()
-    if rank != 0:
-        return {}
-    images = np.load(inputs.images_path, mmap_mode="r")
-    save_encoder(encoder_dir, result.encoder, result.decoder,
-                 extra={"method": p.method, "params": p.model_dump(by_alias=True)})
-    device = resolve_device(p.device)
-    sample = np.random.default_rng(p.seed).permutation(inputs.train_rows)[:COLLAPSE_SAMPLE]
-    train_features = embed(result.encoder, images[np.sort(sample)], p.embed_batch_size, device)
-    test_features = embed(result.encoder, images[inputs.test_rows], p.embed_batch_size, device)
-    extra = {}
-    if embeddings_dir is not None:
-        extra["embed_img_s"] = embed_ingested(encoder_dir, ingested, embeddings_dir, p.embed_batch_size,
-                                              p.device)["embed_img_s"]
-    metrics = {"method": p.method, "backbone": p.backbone, "precision": result.precision,
-               **embedding_report(train_features, test_features, inputs, p),
-               "final_loss": result.history[-1]["loss"], "epochs": p.epochs, "steps": result.steps,
-               "train_images": int(len(inputs.train_rows)), "eval_images": int(len(inputs.test_rows)),
-               **result.throughput, "train_s": train_s, **extra}
-    if metrics["collapsed"]:
-        log.warning("pretrain: the representation collapsed (effective rank %.2f, std ratio %.3f); "
-                    "try a higher temperature/teacher_temp, a lower lr, or another method",
-                    metrics["effective_rank"], metrics["std_ratio"])
-    reports = Path(reports)
-    write_json(reports / "metrics.json", metrics)
-    import pandas as pd
-
-    write_csv(reports / "history.csv", pd.DataFrame(result.history))
-    return metrics
-
-
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, bool, np.generic))}
-
-
-def pretrain_cli(params: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
-                 ingested: str | Path = "data/ingested", encoder_dir: str | Path = "models/encoder",
-                 embeddings_dir: str | Path | None = None, reports: str | Path = "reports/pretrain") -> dict:
-    """The stage as ``dvc repro``/``sslvision pretrain`` run it: per-epoch metrics to dvclive
-    (``reports/pretrain/live``, DVC plots) and MLflow, then the encoder as an MLflow artifact."""
-    from sslvision.params import load_section
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    p = load_section("pretrain", PretrainParams, params, overrides)
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: train only; rank 0 logs and writes
-        return run_stage(p, ingested, encoder_dir, embeddings_dir, reports)
-    import mlflow
-    from dvclive import Live
-
-    from sslvision import tracking
-
-    read_inputs(ingested)  # fail on missing inputs before opening a run
-    mlflow.enable_system_metrics_logging()
-    with tracking.stage_run("pretrain", p.model_dump(by_alias=True)), \
-            Live(str(Path(reports) / "live"), save_dvc_exp=False, dvcyaml=None) as live:
-        def on_epoch(record: dict[str, float]) -> None:
-            for key in ("loss", "lr", "effective_rank", "std_ratio", "train_img_s", "model_img_s", "data_img_s"):
-                live.log_metric(key, record[key])
-            live.next_step()
-            mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
-
-        metrics = run_stage(p, ingested, encoder_dir, embeddings_dir, reports, on_epoch=on_epoch)
-        mlflow.log_param("precision_used", metrics["precision"])  # what pretrain.precision (auto) resolved to
-        mlflow.log_metrics(_numeric(metrics))
-        mlflow.log_artifacts(str(encoder_dir), artifact_path="encoder")
-        mlflow.log_artifact(str(Path(reports) / "metrics.json"), artifact_path="pretrain")
-    return metrics
-
-
-def sweep_temperature(values: list[float], params: str | Path = "params.yaml", epochs: int | None = None,
-                      ingested: str | Path = "data/ingested", reports: str | Path = "reports/pretrain",
-                      checkpoints: str | Path = "checkpoints/sweep") -> pd.DataFrame:
-    """Short pretrains at each temperature; kNN/linear accuracy on ``test`` (2-fold, as the stage).
-
-    Writes ``temperature_sweep.csv`` and ``temperature_sweep.png`` (kNN accuracy vs temperature) to
-    ``reports``. Each run checkpoints under ``checkpoints/T=<value>`` so an interrupted sweep resumes.
-    """
-    import pandas as pd
-
-    from sslvision.params import load_section
-
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"temperatures must be positive numbers, got {values}")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    overrides: dict[str, Any] = {"epochs": epochs} if epochs else {}
-    base = load_section("pretrain", PretrainParams, params, overrides)
-    inputs = read_inputs(ingested)
-    if not len(inputs.test_rows):
-        raise ValueError(f"{ingested}: no labelled test images to evaluate the sweep on")
-    images = np.load(inputs.images_path, mmap_mode="r")
-    rows = []
-    for t in values:
-        p = base.model_copy(update={"temperature": float(t), "checkpoint_dir": str(Path(checkpoints) / f"T={t}")})
-        log.info("sweep: temperature %s (%d epochs)", t, p.epochs)
-        result = train(p, inputs.images_path, inputs.train_rows)
-        feats = embed(result.encoder, images[inputs.test_rows], p.embed_batch_size, resolve_device(p.device))
-        scores = evaluate(feats, inputs.test_labels, inputs.num_classes, p.knn_k, p.knn_temperature, p.seed)
-        rows.append({"temperature": float(t), **scores, **collapse_stats(feats),
-                     "final_loss": result.history[-1]["loss"], "epochs": p.epochs})
-    df = pd.DataFrame(rows)
-    reports = Path(reports)
-    write_csv(reports / "temperature_sweep.csv", df)
-    plot_sweep(df, reports / "temperature_sweep.png", f"{base.method}, {base.backbone}, {base.epochs} epochs")
-    return df
-
-
-def plot_sweep(df: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(df["temperature"], df["knn_accuracy"] * 100, "o-", label="kNN (k=200, T=0.1)")
-    if "linear_probe_accuracy" in df:
-        ax.plot(df["temperature"], df["linear_probe_accuracy"] * 100, "s--", label="linear probe")
-    ax.set_xscale("log")
-    ax.set_xticks(df["temperature"], [f"{t:g}" for t in df["temperature"]])
-    ax.minorticks_off()
-    ax.set_xlabel("InfoNCE temperature")
-    ax.set_ylabel("test accuracy (%), 2-fold")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    images = _as_nhwc(images)
+    if images.shape[-1] != encoder.config.in_chans:
+        raise ValueError(f"images: {images.shape[-1]} channels, the encoder takes {encoder.config.in_chans}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return embed_features(encoder, images, batch_size, next(encoder.parameters()).device)

@@ -8,30 +8,21 @@ A profile is a flat YAML mapping of dotted keys (``pretrain.epochs: 200``) to va
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from sslvision.params import ParamsError, _merge, load_yaml, params_path, read_params, validate_section
-
-# section -> "module:class" of its params model
-SECTIONS = {
-    "demo": "sslvision.demo:DemoParams",
-    "ingest": "sslvision.ingest:IngestParams",
-    "pretrain": "sslvision.pretrain:PretrainParams",
-    "audit": "sslvision.audit:AuditParams",
-    "synthesize": "sslvision.synthesize:SynthesizeParams",
-    "finetune": "sslvision.finetune:FinetuneParams",
-    "drift_eval": "sslvision.drift:DriftParams",
-    "monitor": "pipelines.monitor:MonitorParams",
-}
-
-
-def _model(section: str):
-    module, cls = SECTIONS[section].split(":")
-    return getattr(importlib.import_module(module), cls)
+from sslvision.params import (
+    SECTIONS,
+    ParamsError,
+    _merge,
+    load_yaml,
+    params_path,
+    read_params,
+    section_class,
+    validate_section,
+)
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
@@ -58,7 +49,7 @@ def load_profile(path: str | os.PathLike, params: str | os.PathLike | None = Non
             raise ParamsError(f"{path}: {key}: not a section.key of params.yaml (sections: {', '.join(SECTIONS)})")
         merged[section] = _merge(merged[section], _nest(str(key).split(".", 1)[1], value))
     for section, raw in merged.items():
-        validate_section(section, _model(section), raw, source=f"{path} over {params_path(params)}")
+        validate_section(section, section_class(section), raw, source=f"{path} over {params_path(params)}")
     return overrides
 
 

@@ -40,6 +40,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from sslvision.params import SECTIONS, render_params, section_defaults, yaml_flow
+
 SPLIT_FILE = "data/split.csv"
 POOL = "data/pool"
 INBOX = "data/inbox"
@@ -51,7 +53,7 @@ GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 COLOUR_DIFF = 16
 COLOUR_SHARE = 0.01
 
-# Settings sized for a CPU (the demo's): a ~1.2M-parameter ResNet-10 at half width, 300 SSL steps.
+# Settings sized for a CPU (the demo's too): a ~1.2M-parameter ResNet-10 at half width, 300 SSL steps.
 CPU_PRETRAIN = {
     "backbone_args": {"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "stem_width": 32},
     "stem_stride": 2,
@@ -59,19 +61,64 @@ CPU_PRETRAIN = {
     "steps_per_epoch": 30,
     "temperature": 0.2,
 }
+CPU_NOTE = ("sized for a CPU: a ~1.2M-parameter ResNet-10 at half width (~8x cheaper than ResNet-18) with stem_stride "
+            "2, 300 SSL steps (epochs x steps_per_epoch) at temperature 0.2; on a GPU use {} (the standard ResNet-18), "
+            "stem_stride 1, epochs 100-200 and steps_per_epoch 0 (profiles/gpu.yaml)")
+# params.yaml's sections in a project made by init: every stage's (sslvision.params.SECTIONS), not the demo's.
+PROJECT_SECTIONS = tuple(name for name in SECTIONS if name != "demo")
 
-# (section, module, settings class, what the stage does): params.yaml's sections, in pipeline order.
-SECTIONS = (
-    ("ingest", "sslvision.ingest", "IngestParams",
-     "decode every image once, convert it to channels x size x size, quarantine what cannot be used"),
-    ("pretrain", "sslvision.pretrain", "PretrainParams", "self-supervised learning on the images only"),
-    ("audit", "sslvision.audit", "AuditParams", "find wrong labels, duplicates and outliers with the embeddings"),
-    ("synthesize", "sslvision.synthesize", "SynthesizeParams", "new images for the rare classes"),
-    ("finetune", "sslvision.finetune", "FinetuneParams",
-     "the classifier on the SSL encoder, scored on the test split, registered in MLflow"),
-    ("drift_eval", "sslvision.drift", "DriftParams", "compare a production batch with the training data"),
-    ("monitor", "pipelines.monitor", "MonitorParams", "the scheduled watch over the inbox (`sslvision monitor`)"),
-)
+# The demo project (this repository's params.yaml) where it departs from the settings classes' defaults:
+# section -> key -> (value, why). demo_params_text writes the value and, above the key, why and the default.
+_SEE_CPU = "see backbone_args"
+_RECIPE = "see mode"
+DEMO_OVERRIDES: dict[str, dict[str, tuple[Any, str]]] = {
+    "ingest": {
+        "source": ("data/demo/images", "the scenario `make demo` builds (`sslvision demo-data --out data/demo`)"),
+    },
+    "pretrain": {
+        "backbone_args": (CPU_PRETRAIN["backbone_args"], CPU_NOTE),
+        "stem_stride": (CPU_PRETRAIN["stem_stride"],
+                        f"{_SEE_CPU}; on a CPU budget more steps beat a higher resolution"),
+        "temperature": (CPU_PRETRAIN["temperature"], f"{_SEE_CPU} (sslvision sweep-temperature on the demo encoder)"),
+        "epochs": (CPU_PRETRAIN["epochs"], _SEE_CPU),
+        "steps_per_epoch": (CPU_PRETRAIN["steps_per_epoch"], _SEE_CPU),
+        "workers": (1, "on 2 CPU cores one DataLoader worker keeps a core for the model"),
+        "checkpoint_every": (25, "a killed run of the demo's 300 steps loses at most 25"),
+    },
+    "synthesize": {
+        "generator": ("augment", "finetune.synthetic_weight is 0 in the demo, so the stage only reports what a "
+                      "generator would add, and augment takes seconds where mae_inpaint takes minutes"),
+    },
+    "finetune": {
+        "synthetic_weight": (0.0, "with the full fine-tune below, synthetic images raised validation balanced accuracy "
+                             "but lowered test balanced accuracy and worst-class recall "
+                             "(benchmarks/results/default_recipe.json): the validation labels are audited with the "
+                             "same SSL embedding that filters the synthetic images, so they favour them; and they "
+                             "add synthesis and training time"),
+        "mode": ("finetune", "the noise-aware full fine-tune (with lr, layer_decay, sampler, label_smoothing, "
+                 "select_epoch and calibrate below, as profiles/cpu.yaml): the linear probe on the demo's "
+                 "short-trained encoder loses to the pixel baseline the promotion gate asks it to beat, the fine-tune "
+                 "wins on validation and test (benchmarks/results/default_recipe.json); it takes minutes on 2 CPU "
+                 "cores where the probe takes seconds"),
+        "epochs": (16, _RECIPE),
+        "lr": (0.002, _RECIPE),
+        "layer_decay": (1.0, f"{_RECIPE}; the short-trained encoder's early layers still have much to learn"),
+        "sampler": (
+            "class_balanced", f"{_RECIPE}; for the full fine-tune it does what synthesize's images would (README)"),
+        "label_smoothing": (0.1, f"{_RECIPE}; against the label noise the audit leaves"),
+        "select_epoch": ("last", f"{_RECIPE}; the end of the schedule, not a noisy validation maximum"),
+        "calibrate": (True, f"{_RECIPE}; undoes label_smoothing's under-confidence"),
+    },
+}
+DEMO_HEADER = [
+    "# sslvision parameters of the demo project (`make demo`): one section per stage. DVC tracks each stage's section,",
+    "# so changing a value re-runs that stage and what depends on it, and nothing upstream.",
+    "#",
+    "# Generated by `sslvision params --out params.yaml`: each key, its default and its comment come from the stage's",
+    "# settings class (named above each section); a `demo:` comment above a key says why the demo sets another value",
+    "# (sslvision.project.DEMO_OVERRIDES). Change those, not this file: tests/test_params_file.py checks it is the",
+    "# generator's output.",
+]
 
 
 class InitError(ValueError):
@@ -262,31 +309,38 @@ def sslvision_version() -> str:
     return version("sslvision")
 
 
-def _defaults() -> dict[str, dict[str, Any]]:
-    import importlib
-
-    return {name: getattr(importlib.import_module(module), cls)().model_dump(mode="json", by_alias=True)
-            for name, module, cls, _ in SECTIONS}
+def demo_params_text() -> str:
+    """The demo project's ``params.yaml`` (this repository's): every section's defaults, with
+    :data:`DEMO_OVERRIDES` applied and explained in a comment above each (with the default it replaces)."""
+    values = {name: {key: value for key, (value, _) in keys.items()} for name, keys in DEMO_OVERRIDES.items()}
+    notes = {name: {key: [f"demo: {why} (default: {yaml_flow(section_defaults(name)[key])})"]
+                    for key, (_, why) in keys.items()} for name, keys in DEMO_OVERRIDES.items()}
+    return render_params(SECTIONS, values=values, notes=notes, header=DEMO_HEADER)
 
 
 def params_text(found: Inspection, *, source: str, version: str) -> str:
-    """``params.yaml``: every section's defaults (the settings classes of the library), the choices of
-    ``found`` with their reasons as comments above their keys, and ``sslvision.version``."""
-    values = _defaults()
+    """``params.yaml`` of a project made by init: every stage's section (:data:`PROJECT_SECTIONS`) with its
+    defaults, the choices of ``found`` with their reasons as comments above their keys, the CPU-sized
+    pretraining (:data:`CPU_PRETRAIN`), and ``sslvision.version``."""
     ingest = {"source": source, "channels": found.channels, "size": found.size, "class_names": found.classes,
               "manifest_root": str(found.manifest_root) if found.manifest_root else ""}
-    values["ingest"].update(ingest)
-    values["pretrain"].update(CPU_PRETRAIN)
+    pretrain = dict(CPU_PRETRAIN)
     n_train = sum(found.counts.values()) - (int((found.split["split"] == "test").sum()) if found.split is not None
                                             else 0)
-    default_batch = values["pretrain"]["batch_size"]
+    default_batch = section_defaults("pretrain")["batch_size"]
     if n_train < default_batch:  # SimCLR's batch cannot exceed the images it trains on
-        values["pretrain"]["batch_size"] = max(2, 2 ** int(np.log2(max(n_train, 2))))
-    values["drift_eval"]["batch"] = ""
-    values["monitor"]["inbox"] = INBOX
+        pretrain["batch_size"] = max(2, 2 ** int(np.log2(max(n_train, 2))))
+    # the CPU recipe's SSL steps whatever the data's size: an epoch of a small folder is fewer steps
+    steps = CPU_PRETRAIN["epochs"] * CPU_PRETRAIN["steps_per_epoch"]
+    per_epoch = max(1, min(CPU_PRETRAIN["steps_per_epoch"], n_train // pretrain.get("batch_size", default_batch)))
+    pretrain["epochs"] = int(np.ceil(steps / per_epoch))
+    # the measured default recipe of the demo project for the later stages (DEMO_OVERRIDES, with its reasons)
+    recipe = {name: DEMO_OVERRIDES[name] for name in ("synthesize", "finetune")}
+    values = {"ingest": ingest, "pretrain": pretrain, "drift_eval": {"batch": ""}, "monitor": {"inbox": INBOX},
+              **{name: {key: value for key, (value, _) in keys.items()} for name, keys in recipe.items()}}
     split = (f"the test split is recorded in {SPLIT_FILE}, a manifest of your files where they are (paths "
              "relative to manifest_root); delete it and run `sslvision init` again for another split")
-    comments = {
+    notes = {
         "ingest": {
             "source": [found.why["layout"], *([found.why["split"], split] if found.split is not None
                                               else [f"your data, read where it is: {found.data}"])],
@@ -296,9 +350,11 @@ def params_text(found: Inspection, *, source: str, version: str) -> str:
         },
         "pretrain": {"batch_size": [f"{n_train} training images: the largest power of two up to that (the default "
                                     f"{default_batch} needs more images)"] if n_train < default_batch else [],
-                     "backbone_args": ["sized for a CPU: a ~1.2M-parameter ResNet-10 at half width with stem_stride 2, "
-                                       "300 SSL steps (epochs x steps_per_epoch); on a GPU use {} (the standard "
-                                       "ResNet-18), stem_stride 1, epochs 100-200 and steps_per_epoch 0"]},
+                     "backbone_args": [CPU_NOTE],
+                     "epochs": [f"{steps} SSL steps: {per_epoch} per epoch of {n_train} training images"]},
+        **{name: {key: [f"the demo's measured recipe: {why} (default: "
+                        f"{yaml_flow(section_defaults(name)[key])})"] for key, (_, why) in keys.items()}
+           for name, keys in recipe.items()},
         "drift_eval": {"batch": ["no production batch yet: drift_eval evaluates nothing and says so in "
                                  "reports/drift/trigger.json. `sslvision monitor` evaluates each batch put in "
                                  f"{INBOX}/; set this to a batch directory to evaluate one in `dvc repro`"]},
@@ -308,35 +364,20 @@ def params_text(found: Inspection, *, source: str, version: str) -> str:
     header = [
         f"# sslvision project for {found.data}, made by `sslvision init` (sslvision {version}).",
         "# One section per stage; DVC tracks each, so changing a value re-runs that stage and what depends on it.",
-        "# Every key and its default are those of the stage's settings class (e.g. sslvision.ingest.IngestParams);",
+        "# Every key, its default and its comment are those of the stage's settings class (named above each section);",
         "# what init chose from your data says why in a comment above it.",
         "",
         "# The sslvision release that runs the stages (python -m sslvision.stages.<name>): every stage depends on it,",
         "# so after upgrading sslvision set this to the new version to re-run the pipeline on the new code.",
         yaml.safe_dump({"sslvision": {"version": version}}, sort_keys=False).rstrip(),
     ]
-    lines = header
-    for name, module, cls, what in SECTIONS:
-        lines += ["", f"# {name}: {what} ({module}.{cls})"]
-        body = yaml.safe_dump({name: values[name]}, sort_keys=False, width=100, allow_unicode=True,
-                              default_flow_style=None).splitlines()
-        for line in body:
-            key = line.strip().split(":", 1)[0] if line.startswith("  ") and not line.startswith("   ") else None
-            for comment in comments.get(name, {}).get(key, []):
-                lines += _wrap_comment(comment, indent="  ")
-            lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
-def _wrap_comment(text: str, indent: str, width: int = 110) -> list[str]:
-    import textwrap
-
-    return [f"{indent}# {line}" for line in textwrap.wrap(text, width - len(indent) - 2)]
+    return render_params(PROJECT_SECTIONS, values=values, notes=notes, header=header)
 
 
 def dvc_text(found: Inspection) -> str:
     """``dvc.yaml``: the stages of this repository's demo project, run from the installed package."""
-    root_dep = "\n      - ${ingest.manifest_root}  # your files (the manifest lists them)" if found.manifest_root else ""
+    root_dep = ("\n      - ${ingest.manifest_root}  # your files (the manifest lists them)" if found.manifest_root
+                else "")
     return DVC_TEMPLATE.replace("{ROOT_DEP}", root_dep)
 
 
@@ -503,7 +544,7 @@ stages:
 
 def prefect_text(root: Path) -> str:
     """``prefect.yaml``: the ``monitor`` and ``train`` deployments, their flows as modules of the
-    installed package (``pipelines.monitor:monitor``: no flow file in the project)."""
+    installed package (``sslvision.flows.monitor:monitor``: no flow file in the project)."""
     return f"""\
 # Prefect deployments of this project's flows, for a Prefect server with a process work pool:
 #
@@ -524,7 +565,7 @@ pull:
 deployments:
   - name: monitor
     description: Evaluate new production batches in the inbox; on degradation emit sslvision.degradation.
-    entrypoint: pipelines.monitor:monitor
+    entrypoint: sslvision.flows.monitor:monitor
     parameters:
       retrain: false
     schedules:
@@ -535,7 +576,7 @@ deployments:
 
   - name: train
     description: Re-run the DVC pipeline from a stage (forced downstream), then gated promotion.
-    entrypoint: pipelines.train:train
+    entrypoint: sslvision.flows.train:train
     concurrency_limit: 1
     triggers:
       - type: event

@@ -87,6 +87,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import sslvision
+from sslvision import tracking
+from sslvision.data import Ingested
+from sslvision.finetune import FinetuneParams, load_classifier
+from sslvision.ingest import decode_bytes
+from sslvision.metrics import expected_calibration_error
+from sslvision.params import load_section, params_path, read_params
+
 log = logging.getLogger(__name__)
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_classifier.py")
@@ -115,8 +123,6 @@ def _row_pixels(classifier: Any, image: Any, pixels: Any) -> tuple[np.ndarray | 
     """One input row as converted uint8 ``(H, W, C)`` pixels, or None and the reason."""
     import base64
     import binascii
-
-    from sslvision.ingest import decode_bytes
 
     conv = classifier.conversion
     if isinstance(image, (str, bytes)):
@@ -209,9 +215,6 @@ def log_and_register(classifier_dir: str | Path, name: str, example_images: np.n
     logged input example (what a client of ``mlflow models serve`` sends). Returns the new version.
     """
     import mlflow
-
-    import sslvision
-    from sslvision.finetune import load_classifier
 
     classifier = load_classifier(classifier_dir)
     example = image_frame([png_bytes(example_images[0])])
@@ -315,8 +318,6 @@ def load_registered_classifier(name: str, version: str) -> Any:
     config are read (from a :func:`verified_copy`), by this installed sslvision; none of its code runs."""
     import yaml
 
-    from sslvision.finetune import load_classifier
-
     with verified_copy(name, version) as local:
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
         return load_classifier(local / flavor["artifacts"]["classifier"]["path"])
@@ -364,8 +365,6 @@ def _macro_f1(predictions: pd.Series, targets: pd.Series) -> Any:
 
 
 def _ece(predictions: pd.Series, targets: pd.Series, confidence: pd.Series) -> Any:
-    from sslvision.metrics import expected_calibration_error
-
     correct = np.asarray(predictions) == np.asarray(targets)
     return _metric_value(expected_calibration_error(np.asarray(confidence), correct))
 
@@ -470,7 +469,8 @@ def record_pixel_baseline(name: str, version: str, baseline: dict[str, Any]) -> 
     client.set_model_version_tag(name, version, BASELINE_GOLDEN_TAG, baseline["golden_sha256"])
 
 
-def recorded_pixel_baseline(client: Any, name: str, versions: list[str | None], digest: str) -> tuple[float | None, str]:
+def recorded_pixel_baseline(client: Any, name: str, versions: list[str | None],
+                            digest: str) -> tuple[float | None, str]:
     """(balanced accuracy, where it came from) of the pixel baseline recorded with the first of ``versions``
     that has one: the challenger's own, else the champion's (a challenger registered outside the finetune
     stage was trained on data no newer than the champion's). The value is None when none was recorded,
@@ -506,7 +506,7 @@ def promote(name: str, golden_images: np.ndarray, golden_labels: np.ndarray, pro
             limits_for: Any = None) -> dict[str, Any]:
     """Evaluate ``challenger`` (and ``champion``), validate, and move the aliases only if every check passes.
     ``limits_for(promotion, champion_metrics)``: the checks, :func:`thresholds` unless given (a prior
-    correction is judged at its class mix: ``sslvision.trigger.prior_correction_thresholds``).
+    correction is judged at its class mix: ``sslvision.actions.prior_correction_thresholds``).
 
     Must run inside an MLflow run (the evaluations are nested under it). Returns the decision:
     ``decision`` (``promoted`` | ``refused`` | ``unchanged``), the versions, the metrics of both, and
@@ -605,10 +605,26 @@ def _short(metrics: dict[str, float]) -> dict[str, float]:
 
 # --- entry points (CLI, stage) -------------------------------------------------------------------
 
-def _finetune_params(params: Any) -> Any:
-    from sslvision.finetune import FinetuneParams, load_params
+def finetune_params(params: FinetuneParams | str | Path | None = None) -> FinetuneParams:
+    """The ``finetune`` section (its ``registry`` and ``promotion`` say what this module does): ``params``
+    itself when parsed already, else read from that params file (default: ``params.yaml`` or
+    ``$SSLVISION_PARAMS``). Raises :class:`~sslvision.params.ParamsError` when it is invalid."""
+    return params if isinstance(params, FinetuneParams) else load_section("finetune", FinetuneParams, params)
 
-    return params if isinstance(params, FinetuneParams) else load_params(params)
+
+def golden_set(p: FinetuneParams) -> tuple[np.ndarray, np.ndarray]:
+    """The promotion set, read from ``p.ingested``: the clean, balanced test split (``golden_per_class`` > 0
+    keeps that many images per class, the first ones in manifest order, so every run compares on the same
+    images). Returns uint8 ``(N, H, W, C)`` images and their labels; raises ``ValueError`` when the test
+    split has no labelled rows."""
+    ing = Ingested.load(p.ingested)
+    df = ing.split("test")
+    df = df[df["label"] >= 0]
+    if p.promotion.golden_per_class:
+        df = df.groupby("label", sort=False).head(p.promotion.golden_per_class)
+    if len(df) == 0:
+        raise ValueError(f"{p.ingested}/manifest.parquet: no labelled test rows for the golden set")
+    return np.ascontiguousarray(ing.images[df["index"].to_numpy()]), df["label"].to_numpy(np.int64)
 
 
 def promote_cli(params: Any = None, golden: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
@@ -616,10 +632,7 @@ def promote_cli(params: Any = None, golden: tuple[np.ndarray, np.ndarray] | None
     section); the golden set is the test split (``finetune.promotion.golden_per_class``) unless given."""
     import mlflow
 
-    from sslvision import tracking
-    from sslvision.finetune import golden_set
-
-    p = _finetune_params(params)
+    p = finetune_params(params)
     images, labels = golden if golden is not None else golden_set(p)
     with tracking.stage_run("promote", {"model_name": p.registry.model_name, **p.promotion.model_dump()}):
         decision = promote(p.registry.model_name, images, labels, p.promotion)
@@ -639,15 +652,12 @@ def recover(params: Any = None) -> dict[str, Any]:
     closed) and ``promotion`` (the decision, or None when nothing was pending)."""
     import mlflow
 
-    from sslvision import tracking
-    from sslvision.params import params_path, read_params
-
     closed = tracking.close_orphaned_runs()
     decision = None
     if not hasattr(params, "registry") and "finetune" not in (
             read_params(params) if params_path(params).exists() else {}):
         return {"orphaned_runs": closed, "promotion": decision}  # a project without a finetune stage
-    p = _finetune_params(params)
+    p = finetune_params(params)
     if p.registry.enabled and p.registry.auto_promote:
         name, client = p.registry.model_name, mlflow.MlflowClient()
         challenger = alias_version(client, name, CHALLENGER)
@@ -661,9 +671,7 @@ def recover(params: Any = None) -> dict[str, Any]:
 def rollback_cli(params: Any = None) -> dict[str, Any]:
     import mlflow
 
-    from sslvision import tracking
-
-    p = _finetune_params(params)
+    p = finetune_params(params)
     with tracking.stage_run("rollback", {"model_name": p.registry.model_name}):
         decision = rollback(p.registry.model_name)
         mlflow.log_dict(decision, "rollback.json")

@@ -313,7 +313,8 @@ def _baselines(metrics: dict[str, Any]) -> list[str]:
                          "source": f"metrics.json baselines.{name}"})
     bench = _mapping(BENCHMARK_FINETUNE) if BENCHMARK_FINETUNE.exists() else None
     if bench is not None:
-        scratch = [r for r in bench.get("rows") or [] if isinstance(r, dict) and r.get("system") == bench.get("baseline")]
+        scratch = [r for r in bench.get("rows") or []
+                   if isinstance(r, dict) and r.get("system") == bench.get("baseline")]
         by_metric = {r.get("metric"): r.get("value") for r in scratch}
         if "balanced_accuracy" in by_metric:
             rows.append({"model": f"{bench.get('baseline')} (benchmark)", **{k: by_metric.get(k) for k in keys},
@@ -342,7 +343,7 @@ def drift_section() -> list[str] | None:
 
 
 def _monitor_reports() -> Path:
-    from pipelines.monitor import MonitorParams
+    from sslvision.flows.monitor import MonitorParams
     from sslvision.params import load_section, params_path
 
     return Path(load_section("monitor", MonitorParams).reports if params_path().exists() else MonitorParams().reports)
@@ -514,7 +515,8 @@ nav ul{columns:3;padding-left:1.2em} .ran{color:#1a7f37} .notrun{color:#888}
 table{border-collapse:collapse;margin:.8em 0;font-size:.9em} caption{text-align:left;color:#555;padding:.2em 0}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top} th{background:#f4f4f4}
 figure{margin:1em 0} img{max-width:100%;height:auto;border:1px solid #eee} figcaption{color:#666;font-size:.85em}
-.note{color:#666;font-style:italic} .error{color:#b42318} .card{background:#fafafa;padding:.2em 1em;border:1px solid #eee}
+.note{color:#666;font-style:italic} .error{color:#b42318}
+.card{background:#fafafa;padding:.2em 1em;border:1px solid #eee}
 code{background:#f4f4f4;padding:0 .2em} summary{cursor:pointer;color:#555;margin:.5em 0}
 """
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-STAGES = ("ingest", "pretrain", "embed", "audit", "synthesize", "finetune", "drift_eval")
+from sslvision.stages import STAGES
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -47,7 +47,8 @@ def key_metrics(root: str | Path = ".") -> dict[str, str]:
         out["audit"] = (f"{m.get('n_label_issues', 0):,} label issues in {m.get('n_audited', 0):,} labels "
                         f"(estimated noise {_pct(m.get('noise_rate_estimated'))}), "
                         f"{m.get('n_conflicting_duplicates', 0)} conflicting duplicates; gallery: "
-                        "reports/audit/gallery.png")
+                        "reports/audit/gallery.png"
+                        + ("; LABELS KEPT: " + m["actions_withheld"] if m.get("actions_withheld") else ""))
     m = _load(reports / "synthesize" / "metrics.json")
     if m:
         out["synthesize"] = (f"{m.get('generator')}: kept {m.get('kept', 0):,} of {m.get('made', 0):,} images for "

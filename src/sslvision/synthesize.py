@@ -43,10 +43,9 @@ Pipeline (``synthesize``):
    Also per class: ``real_nn_similarity``, the median cosine similarity of a real image to its nearest
    real neighbour of the class, the yardstick for ``filter.max_source_similarity``.
 
-Outputs (contract in :mod:`sslvision.data`): ``data/synthetic/images.npy`` + ``manifest.parquet``
-(kept images only); ``reports/synthesize/``: ``metrics.json``, ``per_class.csv`` (DVC bar plot),
-``filter_scores.csv`` (every candidate's filter scores, DVC scatter plot), ``grid.png`` (a row per
-class: real examples, then kept synthetic images).
+Arrays in, arrays out: :func:`synthesize_images` (images + labels + encoder -> new images + labels).
+Generators are looked up by name in :data:`GENERATORS`; :func:`register_generator` adds one.
+The DVC stage (files, reports, plots, MLflow) is :mod:`sslvision.stages.synthesize`.
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ import json
 import logging
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,7 +69,6 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from sslvision import io
-from sslvision.data import Ingested, load_embeddings
 from sslvision.metrics import l2_normalise
 from sslvision.models import (
     MEAN,
@@ -84,13 +81,33 @@ from sslvision.models import (
     to_input,
     unpatchify,
 )
-from sslvision.params import Section, Seed, load_section
+from sslvision.params import Section, Seed, validate_section
 
 log = logging.getLogger(__name__)
 
-REPORTS = Path("reports/synthesize")
-OUT = Path("data/synthetic")
-GENERATORS = ("mae_inpaint", "feature_interp", "augment")
+# name -> generator class, filled by @register_generator (the built-in ones below: augment, mae_inpaint,
+# feature_interp). A class provides fit(real, encoder) -> dict[str, float] and generate(real, label, count, rng)
+# -> (uint8 images (count, H, W, C), source rows (count, 2), -1 for none); make_generator builds it with
+# cls.from_params(params, device, pretrain_decoder, norm_pix), or cls(params, device) when it has no from_params.
+GENERATORS: dict[str, type] = {}
+
+
+def register_generator(name: str) -> Callable[[type], type]:
+    """Class decorator: make a generator class available to :func:`make_generator` as ``name``.
+
+    Args:
+        name: the generator's name (``synthesize.generator``, ``synthesize_images(generator=...)``); a name
+            registered again is replaced.
+    Returns:
+        The decorator; it sets ``cls.name = name`` and returns the class unchanged otherwise.
+    """
+
+    def add(cls: type) -> type:
+        cls.name = name
+        GENERATORS[name] = cls
+        return cls
+
+    return add
 
 
 # --- params ----------------------------------------------------------------------------------------
@@ -100,66 +117,117 @@ class MAEInpaintParams(Section):
     # generation-only keys: they do not change the decoder's training (nor its cache key)
     GENERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"mix_share", "pre_augment", "post_augment"})
 
-    mask_ratio: float = Field(0.5, gt=0, lt=1)
-    mix_share: float = Field(0.25, ge=0, lt=1)
-    pre_augment: bool = False
-    post_augment: bool = False
-    decoder: Literal["auto", "pretrain", "train"] = "auto"
-    patch_size: int = Field(4, gt=0, le=1024)
-    arch: Literal["unet", "conv"] = "unet"
-    width: int = Field(32, gt=0, le=4096)
-    steps: int = Field(300, ge=0, le=10_000_000)
-    batch_size: int = Field(64, gt=0, le=65536)
-    lr: float = Field(2e-3, gt=0)
+    mask_ratio: float = Field(0.5, gt=0, lt=1, description=(
+        "share of patches hidden and redrawn: higher = more novel, less faithful (0.75 as in MAE pretraining "
+        "makes blurry garments at 28x28)"))
+    mix_share: float = Field(0.25, ge=0, lt=1, description=(
+        "share of patches first taken from a second image of the class (0 = no mixing)"))
+    pre_augment: bool = Field(False, description=(
+        "then give the image a random `augment` transform (pose, shape, erasing) before masking, so the decoder "
+        "redraws hidden patches of a new view. Off: it lowered mean tail recall on the demo "
+        "(benchmarks/synthesize.py)"))
+    post_augment: bool = Field(False, description=(
+        "give each reconstruction a random `augment` transform (inpaint, then augment). Off: it lowered mean tail "
+        "recall on the demo"))
+    decoder: Literal["auto", "pretrain", "train"] = Field("auto", description=(
+        "auto: pretrain's MAE decoder when the encoder is a ViT that kept one, else train one here | pretrain "
+        "(fail without one) | train"))
+    patch_size: int = Field(4, gt=0, le=1024, description=(
+        "ResNet encoders: masking grid cell in pixels (a ViT uses its own patch size)"))
+    arch: Literal["unet", "conv"] = Field("unet", description=(
+        "ResNet encoders: unet (two stride-2 levels + skips: the whole garment as context) | conv (four dilated "
+        "3x3 convolutions, cheaper, but hidden cells come out as blurred blocks)"))
+    width: int = Field(32, gt=0, le=4096, description=(
+        "channels of the trained conv inpainter / width of a trained MAE decoder"))
+    steps: int = Field(300, ge=0, le=10_000_000, description=(
+        "decoder training steps on the frozen encoder (each step runs the encoder once)"))
+    batch_size: int = Field(64, gt=0, le=65536, description="images per decoder training step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (one-cycle schedule) of the decoder")
 
 
 class FeatureInterpParams(Section):
     GENERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"neighbours", "t_min", "t_max", "noise"})
 
-    neighbours: int = Field(5, gt=0, le=10_000)
-    t_min: float = Field(0.2, ge=0, le=1)
-    t_max: float = Field(0.8, ge=0, le=1)
-    noise: float = Field(0.1, ge=0)
-    width: int = Field(32, gt=1, le=4096)
-    steps: int = Field(400, ge=0, le=10_000_000)
-    batch_size: int = Field(64, gt=0, le=65536)
-    lr: float = Field(2e-3, gt=0)
+    neighbours: int = Field(5, gt=0, le=10_000, description=(
+        "interpolate towards one of this many nearest same-class neighbours (cosine)"))
+    t_min: float = Field(0.2, ge=0, le=1, description=(
+        "interpolation weight range of the neighbour: 0.5 = midpoint; near 0 or 1 ..."))
+    t_max: float = Field(0.8, ge=0, le=1, description=(
+        "... decodes (blurred) copies of a real image, which the copy filter rejects"))
+    noise: float = Field(0.1, ge=0, description=(
+        "Gaussian noise added to the point, as a share of the class's per-dimension std"))
+    width: int = Field(32, gt=1, le=4096, description=(
+        "channels of the embedding-to-pixels decoder (64: sharper, ~4x the compute)"))
+    steps: int = Field(400, ge=0, le=10_000_000, description=(
+        "decoder training steps (no encoder pass: embeddings come from pretrain)"))
+    batch_size: int = Field(64, gt=0, le=65536, description="images per decoder training step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (one-cycle schedule)")
 
 
 class AugmentParams(Section):
-    rotate: float = Field(20.0, ge=0, le=180)
-    scale: tuple[float, float] = (0.8, 1.15)
-    translate: float = Field(0.1, ge=0, le=0.5)
-    shear: float = Field(10.0, ge=0, le=45)
-    elastic_p: float = Field(0.5, ge=0, le=1)
-    erase_p: float = Field(0.5, ge=0, le=1)
+    rotate: float = Field(20.0, ge=0, le=180, description="max rotation, degrees")
+    scale: tuple[float, float] = Field((0.8, 1.15), description="zoom range")
+    translate: float = Field(0.1, ge=0, le=0.5, description="max shift, share of the image side")
+    shear: float = Field(10.0, ge=0, le=45, description="max shear, degrees")
+    elastic_p: float = Field(0.5, ge=0, le=1, description="probability of an elastic deformation")
+    erase_p: float = Field(0.5, ge=0, le=1, description=(
+        "probability of erasing 1-2 small rectangles (coarse dropout)"))
 
 
 class FilterParams(Section):
-    classifier: Literal["logreg", "knn"] = "logreg"
-    knn_k: int = Field(10, gt=0, le=10_000)
-    min_confidence: float = Field(0.1, ge=0, le=1)
-    max_source_similarity: float = Field(0.95, ge=-1)
+    classifier: Literal["logreg", "knn"] = Field("logreg", description=(
+        "logreg: class-balanced logistic regression on the clean real embeddings (recommended: calibrated for "
+        "rare classes) | knn: cosine k-NN vote"))
+    knn_k: int = Field(10, gt=0, le=10_000, description="neighbours of the knn classifier")
+    min_confidence: float = Field(0.1, ge=0, le=1, description=(
+        "keep a candidate only if the classifier gives its target class at least this probability; higher = "
+        "more class-typical images, fewer kept. With a weak encoder even real tail images score low, so a high "
+        "value keeps only what the classifier already gets right (benchmarks/synthesize.py)"))
+    max_source_similarity: float = Field(0.95, ge=-1, description=(
+        "... and its cosine similarity to each source image's embedding is at most this (near-copies add "
+        "nothing); lower = more novel images, fewer kept. Read it against real_nn_similarity in "
+        "reports/synthesize/metrics.json (how close a real image of the class is to its nearest real neighbour)"))
 
 
 class SynthesizeParams(Section):
-    """The ``synthesize`` section of params.yaml (each key is commented there)."""
+    """The ``synthesize`` stage: new images for the rare classes, made from their real images and kept only when
+    the SSL embedding says they look like their class and are not near-copies of their sources."""
 
-    seed: Seed = 0
-    generator: Literal["mae_inpaint", "feature_interp", "augment"] = "mae_inpaint"
-    target: int | Literal["median", "max"] = "median"
-    classes: list[str] = Field(default_factory=list)
-    max_per_class: int = Field(500, ge=0, le=1_000_000)
-    oversample: float = Field(6.0, ge=1, le=100)
-    batch_size: int = Field(256, gt=0, le=65536)
-    device: str = "cpu"
-    fidelity_k: int = Field(3, gt=0, le=10_000)
-    grid_columns: int = Field(10, gt=0, le=1000)
-    cache_dir: str = "checkpoints/synthesize"
-    mae_inpaint: MAEInpaintParams = Field(default_factory=MAEInpaintParams)
-    feature_interp: FeatureInterpParams = Field(default_factory=FeatureInterpParams)
-    augment: AugmentParams = Field(default_factory=AugmentParams)
-    filter: FilterParams = Field(default_factory=FilterParams)
+    seed: Seed = Field(0, description=(
+        "everything below is deterministic for a seed (on one device and thread count)"))
+    generator: Literal["mae_inpaint", "feature_interp", "augment"] = Field("mae_inpaint", description=(
+        "mae_inpaint (reconstruct hidden patches with an MAE-style decoder on the frozen encoder) | feature_interp "
+        "(decode points between same-class neighbours in SSL space) | augment (heavy albumentations: the baseline "
+        "to beat). README: what synthetic images add"))
+    target: int | Literal["median", "max"] = Field("median", description=(
+        "bring every class below this many clean train images up to it: median | max (of the class counts) | a "
+        "number"))
+    classes: list[str] = Field(default_factory=list, description=(
+        "class names that may receive images; [] = every class below the target"))
+    max_per_class: int = Field(500, ge=0, le=1_000_000, description=(
+        "at most this many synthetic images per class (keeps real images the majority of a tail class: more than "
+        "~5x its real count mostly adds redundant images)"))
+    oversample: float = Field(6.0, ge=1, le=100, description=(
+        "candidates made per image wanted; raise it when the filter rejects many (see "
+        "reports/synthesize/per_class.csv: passed vs need)"))
+    batch_size: int = Field(256, gt=0, le=65536, description=(
+        "images per encoder forward pass when embedding candidates"))
+    device: str = Field("cpu", description="cpu | cuda | auto")
+    fidelity_k: int = Field(3, gt=0, le=10_000, description=(
+        "k of the k-NN manifold precision/recall (Kynkaenniemi et al. 2019 use 3)"))
+    grid_columns: int = Field(10, gt=0, le=1000, description=(
+        "synthetic images per class in reports/synthesize/grid.png"))
+    cache_dir: str = Field("checkpoints/synthesize", description=(
+        "trained decoders, keyed by encoder weights + images + params (never labels): a re-run after a label "
+        "change loads the decoder instead of training it again; outside DVC's cache like pretrain's checkpoints; "
+        '"" disables'))
+    mae_inpaint: MAEInpaintParams = Field(default_factory=MAEInpaintParams, description="the mae_inpaint generator")
+    feature_interp: FeatureInterpParams = Field(default_factory=FeatureInterpParams, description=(
+        "the feature_interp generator"))
+    augment: AugmentParams = Field(default_factory=AugmentParams, description=(
+        "the augment generator (also mae_inpaint's pre_augment / post_augment)"))
+    filter: FilterParams = Field(default_factory=FilterParams, description=(
+        "which candidates are kept: those the SSL embedding places in their class, away from their sources"))
 
     @field_validator("target")
     @classmethod
@@ -203,35 +271,6 @@ class RealSet:
         if self.fit_images is None or self.fit_embeddings is None:
             return self.images, self.embeddings
         return self.fit_images, self.fit_embeddings
-
-
-def load_real(manifest: str | os.PathLike, ingested: str | os.PathLike,
-              embeddings: str | os.PathLike) -> RealSet:
-    """Clean labeled ``train`` rows of ``manifest`` (the audit's ``manifest_clean.parquet``)."""
-    ing = Ingested.load(ingested, manifest=manifest)
-    df = ing.manifest
-    missing = {"index", "id", "split", "label"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{manifest}: missing columns {sorted(missing)}")
-    rows = df[(df["split"] == "train") & (df["label"] >= 0)].sort_values("index")
-    if rows.empty:
-        raise ValueError(f"{manifest}: no labeled train rows to synthesise from")
-    emb = load_embeddings(embeddings)
-    if len(emb) != len(ing.images):
-        raise ValueError(f"{Path(embeddings) / 'embeddings.npy'}: {len(emb)} rows but "
-                         f"{Path(ingested) / 'images.npy'} has {len(ing.images)}; re-run pretrain")
-    bad = rows["label"] >= len(ing.classes)
-    if bad.any():
-        raise ValueError(f"{manifest}: label {int(rows.loc[bad, 'label'].iloc[0])} outside the "
-                         f"{len(ing.classes)} classes of classes.json")
-    idx = rows["index"].to_numpy()
-    # the decoders' images: every ingested train image, from the raw manifest (Ingested.load checked it exists)
-    everything = pd.read_parquet(Path(ingested) / "manifest.parquet", columns=["index", "split"])
-    fit = np.sort(everything.loc[everything["split"] == "train", "index"].to_numpy())
-    return RealSet(images=np.asarray(ing.images[idx]), labels=rows["label"].to_numpy().astype(np.int64),
-                   ids=rows["id"].astype(str).to_numpy(), embeddings=np.asarray(emb[idx], dtype=np.float32),
-                   classes=list(ing.classes), fit_images=np.asarray(ing.images[fit]),
-                   fit_embeddings=np.asarray(emb[fit], dtype=np.float32))
 
 
 # --- plan ------------------------------------------------------------------------------------------
@@ -336,10 +375,16 @@ def _train_loop(name: str, params: list[nn.Parameter], steps: int, lr: float,
 # --- generators ------------------------------------------------------------------------------------
 
 
+@register_generator("augment")
 class AugmentGenerator:
     """Heavy albumentations augmentation of one real image per candidate (the baseline)."""
 
     name = "augment"
+
+    @classmethod
+    def from_params(cls, params: SynthesizeParams, device: torch.device, pretrain_decoder: MAEDecoder | None = None,
+                    norm_pix: bool = False) -> AugmentGenerator:
+        return cls(params.augment, params.seed)
 
     def __init__(self, params: AugmentParams, seed: int):
         import albumentations as A
@@ -412,7 +457,8 @@ class UNetInpainter(nn.Module):
         w = width
 
         def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8 if cout % 8 == 0 else 1, cout),
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1),
+                                 nn.GroupNorm(8 if cout % 8 == 0 else 1, cout),
                                  nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GELU())
 
         self.reduce = nn.Conv2d(feature_dim, w, 1)
@@ -446,10 +492,19 @@ def _grid_mask(n: int, height: int, width: int, patch: int, ratio: float, device
     return F.pad(m, (0, width - m.shape[3], 0, height - m.shape[2]))
 
 
+@register_generator("mae_inpaint")
 class MAEInpaintGenerator:
     """Mix patches of two same-class images, hide some, reconstruct them with a decoder (see module doc)."""
 
     name = "mae_inpaint"
+
+    @classmethod
+    def from_params(cls, params: SynthesizeParams, device: torch.device, pretrain_decoder: MAEDecoder | None = None,
+                    norm_pix: bool = False) -> MAEInpaintGenerator:
+        p = params.mae_inpaint
+        pre = AugmentGenerator(params.augment, params.seed) if p.pre_augment else None
+        post = AugmentGenerator(params.augment, params.seed + 1) if p.post_augment else None
+        return cls(p, device, pretrain_decoder, norm_pix, pre, post)
 
     def __init__(self, params: MAEInpaintParams, device: torch.device, pretrain_decoder: MAEDecoder | None = None,
                  norm_pix: bool = False, pre_augment: AugmentGenerator | None = None,
@@ -485,7 +540,8 @@ class MAEInpaintGenerator:
         self.norm_pix = False  # the decoders trained here predict pixels
         if encoder.is_vit:
             cfg = DecoderConfig(embed_dim=p.width, depth=1, num_heads=max(1, p.width // 32))
-            self.decoder, self.mode = MAEDecoder(encoder.dim, encoder.num_patches, self.patch, c, cfg), "trained_mae_decoder"
+            self.decoder = MAEDecoder(encoder.dim, encoder.num_patches, self.patch, c, cfg)
+            self.mode = "trained_mae_decoder"
         else:
             with torch.no_grad():
                 feat_dim = encoder.backbone.forward_features(torch.zeros(1, c, h, w, device=self.device)).shape[1]
@@ -507,7 +563,8 @@ class MAEInpaintGenerator:
         losses = _train_loop(f"mae_inpaint {self.mode}", list(self.decoder.parameters()), p.steps, p.lr, loss_fn,
                              np.random.default_rng(seed))
         self.decoder.eval()
-        return {"decoder_steps": float(p.steps), "decoder_final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
+        return {"decoder_steps": float(p.steps),
+                "decoder_final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
                 "decoder_cached": 0.0}
 
     def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -573,10 +630,16 @@ class EmbeddingDecoder(nn.Module):
         return (torch.sigmoid(x) - MEAN) / STD
 
 
+@register_generator("feature_interp")
 class FeatureInterpGenerator:
     """Decode points between same-class neighbours in SSL space (see module doc)."""
 
     name = "feature_interp"
+
+    @classmethod
+    def from_params(cls, params: SynthesizeParams, device: torch.device, pretrain_decoder: MAEDecoder | None = None,
+                    norm_pix: bool = False) -> FeatureInterpGenerator:
+        return cls(params.feature_interp, device)
 
     def __init__(self, params: FeatureInterpParams, device: torch.device):
         if params.t_min > params.t_max:
@@ -612,7 +675,8 @@ class FeatureInterpGenerator:
         losses = _train_loop("feature_interp decoder", list(self.decoder.parameters()), p.steps, p.lr, loss_fn,
                              np.random.default_rng(seed))
         self.decoder.eval()
-        return {"decoder_steps": float(p.steps), "decoder_final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
+        return {"decoder_steps": float(p.steps),
+                "decoder_final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
                 "decoder_cached": 0.0}
 
     @torch.no_grad()
@@ -643,15 +707,18 @@ class FeatureInterpGenerator:
 
 
 def make_generator(params: SynthesizeParams, device: torch.device, pretrain_decoder: MAEDecoder | None = None,
-                   norm_pix: bool = False) -> AugmentGenerator | MAEInpaintGenerator | FeatureInterpGenerator:
-    if params.generator == "augment":
-        return AugmentGenerator(params.augment, params.seed)
-    if params.generator == "mae_inpaint":
-        p = params.mae_inpaint
-        pre = AugmentGenerator(params.augment, params.seed) if p.pre_augment else None
-        post = AugmentGenerator(params.augment, params.seed + 1) if p.post_augment else None
-        return MAEInpaintGenerator(p, device, pretrain_decoder, norm_pix, pre, post)
-    return FeatureInterpGenerator(params.feature_interp, device)
+                   norm_pix: bool = False) -> Any:
+    """The generator registered as ``params.generator`` (:data:`GENERATORS`), built from ``params``.
+
+    Raises:
+        ValueError: no generator is registered under that name.
+    """
+    cls = GENERATORS.get(params.generator)
+    if cls is None:
+        raise ValueError(f"unknown generator {params.generator!r}; registered: {', '.join(GENERATORS)}")
+    if hasattr(cls, "from_params"):
+        return cls.from_params(params, device, pretrain_decoder, norm_pix)
+    return cls(params, device)
 
 
 # --- filter ----------------------------------------------------------------------------------------
@@ -762,7 +829,7 @@ def fidelity(real: np.ndarray, synthetic: np.ndarray, k: int) -> dict[str, float
     return {"frechet": frechet_distance(r, s), "precision": precision, "recall": recall}
 
 
-# --- the stage -------------------------------------------------------------------------------------
+# --- synthesis -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -781,16 +848,18 @@ class Synthesis:
 class DecoderCache:
     """Trained decoders kept under ``cache_dir``, keyed by everything their training depends on: the
     generator and its training params (not ``GENERATION_ONLY`` ones), the seed, the encoder's weights, the
-    images (and embeddings) they train on, torch's version and the device type. Labels are not in the key (decoders never see them), so a
-    re-run after a label change (audit, a noisier labeled batch) loads the decoder instead of training it
-    again. Safetensors files (no pickle), written atomically; the oldest beyond ``keep`` are removed.
+    images (and embeddings) they train on, torch's version and the device type. Labels are not in the key
+    (decoders never see them), so a re-run after a label change (audit, a noisier labeled batch) loads the
+    decoder instead of training it again. Safetensors files (no pickle), written atomically; the oldest
+    beyond ``keep`` are removed.
     """
 
     def __init__(self, params: SynthesizeParams, real: RealSet, encoder: Encoder, device: torch.device,
                  keep: int = 4):
         h = hashlib.sha256()
-        section = getattr(params, params.generator)
-        gen_params = section.model_dump(exclude=set(getattr(section, "GENERATION_ONLY", ())))
+        section = getattr(params, params.generator, None)  # a registered generator may have no params section
+        gen_params = ({} if section is None
+                      else section.model_dump(exclude=set(getattr(section, "GENERATION_ONLY", ()))))
         h.update(json.dumps({"generator": params.generator, "params": gen_params, "seed": params.seed,
                              "torch": torch.__version__, "device": device.type}, sort_keys=True).encode())
         for name, tensor in sorted(encoder.state_dict().items()):
@@ -830,11 +899,16 @@ class DecoderCache:
             log.warning("%s: could not cache the decoder (%s)", self.path, err)
 
 
+def _device(name: str) -> torch.device:
+    """``synthesize.device``: ``auto`` = cuda when available, else cpu."""
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def synthesize(real: RealSet, encoder: Encoder, params: SynthesizeParams,
                pretrain_decoder: MAEDecoder | None = None, norm_pix: bool = False) -> Synthesis:
     """Plan, generate, filter and score; deterministic for ``params.seed`` (on one device/thread count)."""
     torch.manual_seed(params.seed)
-    device = torch.device(params.device if params.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(params.device)
     seeds = np.random.SeedSequence(params.seed).spawn(3)
     plans = plan_classes(real.labels, real.classes, params)
     log.info("synthesising with %s for %d classes: %s", params.generator, len(plans),
@@ -917,76 +991,6 @@ def synthesize(real: RealSet, encoder: Encoder, params: SynthesizeParams,
     return Synthesis(images, manifest, embeddings, candidates, plans, metrics, grid_sources)
 
 
-def sample_grid(result: Synthesis, real: RealSet, columns: int):
-    """A matplotlib figure: one row per synthesised class, real examples | kept synthetic images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    _, h, w, c = real.images.shape
-    pad = 2
-    n_real = max((len(v) for v in result.grid_sources.values()), default=0)
-    cols = n_real + 1 + columns  # one blank column separates real from synthetic
-    rows = max(len(result.plans), 1)
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-
-    def put(r: int, col: int, img: np.ndarray) -> None:
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        canvas[y:y + h, x:x + w] = img
-
-    labels = result.manifest["label"].to_numpy()
-    for r, plan in enumerate(result.plans):
-        for j, s in enumerate(result.grid_sources.get(plan.label, [])):
-            put(r, j, real.images[s])
-        for j, i in enumerate(np.flatnonzero(labels == plan.label)[:columns]):
-            put(r, n_real + 1 + j, result.images[i])
-    fig, ax = plt.subplots(figsize=(max(4.0, cols * 0.55), max(1.5, rows * 0.6) + 0.6))
-    ax.imshow(canvas.squeeze(-1) if c == 1 else canvas, cmap="gray" if c == 1 else None, vmin=0, vmax=255,
-              interpolation="nearest")
-    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(result.plans))],
-                  [f"{p.name} ({result.metrics['classes'][p.name]['kept']})" for p in result.plans])
-    ax.set_xticks([pad + (n_real / 2) * (w + pad), pad + (n_real + 1 + columns / 2) * (w + pad)],
-                  ["real", f"synthetic ({result.metrics['generator']}, kept)"])
-    ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    fig.tight_layout()
-    return fig
-
-
-def write_outputs(result: Synthesis, real: RealSet, params: SynthesizeParams, out: str | os.PathLike = OUT,
-                  reports: str | os.PathLike = REPORTS) -> list[Path]:
-    """``out/images.npy`` + ``out/manifest.parquet`` (one atomic directory, replacing only an earlier synthetic
-    output: ``io.output_dir``) and the reports; returns report paths."""
-    import matplotlib.pyplot as plt
-
-    out, reports = Path(out), Path(reports)
-    with io.output_dir(out, "synthetic") as tmp:
-        np.save(tmp / "images.npy", result.images)
-        result.manifest.to_parquet(tmp / "manifest.parquet", index=False)
-    io.write_json(reports / "metrics.json", _json_safe(result.metrics))
-    per_class = pd.DataFrame([{"class": name, **{k: v[k] for k in ("real", "need", "made", "passed", "kept")}}
-                              for name, v in result.metrics["classes"].items()],
-                             columns=["class", "real", "need", "made", "passed", "kept"])
-    io.write_csv(reports / "per_class.csv", per_class)
-    io.write_csv(reports / "filter_scores.csv", result.candidates.round(4))
-    fig = sample_grid(result, real, params.grid_columns)
-    with io.atomic_path(reports / "grid.png", suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return [reports / n for n in ("metrics.json", "per_class.csv", "filter_scores.csv", "grid.png")]
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN (a metric undefined for too few images) -> None, so metrics.json stays valid JSON."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def load_pretrain_decoder(encoder_dir: str | os.PathLike) -> tuple[MAEDecoder | None, bool]:
     """The MAE decoder pretrain kept (or None) and whether it predicts per-patch normalised pixels."""
     import json
@@ -1000,30 +1004,69 @@ def load_pretrain_decoder(encoder_dir: str | os.PathLike) -> tuple[MAEDecoder | 
     return load_decoder(encoder_dir), bool((config.get("params") or {}).get("norm_pix_loss", True))
 
 
-def synthesize_cli(params: str | os.PathLike, manifest: str | os.PathLike = "data/audit/manifest_clean.parquet",
-                   ingested: str | os.PathLike = "data/ingested", encoder_dir: str | os.PathLike = "models/encoder",
-                   embeddings: str | os.PathLike = "data/embeddings", out: str | os.PathLike = OUT,
-                   reports: str | os.PathLike = REPORTS, overrides: dict[str, Any] | None = None) -> dict:
-    """Synthesise as the stage does, with one MLflow run holding params, metrics, grid and plots."""
-    import mlflow
+def synthesize_images(images: np.ndarray, labels: np.ndarray, encoder: Encoder, *, generator: str = "augment",
+                      per_class: int | None = None, seed: int = 0, pretrain_decoder: MAEDecoder | None = None,
+                      norm_pix: bool = False, **overrides: Any) -> tuple[np.ndarray, np.ndarray]:
+    """New images for the rare classes of ``images``, made and filtered as the ``synthesize`` stage does.
 
-    from sslvision import tracking
-    from sslvision.models import load_encoder
-    from sslvision.tracking import flatten
+    Every class below the target count gets images from ``generator``, made from its own images; only
+    candidates the filter keeps (classified as their class in ``encoder``'s embedding space, and not
+    near-copies of their sources) are returned. Deterministic for ``seed`` on one device/thread count.
+    Nothing is read or written on disk (``cache_dir`` defaults to ``""`` here: decoders are not cached).
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    p = load_section("synthesize", SynthesizeParams, params, overrides=overrides)
-    io.check_replaceable(out, "synthetic")  # refuse someone's directory before the work, not after
-    real = load_real(manifest, ingested, embeddings)
-    encoder = load_encoder(encoder_dir)
-    decoder, norm_pix = (load_pretrain_decoder(encoder_dir) if p.generator == "mae_inpaint" else (None, False))
-    with tracking.stage_run("synthesize", p.model_dump()):
-        result = synthesize(real, encoder, p, decoder, norm_pix)
-        paths = write_outputs(result, real, p, out, reports)
-        flat = flatten({k: v for k, v in result.metrics.items() if k not in ("generator", "mode")})
-        mlflow.log_metrics({k.replace(" ", "_").replace("/", "_"): float(v) for k, v in flat.items()
-                            if isinstance(v, (int, float)) and math.isfinite(v)})
-        for path in paths:
-            mlflow.log_artifact(str(path), artifact_path="synthesize")
-    return result.metrics
+    Args:
+        images: uint8 ``(N, H, W)`` or ``(N, H, W, C)``, the real images (labeled, trusted).
+        labels: int ``(N,)``, their class labels (any non-negative ints; a label's class is its value).
+        encoder: the SSL encoder (:class:`~sslvision.models.Encoder`) the filter and fidelity use.
+        generator: a name in :data:`GENERATORS` (``augment``, ``mae_inpaint``, ``feature_interp``, or one
+            added with :func:`register_generator`).
+        per_class: bring each class below this many images up to it (real + new, filter permitting);
+            None = :class:`SynthesizeParams`' rule (``target``: the median class count, at most
+            ``max_per_class`` new images per class).
+        seed: the synthesis seed.
+        pretrain_decoder, norm_pix: for ``mae_inpaint`` with a ViT encoder, the MAE decoder pretrain kept and
+            whether it predicts normalised pixels (:func:`load_pretrain_decoder`).
+        **overrides: other ``synthesize`` params (:class:`SynthesizeParams`), nested as in params.yaml, e.g.
+            ``filter={"min_confidence": 0.3}``, ``oversample=4``, ``device="cuda"``.
+    Returns:
+        ``(new_images, new_labels)``: uint8 ``(M, H, W[, C])`` shaped as ``images``, and int64 ``(M,)``,
+        grouped by class; ``M`` may be 0.
+    Raises:
+        ValueError: bad shapes or dtypes, a negative label, an unknown generator, or an invalid param
+            (:class:`~sslvision.params.ParamsError`).
+
+    Example::
+
+        from sslvision.synthesize import synthesize_images
+        new_x, new_y = synthesize_images(x, y, encoder, generator="augment", per_class=500,
+                                         filter={"min_confidence": 0.3})
+        x_train, y_train = np.concatenate([x, new_x]), np.concatenate([y, new_y])
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(f"images must be uint8 (N, H, W) or (N, H, W, C), got {images.dtype} {images.shape}")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be ints of shape ({len(images)},), got {labels.dtype} {labels.shape}")
+    if not len(labels):
+        raise ValueError("no images to synthesise from")
+    if labels.min() < 0:
+        raise ValueError("labels must be >= 0 (drop unlabeled images first)")
+    if per_class is not None and "target" in overrides:
+        raise ValueError("give per_class or target, not both")
+    raw: dict[str, Any] = {"seed": seed, "cache_dir": "", **overrides}
+    if per_class is not None:  # the caller's target: max_per_class does not cap it unless given too
+        raw["target"] = per_class
+        raw.setdefault("max_per_class", per_class)
+    params = validate_section("synthesize", SynthesizeParams, raw, source="synthesize_images")
+    # generator names outside params.yaml's built-in choices come from the registry: make_generator checks them
+    params = params.model_copy(update={"generator": generator})
+    squeeze = images.ndim == 3
+    x = images[..., None] if squeeze else images
+    values, y = np.unique(labels, return_inverse=True)
+    device = _device(params.device)
+    real = RealSet(images=x, labels=y.astype(np.int64), ids=np.arange(len(x)).astype(str),
+                   embeddings=embed(encoder, x, batch_size=params.batch_size, device=device),
+                   classes=[str(v) for v in values])
+    result = synthesize(real, encoder, params, pretrain_decoder, norm_pix)
+    new = result.images[..., 0] if squeeze else result.images
+    return new, values[result.manifest["label"].to_numpy()].astype(np.int64)

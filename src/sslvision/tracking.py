@@ -82,7 +82,8 @@ def relocate_artifacts(database: str | os.PathLike = "mlflow.db") -> Path | None
                 if table not in tables:
                     continue
                 for prefix, new in ((old_uri, here.as_uri() + "/"), (f"{old}/", f"{here}/")):
-                    db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # names from _LOCATION_COLUMNS
+                    # table and column names from _LOCATION_COLUMNS
+                    db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
                                f"WHERE substr({column}, 1, ?) = ?", (new, len(prefix) + 1, len(prefix), prefix))
     log.warning("this project was moved or copied from %s to %s: MLflow artifact locations in %s now point here",
                 old, here, database)

@@ -10,7 +10,7 @@ The mapping (DESIGN.md):
 - a rare class's recall falls with no input drift              -> ``synthesize``
 - accuracy falls with no other cause                           -> ``finetune``
 - the class mix changed and nothing else (label shift)         -> action ``prior_correction``: no stage
-  re-runs; the champion's logits are corrected for the estimated prior (:func:`correct_prior`), registered
+  re-runs; the champion's logits are corrected for the estimated prior (``sslvision.actions.correct_prior``), registered
   as a new version and gated at that class mix
 - nothing failed                                               -> nothing re-runs
 
@@ -22,7 +22,7 @@ so the batch that caused the decision joins the data first, and only when the re
 monitor never admits a batch with ``--no-retrain``). An unlabeled batch joins the SSL pool only when its
 images drifted (in-distribution images add nothing to SSL); a labeled batch joins any retrain, as labeled
 data (the pool batch keeps its class directories). Images identical to the held-out test split never
-join (``drift.held_out_files``): pretraining on them would leak the test set. Both land under ``ingest.pool``, which
+join (``batches.held_out_files``): pretraining on them would leak the test set. Both land under ``ingest.pool``, which
 the ingest stage reads; DVC then re-runs exactly what the new data invalidates, and ``from_stage``
 forces the chosen stage and everything downstream of it.
 """
@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from sslvision import io
+from sslvision.stages import STAGES
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ["ingest", "pretrain", "audit", "synthesize", "finetune", "drift_eval"]
+STAGE_ORDER = list(STAGES)
 PRIOR_CORRECTION = "prior_correction"  # an action, not a stage: the champion's prior is corrected
 RETRAIN = "retrain"
 
@@ -149,12 +150,12 @@ def admit_batch(batch_dir: str | Path, decision: Decision, pool: str | Path,
     when it does not join.
 
     ``evaluated``: ``{path relative to the batch: sha256}`` of the files drift_eval decoded
-    (``drift.read_batch_files``). Only those join, and only with the bytes that were evaluated: a file
+    (``batches.read_batch_files``). Only those join, and only with the bytes that were evaluated: a file
     that appeared, changed or vanished after the evaluation (a batch still being written) is left out,
     as is every symbolic link (never followed: a link can point anywhere, and what it points to would
     become pool data and reach the reports) and anything that is not a regular file. Each file left out
     is in ``Admission.skipped`` with the reason, and logged. ``held_out``: ``{path: why}`` of files that
-    must never join (identical to a held-out test image: ``drift.held_out_files``).
+    must never join (identical to a held-out test image: ``batches.held_out_files``).
 
     The copy is made next to its destination and renamed into place, so an interrupted admission leaves
     no half batch in the pool; admitting the same batch twice is a no-op (nothing copied).
@@ -218,79 +219,3 @@ def read_trigger(path: str | Path) -> dict[str, dict[str, Any]]:
     if not isinstance(metrics, dict):
         raise ValueError(f"{path}: expected a 'metrics' mapping of monitored metrics")
     return metrics
-
-
-# --- the prior-correction action -------------------------------------------------------------------
-
-
-def prior_correction_thresholds(promotion: Any, champion_metrics: dict[str, float] | None) -> dict[str, Any]:
-    """The gate of a prior-corrected version, on the golden set drawn at the estimated class mix: accuracy at
-    that mix no worse than the champion's by more than ``min_improvement`` (the golden set's resolution),
-    calibration within ``max_ece``, balanced accuracy above the absolute floor ``min_balanced_accuracy``.
-    Balanced accuracy is not required to rise: a prior correction trades recall between classes for
-    accuracy at the production mix, which is its point."""
-    from mlflow.models import MetricThreshold
-
-    out = {"balanced_accuracy": MetricThreshold(threshold=promotion.min_balanced_accuracy, greater_is_better=True),
-           "ece": MetricThreshold(threshold=promotion.max_ece, greater_is_better=False)}
-    if champion_metrics is not None:
-        out["accuracy"] = MetricThreshold(threshold=champion_metrics["accuracy/score"] - promotion.min_improvement,
-                                          greater_is_better=True)
-    return out
-
-
-def correct_prior(result: Mapping[str, Any], params: str | Path, batch: str) -> dict[str, Any]:
-    """The ``prior_correction`` action: the scored classifier (``result["model"]``: the champion, or the file
-    scored before there was one) with drift_eval's estimated class prior applied to its logits
-    (``result["class_prior"]["adjustment"]``, added to any correction it already carries), registered as a
-    new version (challenger) and gated at the estimated mix (:func:`prior_correction_thresholds`, golden set:
-    the test split re-sampled to that prior). The network and its weights stay as they are. Returns the
-    correction and the gate's decision; needs ``finetune.registry.enabled``."""
-    import tempfile
-
-    import mlflow
-    import numpy as np
-
-    from sslvision import registry, tracking
-    from sslvision.drift import resample_to_prior
-    from sslvision.finetune import MAX_PRIOR_ADJUSTMENT, golden_set, load_classifier, load_params, save_classifier
-
-    p = load_params(params)
-    if not p.registry.enabled:
-        raise ValueError(f"{params}: finetune.registry.enabled is false: a prior correction is registered and "
-                         "gated like any model; enable the registry or retrain")
-    model, prior_info = result["model"], result["class_prior"]
-    classes = list(prior_info["estimate"])
-    prior = np.asarray([prior_info["estimate"][c] for c in classes], dtype=float)
-    prior /= prior.sum()
-    step = np.asarray([prior_info["adjustment"][c] for c in classes], dtype=float)
-    name = p.registry.model_name
-    tracking.setup()
-    if model.get("source") == "registry":
-        classifier, base = registry.load_champion_classifier(name)
-    else:
-        classifier, base = load_classifier(model["path"]), model.get("path")
-    before = np.asarray(classifier.prior_correction["adjustment"]) if classifier.prior_correction else 0.0
-    total = np.clip(before + step - np.mean(before + step), -MAX_PRIOR_ADJUSTMENT, MAX_PRIOR_ADJUSTMENT)
-    classifier.prior_correction = {"adjustment": [round(float(v), 6) for v in total],
-                                   "prior": [float(v) for v in prior], "method": prior_info["method"],
-                                   "batch": batch, "base": str(base)}
-    images, labels = golden_set(p)
-    rows = resample_to_prior(labels, prior, len(labels), seed=0)
-    with tracking.stage_run(PRIOR_CORRECTION, {"batch": batch, "base": str(base), "model_name": name}), \
-            tempfile.TemporaryDirectory(prefix="sslvision-prior-") as tmp:
-        save_classifier(Path(tmp) / "classifier", classifier)
-        version = registry.log_and_register(Path(tmp) / "classifier", name, images[rows[:3]])
-        mlflow.set_tags({"sslvision.action": PRIOR_CORRECTION, "sslvision.batch": batch,
-                         "sslvision.prior_correction.base": str(base)})
-        mlflow.MlflowClient().set_model_version_tag(name, version, "sslvision.prior_correction",
-                                                    f"base {base}, batch {batch}")
-        decision = registry.promote(name, images[rows], labels[rows], p.promotion,
-                                    limits_for=prior_correction_thresholds)
-        mlflow.set_tag("sslvision.decision", decision["decision"])
-    log.info("prior correction of %s (base %s) registered as version %s: %s", name, base, version,
-             decision["decision"])
-    return {"version": version, "base": str(base), "prior": dict(zip(classes, classifier.prior_correction["prior"],
-                                                                      strict=True)),
-            "adjustment": dict(zip(classes, classifier.prior_correction["adjustment"], strict=True)),
-            "golden_size": int(len(rows)), "promotion": decision}

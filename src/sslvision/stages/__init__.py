@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from sslvision.params import ParamsError, params_path, read_params
 
+# The pipeline's DVC stages in run order: the stage names of dvc.yaml, this repository's and the one
+# ``sslvision init`` writes (tests/test_params_file.py checks both). Every other list of stages is this one.
+STAGES = ("ingest", "pretrain", "embed", "audit", "synthesize", "finetune", "drift_eval")
+
 # The params key that records which sslvision made a project's outputs (``sslvision init`` writes it).
 VERSION_KEY = ("sslvision", "version")
 

@@ -2,17 +2,346 @@
 ``models/classifier/`` and ``reports/finetune/``, log to MLflow, register the model as ``challenger``
 and run the gated promotion (``finetune.registry``).
 
+Inputs (the contract in :mod:`sslvision.data`; paths from the ``finetune`` params): the encoder in
+``models/encoder/``, the train rows of the audited manifest ``data/audit/manifest_clean.parquet`` (splits
+``finetune.splits``), the images in ``data/ingested/``, and the kept synthetic images in ``data/synthetic/``
+(optional: absent or empty means none; their loss weight is ``synthetic_weight``). Validation is a
+stratified share of the *real* train rows (:func:`sslvision.finetune.train_val_rows`: synthetic images
+never validate). The clean, balanced ``test`` split is the evaluation set.
+
+Baselines: the stage also fits :func:`sslvision.baselines.pixel_logreg` (logistic regression on pixel PCA
+features) on the same real training rows and labels, and reports it beside the classifier (``metrics.json``
+``baselines.pixel_logreg``, MLflow ``baseline/pixel_logreg/...``); its balanced accuracy on the golden set is
+recorded with the registered version, and promotion refuses a classifier that does not beat it
+(``promotion.beat_pixel_baseline``, :mod:`sslvision.registry`). With synthetic images
+(``synthetic_ablation``), the same classifier is also trained without them and the difference is reported.
+
+Outputs: ``models/classifier/`` (:func:`sslvision.finetune.save_classifier`, with the conversion ingest
+applied to the training images: :func:`training_conversion`), ``reports/finetune/`` (``metrics.json``,
+``promotion.json``, the DVC plot data and figures: :func:`write_reports`) and one MLflow run.
+
 Run from the project root (``dvc repro finetune``), or a full fine-tune (``finetune.mode: finetune``)
 on N processes of one machine (rendezvous on loopback, see the README):
-``torchrun --nproc_per_node=N --master_addr=127.0.0.1 --master_port=29500 -m sslvision.stages.finetune``. All
-logic is in ``sslvision.finetune`` and ``sslvision.registry``.
+``torchrun --nproc_per_node=N --master_addr=127.0.0.1 --master_port=29500 -m sslvision.stages.finetune``.
+Every process trains (:func:`sslvision.finetune.train_classifier`); only rank 0 evaluates, writes
+``models/classifier``/``reports/finetune`` and logs to MLflow. The training is in :mod:`sslvision.finetune`,
+registration and promotion in :mod:`sslvision.registry`.
 """
 
-import sys
+from __future__ import annotations
 
-from sslvision.finetune import finetune_cli
-from sslvision.params import ParamsError, params_path, require_sections
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sslvision import registry, tracking
+from sslvision.baselines import pixel_logreg
+from sslvision.data import Ingested
+from sslvision.finetune import (
+    Classifier,
+    FinetuneData,
+    FinetuneParams,
+    Split,
+    TrainResult,
+    init_classifier,
+    save_classifier,
+    train_classifier,
+    train_val_rows,
+)
+from sslvision.ingest import Conversion, IngestParams
+from sslvision.io import atomic_path, check_replaceable, write_csv, write_json
+from sslvision.metrics import classification_metrics, reliability_table
+from sslvision.models import load_encoder
+from sslvision.params import ParamsError, load_section, params_path, require_sections
 from sslvision.stages import check_code_version
+
+log = logging.getLogger(__name__)
+
+REPORTS = Path("reports/finetune")
+
+
+def load_params(params: str | Path | None = None) -> FinetuneParams:
+    """The ``finetune`` section of ``params`` (default: ``params.yaml`` or ``$SSLVISION_PARAMS``).
+    Raises :class:`~sslvision.params.ParamsError` when it is invalid."""
+    return load_section("finetune", FinetuneParams, params)
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+def load_synthetic(directory: str | Path, shape: tuple[int, ...], num_classes: int, weight: float) -> Split | None:
+    """The kept synthetic images of ``directory`` (``images.npy`` + ``manifest.parquet``) with loss weight
+    ``weight``, or None when the directory is absent or empty (no synthetic data). Raises
+    ``FileNotFoundError`` when one of the two files is missing, ``ValueError`` when they do not fit ``shape``
+    and ``num_classes``."""
+    directory = Path(directory)
+    npy, manifest = directory / "images.npy", directory / "manifest.parquet"
+    if not npy.exists() and not manifest.exists():
+        return None
+    for path in (npy, manifest):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing while {directory} has the other half of the synthetic set")
+    df = pd.read_parquet(manifest)
+    if len(df) == 0:
+        return None
+    images = np.load(npy, mmap_mode="r")
+    if images.shape[1:] != shape:
+        raise ValueError(f"{npy}: images are {images.shape[1:]}, the ingested images are {shape}")
+    if int(df["index"].max()) >= len(images):
+        raise ValueError(f"{manifest}: refers to row {int(df['index'].max())} but {npy} has {len(images)}")
+    labels = df["label"].to_numpy(np.int64)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{manifest}: labels must be in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+    return Split.of(images[df["index"].to_numpy()], labels, weight, synthetic=True)
+
+
+def load_data(p: FinetuneParams) -> FinetuneData:
+    """Train (real minus validation, plus synthetic), validation (real) and test splits, read from the paths
+    of ``p``. Raises ``FileNotFoundError``/``ValueError`` when an input is missing or does not fit."""
+    ing = Ingested.load(p.ingested)
+    train_df, val_df = train_val_rows(p)
+    num_classes = len(ing.classes)
+    top = int(max(train_df["label"].max(), val_df["label"].max() if len(val_df) else 0))
+    if top >= num_classes:
+        raise ValueError(f"{p.manifest}: label {top} but {p.ingested}/classes.json has {num_classes} classes")
+    train = Split.of(ing.images[train_df["index"].to_numpy()], train_df["label"].to_numpy())
+    val = Split.of(ing.images[val_df["index"].to_numpy()], val_df["label"].to_numpy())
+    synthetic = load_synthetic(p.synthetic, ing.images.shape[1:], num_classes, p.synthetic_weight)
+    if synthetic is not None and p.synthetic_weight > 0:
+        train = train.concat(synthetic)
+    test_df = ing.split("test")
+    test_df = test_df[test_df["label"] >= 0]
+    if len(test_df) == 0:
+        raise ValueError(f"{p.ingested}/manifest.parquet: no labelled test rows to evaluate on")
+    test = Split.of(ing.images[test_df["index"].to_numpy()], test_df["label"].to_numpy())
+    log.info("train %d images (%d synthetic), validation %d, test %d", len(train), int(train.synthetic.sum()),
+             len(val), len(test))
+    return FinetuneData(train=train, val=val, test=test, classes=list(ing.classes))
+
+
+def build_classifier(p: FinetuneParams, classes: list[str]) -> Classifier:
+    """:func:`sslvision.finetune.init_classifier` on the encoder saved in ``p.encoder``."""
+    return init_classifier(load_encoder(p.encoder), classes, p)
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+def run_finetune(
+        p: FinetuneParams, on_epoch: Any = None) -> tuple[Classifier, FinetuneData, TrainResult, dict, np.ndarray]:
+    """Load (:func:`load_data`), train, calibrate and evaluate on the test split, with the pixel baseline and
+    (``synthetic_ablation``) the run without synthetic images; writes nothing. ``on_epoch``: as for
+    :func:`sslvision.finetune.train_classifier`. Returns (classifier, data, result, metrics, test probabilities)."""
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    data = load_data(p)
+    classifier = build_classifier(p, data.classes)
+    result = train_classifier(classifier, data, p, on_epoch=on_epoch)
+    probs = classifier.predict_proba(data.test.images, p.eval_batch_size)
+    metrics = classification_metrics(data.test.labels, probs, data.classes)
+    metrics.update(best_epoch=result.best_epoch, val_balanced_accuracy=result.best_val_balanced_accuracy,
+                   temperature=result.temperature, train_images=len(data.train),
+                   synthetic_images=int(data.train.synthetic.sum()), train_seconds=result.seconds,
+                   world_size=result.world_size)
+    ablate = p.synthetic_ablation == "on" or (p.synthetic_ablation == "auto" and p.mode == "linear_probe")
+    if ablate and data.train.synthetic.any():
+        if result.world_size > 1:
+            log.info("synthetic_ablation: skipped under torchrun (the other processes do not train it)")
+        else:
+            metrics["synthetic_ablation"] = synthetic_ablation(p, data, metrics)
+    metrics["baselines"] = {"pixel_logreg": pixel_baseline(p, data, metrics)}
+    return classifier, data, result, metrics, probs
+
+
+def pixel_baseline(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any]) -> dict[str, Any]:
+    """:func:`sslvision.baselines.pixel_logreg` fitted on the real training rows the classifier trained on
+    (same audited labels, same validation rows held out; no synthetic images) and scored on the same test
+    split as ``metrics``, and on the promotion's golden set (:func:`sslvision.registry.golden_set`):
+    ``golden_balanced_accuracy`` and ``golden_sha256`` are what the gate compares a challenger with
+    (``promotion.beat_pixel_baseline``)."""
+    real = data.train.take(np.flatnonzero(~data.train.synthetic))
+    model = pixel_logreg(real.images, real.labels, num_classes=len(data.classes), seed=p.seed)
+    test = classification_metrics(data.test.labels, model.predict_proba(data.test.images), data.classes)
+    golden_images, golden_labels = registry.golden_set(p)
+    golden = classification_metrics(golden_labels, model.predict_proba(golden_images), data.classes)
+    out = {
+        "model": "logistic regression (class_weight balanced) on 64 PCA components of the pixels",
+        **{k: test[k] for k in ("balanced_accuracy", "worst_class_recall", "worst_class", "accuracy", "macro_f1",
+                                "per_class_recall")},
+        "golden_balanced_accuracy": golden["balanced_accuracy"],
+        "golden_size": int(len(golden_labels)),
+        "golden_sha256": registry.golden_digest(golden_images, golden_labels),
+        "train_rows": model.train_rows,
+        "seconds": model.seconds,
+        "classifier_gain": metrics["balanced_accuracy"] - test["balanced_accuracy"],
+    }
+    behind = out["classifier_gain"] <= 0
+    log.log(logging.WARNING if behind else logging.INFO,
+            "pixel baseline (%s, %d rows, %.1f s): balanced accuracy %.1f %%, worst class %s %.1f %%; the classifier "
+            "%.1f %% (%+.1f points)%s", out["model"], model.train_rows, model.seconds, 100 * test["balanced_accuracy"],
+            test["worst_class"], 100 * test["worst_class_recall"], 100 * metrics["balanced_accuracy"],
+            100 * out["classifier_gain"], "; promotion.beat_pixel_baseline refuses it" if behind else "")
+    return out
+
+
+def synthetic_ablation(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the synthetic images changed: the same classifier (same params and seed, same validation rows)
+    trained on the real training rows alone, evaluated on the same test split as ``metrics``.
+
+    A report, not a selection: the deployed classifier is the one trained with the synthetic images either
+    way. ``tail`` is the (up to) 3 classes with the fewest real training images among those that received
+    synthetic ones, the classes synthesis is for; the gains are with minus without, in recall points (0-1).
+    """
+    k = len(data.classes)
+    real = data.train.take(np.flatnonzero(~data.train.synthetic))
+    baseline = build_classifier(p, data.classes)
+    train_classifier(baseline, FinetuneData(train=real, val=data.val, test=data.test, classes=data.classes), p)
+    without = classification_metrics(data.test.labels, baseline.predict_proba(data.test.images, p.eval_batch_size),
+                                     data.classes)
+    real_counts = np.bincount(real.labels, minlength=k)
+    synthesised = np.flatnonzero(np.bincount(data.train.labels[data.train.synthetic], minlength=k))
+    tail = sorted(synthesised.tolist(), key=lambda c: (int(real_counts[c]), c))[:3]
+
+    def mean_recall(m: dict[str, Any], cs: list[int]) -> float:
+        vals = [m["per_class_recall"][data.classes[c]] for c in cs]
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else math.nan
+
+    out: dict[str, Any] = {
+        "tail_classes": [data.classes[c] for c in tail],
+        "tail_recall": mean_recall(metrics, tail),
+        "tail_recall_without": mean_recall(without, tail),
+        "synthesised_recall": mean_recall(metrics, synthesised.tolist()),
+        "synthesised_recall_without": mean_recall(without, synthesised.tolist()),
+        "balanced_accuracy_without": without["balanced_accuracy"],
+        "worst_class_recall_without": without["worst_class_recall"],
+        "ece_without": without["ece"],
+        "per_class_recall_without": {data.classes[c]: without["per_class_recall"][data.classes[c]]
+                                     for c in synthesised.tolist()},
+    }
+    out["tail_recall_gain"] = out["tail_recall"] - out["tail_recall_without"]
+    out["synthesised_recall_gain"] = out["synthesised_recall"] - out["synthesised_recall_without"]
+    out["balanced_accuracy_gain"] = metrics["balanced_accuracy"] - without["balanced_accuracy"]
+    hurt = out["tail_recall_gain"] < 0 or out["balanced_accuracy_gain"] < 0
+    log.log(logging.WARNING if hurt else logging.INFO,
+            "synthetic images (%d): mean recall of %s %.1f -> %.1f %%, balanced accuracy %.1f -> %.1f %% (without -> "
+            "with, same test split)%s", int(data.train.synthetic.sum()), ", ".join(out["tail_classes"]),
+            100 * out["tail_recall_without"], 100 * out["tail_recall"], 100 * without["balanced_accuracy"],
+            100 * metrics["balanced_accuracy"],
+            "; they lower it: try another synthesize.generator or a lower finetune.synthetic_weight" if hurt else "")
+    return out
+
+
+def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
+    """The stage: train, write ``models/classifier`` and ``reports/finetune``, log to MLflow, register
+    the model as ``challenger`` and (``registry.auto_promote``) run the gated promotion. Under torchrun
+    the other processes only train alongside rank 0 and return None."""
+    import mlflow
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    p = load_section("finetune", FinetuneParams, params)
+    check_replaceable(p.out, "classifier")  # a directory of someone's files: refuse before training, not after
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: train only; rank 0 evaluates, logs and writes
+        if p.threads:
+            torch.set_num_threads(p.threads)
+        data = load_data(p)
+        train_classifier(build_classifier(p, data.classes), data, p)
+        return None
+    with tracking.stage_run("finetune", p.model_dump()):
+        classifier, data, result, metrics, probs = run_finetune(
+            p, on_epoch=lambda epoch, row: mlflow.log_metrics({f"train/{k}": v for k, v in row.items()}, step=epoch))
+        classifier.conversion = training_conversion(data.train.images.shape, params)
+        save_classifier(p.out, classifier, extra={"metrics": {k: metrics[k] for k in (
+            "accuracy", "balanced_accuracy", "worst_class_recall", "ece")}})
+        figures = write_reports(metrics, result.history, data.test.labels, probs, data.classes)
+        mlflow.log_metrics(scalar_metrics(metrics))
+        for name, fig in figures.items():
+            mlflow.log_figure(fig, f"finetune/{name}")
+        mlflow.log_artifact(str(REPORTS / "metrics.json"), artifact_path="finetune")
+        version = None
+        if p.registry.enabled:
+            version = registry.log_and_register(p.out, p.registry.model_name, data.test.images[:4])
+            registry.record_pixel_baseline(p.registry.model_name, version, metrics["baselines"]["pixel_logreg"])
+            metrics["registered_version"] = int(version)
+    if version is None or not p.registry.auto_promote:
+        decision = {"decision": "not_run", "reason": "finetune.registry.enabled or auto_promote is false"}
+    else:
+        decision = registry.promote_cli(p)
+    write_json(REPORTS / "promotion.json", decision)
+    metrics["promotion"] = decision
+    return metrics
+
+
+def training_conversion(shape: tuple[int, ...], params: str | Path | None = None) -> Conversion:
+    """The conversion ingest applied to the training images: their shape ``(N, H, W, C)`` as ingested,
+    and the size limits of the ``ingest`` section of the params file (its defaults when it has none)."""
+    limits = load_section("ingest", IngestParams, params)
+    return Conversion(int(shape[3]), int(shape[1]), limits.max_file_bytes, limits.max_pixels)
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a :func:`run_finetune` ``metrics`` dict as flat MLflow metric names (``recall/<class>``,
+    ``synthetic_ablation/<key>``, ``baseline/<name>/<key>``): booleans, None and strings left out, and the
+    non-finite values of the ablation and the baselines."""
+    out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out.update({f"recall/{c}": float(r) for c, r in metrics["per_class_recall"].items() if r is not None})
+    out.update({f"synthetic_ablation/{k}": float(v) for k, v in metrics.get("synthetic_ablation", {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+    for name, b in metrics.get("baselines", {}).items():
+        out.update({f"baseline/{name}/{k}": float(v) for k, v in b.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+        out.update({f"baseline/{name}/recall/{c}": float(r) for c, r in b["per_class_recall"].items() if r is not None})
+    return out
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+def write_reports(metrics: dict[str, Any], history: list[dict[str, float]], labels: np.ndarray, probs: np.ndarray,
+                  classes: list[str], out: str | Path = REPORTS) -> dict[str, Any]:
+    """``metrics.json``, DVC plot data (predictions for the confusion matrix, per-class recall,
+    training history, reliability) and the PNG figures. Returns the matplotlib figures by file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    out = Path(out)
+    write_json(out / "metrics.json", metrics)
+    pred = probs.argmax(1)
+    names = np.asarray(classes, dtype=object)
+    write_csv(out / "predictions.csv", pd.DataFrame({"actual": names[labels], "predicted": names[pred]}))
+    write_csv(out / "per_class_recall.csv", pd.DataFrame(
+        {"class": classes, "recall": [metrics["per_class_recall"][c] for c in classes]}))
+    write_csv(out / "history.csv", pd.DataFrame(history))
+    reliability = reliability_table(probs.max(1), pred == labels)
+    write_csv(out / "reliability.csv", reliability)
+
+    figures: dict[str, Any] = {}
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ConfusionMatrixDisplay(np.asarray(metrics["confusion_matrix"]), display_labels=classes).plot(
+        ax=ax, xticks_rotation=45, colorbar=False, values_format="d")
+    ax.set_title(f"test: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
+                 f"worst class {metrics['worst_class']} {metrics['worst_class_recall']:.3f}")
+    fig.tight_layout()
+    figures["confusion_matrix.png"] = fig
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.bar(reliability["confidence"], reliability["accuracy"], width=1 / len(reliability), alpha=0.7, edgecolor="k")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"reliability (ECE {metrics['ece']:.3f})")
+    fig.tight_layout()
+    figures["reliability.png"] = fig
+    for name, fig in figures.items():
+        with atomic_path(out / name, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    return figures
 
 
 def main() -> None:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-DEGRADATION_EVENT = "sslvision.degradation"
-PIPELINE_RESOURCE = "sslvision.pipeline"
+from sslvision.flows import DEGRADATION_EVENT, PIPELINE_RESOURCE
+from sslvision.flows.monitor import monitor
+from sslvision.flows.train import train
 
 
 def build_deployments(cron: str) -> list[Any]:
     """Scheduled ``monitor`` (reports and emits the degradation event) and event-triggered ``train``."""
     from prefect.events import DeploymentEventTrigger
-
-    from pipelines.monitor import monitor
-    from pipelines.train import train
 
     on_degradation = DeploymentEventTrigger(
         expect={DEGRADATION_EVENT},
