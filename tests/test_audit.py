@@ -396,8 +396,9 @@ def test_find_label_issues_has_the_params_defaults_and_names_a_bad_setting():
                 if prm.kind is inspect.Parameter.KEYWORD_ONLY and name in AuditParams.model_fields}
     assert keywords == {name: AuditParams.model_fields[name].default for name in keywords}
     # every detection setting is a keyword; the stage's file/policy settings are not
-    assert set(AuditParams.model_fields) - set(keywords) == {"splits", "policy", "relabel_confidence",
-                                                             "drop_outliers", "gallery_size", "truth"}
+    stage_only = {"splits", "policy", "relabel_confidence", "max_change_share", "drop_outliers", "gallery_size",
+                  "truth"}
+    assert set(AuditParams.model_fields) - set(keywords) == stage_only
     x, _, given = blobs()
     with pytest.raises(ParamsError, match=r"find_label_issues: audit\.knn_k"):
         find_label_issues(x, given, knn_k=0)
