@@ -61,6 +61,7 @@ CPU_PRETRAIN = {
     "steps_per_epoch": 30,
     "temperature": 0.2,
 }
+FINETUNE_STEPS = 400  # fine-tuning steps init gives a small folder (the demo's recipe makes ~770 on 12,000 images)
 CPU_NOTE = ("sized for a CPU: a ~1.2M-parameter ResNet-10 at half width (~8x cheaper than ResNet-18) with stem_stride "
             "2, 300 SSL steps (epochs x steps_per_epoch) at temperature 0.2; on a GPU use {} (the standard ResNet-18), "
             "stem_stride 1, epochs 100-200 and steps_per_epoch 0 (profiles/gpu.yaml)")
@@ -338,6 +339,14 @@ def params_text(found: Inspection, *, source: str, version: str) -> str:
     recipe = {name: DEMO_OVERRIDES[name] for name in ("synthesize", "finetune")}
     values = {"ingest": ingest, "pretrain": pretrain, "drift_eval": {"batch": ""}, "monitor": {"inbox": INBOX},
               **{name: {key: value for key, (value, _) in keys.items()} for name, keys in recipe.items()}}
+    # a small folder gets at least 8 fine-tuning steps per epoch and FINETUNE_STEPS in all (an epoch of 150 images
+    # at the default batch is one step: 16 epochs would be 16 steps)
+    ft_batch = max(16, min(values["finetune"].get("batch_size", section_defaults("finetune")["batch_size"]),
+                           2 ** int(np.log2(max(n_train // 8, 1)))))
+    ft_epochs = max(values["finetune"]["epochs"], min(200, int(np.ceil(FINETUNE_STEPS / max(1, n_train // ft_batch)))))
+    small = ft_epochs != values["finetune"]["epochs"]
+    if small:
+        values["finetune"].update(batch_size=ft_batch, epochs=ft_epochs)
     split = (f"the test split is recorded in {SPLIT_FILE}, a manifest of your files where they are (paths "
              "relative to manifest_root); delete it and run `sslvision init` again for another split")
     notes = {
@@ -361,6 +370,10 @@ def params_text(found: Inspection, *, source: str, version: str) -> str:
         "monitor": {"inbox": ["production batches: one directory per batch, flat images (unlabeled) or class "
                               "subdirectories (labeled)"]},
     }
+    if small:
+        notes["finetune"]["batch_size"] = [f"{n_train} training images: at least 8 steps per epoch"]
+        notes["finetune"]["epochs"] = [f"about {FINETUNE_STEPS} fine-tuning steps on {n_train} training images "
+                                       f"(the demo's 16 epochs are ~770 steps)"]
     header = [
         f"# sslvision project for {found.data}, made by `sslvision init` (sslvision {version}).",
         "# One section per stage; DVC tracks each, so changing a value re-runs that stage and what depends on it.",

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = os.environ.get("SSLVISION_EXPERIMENT", "sslvision")
 PARENT_ENV = "SSLVISION_PARENT_RUN_ID"
+# MLflow draws a progress bar per artifact download (a registered model is ~60 files): noise in stage logs
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 _DEFAULT_MARK = "_SSLVISION_DEFAULT_TRACKING_URI"
