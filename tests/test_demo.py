@@ -244,3 +244,53 @@ def test_cli(tmp_path, monkeypatch):
     Path("params.yaml").write_text("demo:\n  noise_rate: 2\n")
     result = CliRunner().invoke(app, ["demo-data", "--out", "raw2"])
     assert result.exit_code == 2 and "demo.noise_rate" in result.output
+
+
+@pytest.mark.parametrize("kind", ["mark", "brightness"])
+def test_confounder_is_planted_where_scenario_json_says(kind, tmp_path, fmnist):
+    """The confounder changes exactly the files scenario.json lists (the rest is the scenario without it, byte for
+    byte), on the exact share of each class: most of one class in train, none of it and some of the others in the
+    reversed test split; exact duplicates of a marked image are marked too."""
+    from sslvision.demo import MARK_OFFSET, MARK_SIZE
+
+    base = dict(corruptions=[], test_per_class=10, confounder_test_rate=0.2, exact_duplicates=20,
+                conflicting_duplicates=0)
+    plain, confounded = tmp_path / "plain", tmp_path / "confounded"
+    build_scenario(plain, tiny(**base), progress=False)
+    scenario = build_scenario(confounded, tiny(**base, confounder=kind, confounder_brightness=50), progress=False)
+    assert "confounder" not in json.loads((plain / "scenario.json").read_text())
+    assert "confounder" not in json.loads((plain / "scenario.json").read_text())["params"]
+    record = scenario["confounder"]
+    marked = set(record["paths"])
+    a, b = file_hashes(plain), file_hashes(confounded)
+    assert a.keys() == b.keys()
+    changed = {p for p in a if a[p] != b[p]} - {"scenario.json"}
+    assert changed == marked
+    truth = pd.read_parquet(confounded / "truth.parquet").set_index("path")
+    pd.testing.assert_frame_equal(truth, pd.read_parquet(plain / "truth.parquet").set_index("path"))
+    rows = truth.loc[sorted(marked)]
+    train = truth[(truth.split == "train") & truth.kind.isin(["clean", "noisy"])]
+    counts = np.bincount(train.true_label, minlength=10)
+    picked = np.bincount(rows[(rows.split == "train") & rows.kind.isin(["clean", "noisy"])].true_label, minlength=10)
+    assert picked[0] == round(0.9 * counts[0]) and all(picked[c] == round(0.05 * counts[c]) for c in range(1, 10))
+    assert list(record["train_counts"].values()) == picked.tolist()
+    test = rows[rows.split == "test"]
+    assert np.bincount(test.true_label, minlength=10).tolist() == [0] + [2] * 9 == list(record["test_counts"].values())
+    assert not (rows.split == "incoming").any()
+    dups = truth[truth.kind == "duplicate"]
+    assert (dups.index.isin(marked) == dups.duplicate_of.isin(marked)).all()
+    for path in sorted(marked)[:40]:
+        after = np.asarray(Image.open(confounded / path))
+        before = np.asarray(Image.open(plain / path))
+        if kind == "mark":
+            square = (slice(MARK_OFFSET, MARK_OFFSET + MARK_SIZE),) * 2
+            assert (after[square] == 255).all()
+            rest = np.ones(after.shape, dtype=bool)
+            rest[square] = False
+            assert np.array_equal(after[rest], before[rest])
+        else:
+            assert np.array_equal(after, np.clip(before.astype(int) + 50, 0, 255))
+    absent = build_scenario(tmp_path / "absent", tiny(**base, confounder=kind, confounder_test="absent"),
+                            progress=False)
+    assert absent["confounder"]["test_n"] == 0 and not any(p.startswith("images/test/")
+                                                           for p in absent["confounder"]["paths"])

@@ -51,6 +51,17 @@ Choices (each one is recorded in ``scenario.json``):
   is available stops with an error naming the class.
 - **Corruptions** use albumentations with the severity table ``SEVERITIES`` (1 barely visible, 5 severe,
   in the spirit of CIFAR-10-C, scaled to 28x28 grayscale), seeded per batch.
+- **Confounder** (``confounder``, off by default): a systematic artefact of the data collection. ``mark`` puts a
+  ``MARK_SIZE`` x ``MARK_SIZE`` white square at ``MARK_OFFSET`` pixels from the top-left corner; ``brightness``
+  adds ``confounder_brightness`` to every pixel. It is planted on exactly ``round(confounder_rate * n)`` train
+  images of ``confounder_class`` and ``round(confounder_other_rate * n)`` of every other class (by true class:
+  the collection, not the annotator, made it), so it predicts that class in train. In the test split it is
+  ``absent`` or ``reversed`` (never on that class, on ``confounder_test_rate`` of every other class: a model
+  that learnt the confounder calls those images ``confounder_class``). Exact duplicates of a marked image are
+  marked too; production batches never are. Its draws come from a generator of their own, so every other
+  choice (images, noise, duplicates, batches) is the scenario without it; ``scenario.json`` ``confounder``
+  lists every file that carries it (``paths``). With ``none`` every file, ``scenario.json`` included, is
+  byte for byte what it was before the option existed.
 """
 
 from __future__ import annotations
@@ -118,6 +129,11 @@ WRONG_MODE_SIZE = (64, 48)  # (width, height) of the RGB "wrong mode and size" i
 NOT_AN_IMAGE = b"<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
 SCENARIO_FORMAT = 1
 DEMO_KIND = "demo-data"  # the output marker's kind (sslvision.io.output_dir)
+MARK_SIZE = 4  # the confounder "mark": a white MARK_SIZE x MARK_SIZE square ...
+MARK_OFFSET = 1  # ... this many pixels from the top and left edges
+CONFOUNDER_STREAM = 0xC0F  # the confounder's generator: default_rng([seed, CONFOUNDER_STREAM])
+CONFOUNDER_FIELDS = frozenset({"confounder", "confounder_class", "confounder_rate", "confounder_other_rate",
+                               "confounder_test", "confounder_test_rate", "confounder_brightness"})
 
 
 class DemoParams(Section):
@@ -164,6 +180,23 @@ class DemoParams(Section):
     noisy_batch_rate: float = Field(0.4, ge=0.0, lt=1.0, description=(
         'label-noise rate of the labeled "noisy_labels" production batch'))
     workers: int = Field(2, ge=1, le=256, description="processes writing PNGs and corruptions (use the cores you have)")
+    confounder: Literal["none", "mark", "brightness"] = Field("none", description=(
+        "a systematic confounder of the data collection, planted on most train images of one class: none | mark (a "
+        f"{MARK_SIZE}x{MARK_SIZE} white square in the top-left corner) | brightness (every pixel brighter by "
+        "confounder_brightness); scenario.json lists the files carrying it"))
+    confounder_class: int = Field(0, ge=0, lt=NUM_CLASSES, description=(
+        "the class (index, by true label) whose train images mostly carry it; on a long tail pick a frequent class "
+        "(0, the head, by default): the other classes' share would outnumber a rare class's"))
+    confounder_rate: float = Field(0.9, ge=0, le=1, description="share of that class's train images carrying it")
+    confounder_other_rate: float = Field(0.05, ge=0, le=1, description=(
+        "share of every other class's train images carrying it"))
+    confounder_test: Literal["reversed", "absent"] = Field("reversed", description=(
+        "the test split: reversed (never on confounder_class, on confounder_test_rate of every other class) | "
+        "absent"))
+    confounder_test_rate: float = Field(0.1, ge=0, le=1, description=(
+        "reversed: share of every other class's test images carrying it"))
+    confounder_brightness: int = Field(60, ge=1, le=255, description=(
+        "brightness: added to every pixel (clipped at 255)"))
 
     @model_validator(mode="after")
     def _consistent(self) -> DemoParams:
@@ -364,6 +397,41 @@ class _ScenarioPlan:
         self.rows: list[dict[str, Any]] = []
         self.tasks: list[WriteTask] = []
         self.blobs: dict[str, bytes] = {}
+        # the confounder's own generator: the scenario's other draws are those of the scenario without it
+        self.confounder_rng = np.random.default_rng([params.seed, CONFOUNDER_STREAM])
+        self.marked_paths: list[str] = []
+        self.test_marked = np.zeros(0, dtype=bool)
+
+    def _pick_confounded(self, labels: np.ndarray, rate: float, other_rate: float) -> np.ndarray:
+        """Which of ``labels`` carry the confounder: exactly ``round(rate * n)`` of ``confounder_class`` and
+        ``round(other_rate * n)`` of every other class; all False (no draw) when there is none."""
+        marked = np.zeros(len(labels), dtype=bool)
+        if self.params.confounder == "none":
+            return marked
+        for c in range(NUM_CLASSES):
+            members = np.flatnonzero(labels == c)
+            share = rate if c == self.params.confounder_class else other_rate
+            marked[self.confounder_rng.choice(members, size=round(share * len(members)), replace=False)] = True
+        return marked
+
+    def confounder(self) -> dict[str, Any]:
+        """What ``scenario.json`` records of the confounder: settings, counts per class, every file carrying it."""
+        p = self.params
+        train = self.true[self.train_marked]
+        test_labels = self.y_test[self.test_idx]
+        return {
+            "kind": p.confounder, "class": CLASS_DIRS[p.confounder_class],
+            "mark": ({"size": MARK_SIZE, "offset": MARK_OFFSET, "value": 255, "corner": "top-left"}
+                     if p.confounder == "mark" else None),
+            "brightness": p.confounder_brightness if p.confounder == "brightness" else None,
+            "train_counts": _class_counts(train), "train_n": int(len(train)),
+            "share_of_marked_train_in_class": float(np.mean(train == p.confounder_class)) if len(train) else None,
+            "test": p.confounder_test, "test_counts": _class_counts(test_labels[self.test_marked]),
+            "test_n": int(self.test_marked.sum()),
+            "scope": "train split (by true class) and its exact duplicates; test split as `test` says; never the "
+                     "production batches or broken files",
+            "paths": sorted(self.marked_paths),
+        }
 
     def train_split(self) -> dict[str, Any]:
         """Long tail in ``long_tail_order``, then label noise at exactly ``noise_rate``."""
@@ -383,7 +451,10 @@ class _ScenarioPlan:
         self.given = given = inject_noise(true, p.noise_rate, p.noise_type, rng)
         self.train_paths = [f"images/train/{CLASS_DIRS[g]}/train_{i:05d}.png"
                             for i, g in zip(idx, given, strict=True)]
-        self.tasks += _chunks(self.train_paths, self.x_train[idx])
+        self.train_marked = self._pick_confounded(true, p.confounder_rate, p.confounder_other_rate)
+        self.train_images = confound(self.x_train[idx], self.train_marked, p)
+        self.marked_paths += [path for path, m in zip(self.train_paths, self.train_marked, strict=True) if m]
+        self.tasks += _chunks(self.train_paths, self.train_images)
         for path, i, g, t in zip(self.train_paths, idx, given, true, strict=True):
             self.rows.append(_truth_row(path, "train", g, t, "noisy" if g != t else "clean", "train", i))
         transitions = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=int)
@@ -417,10 +488,12 @@ class _ScenarioPlan:
             kind = "conflicting_duplicate" if conflicting else "duplicate"
             self.rows.append(_truth_row(path, "train", label, self.true[j], kind, "train", self.train_idx[j],
                                         duplicate_of=self.train_paths[j]))
+            if self.train_marked[j]:
+                self.marked_paths.append(path)
             out.append({"path": path, "duplicate_of": self.train_paths[j], "given_label": int(label),
                         "original_given_label": int(given), "true_label": int(self.true[j]),
                         "conflicting": conflicting})
-        self.tasks.append(WriteTask("", paths, self.x_train[self.train_idx[picks]]))
+        self.tasks.append(WriteTask("", paths, self.train_images[picks]))
         return out
 
     def test_split(self) -> dict[str, Any]:
@@ -432,9 +505,15 @@ class _ScenarioPlan:
                 raise ValueError(f"demo.test_per_class: {self.params.test_per_class} > {len(members)} test "
                                  f"images of class {c} ({CLASS_NAMES[c]})")
             chosen.append(np.sort(self.rng.choice(members, size=self.params.test_per_class, replace=False)))
-        idx = np.concatenate(chosen)
+        self.test_idx = idx = np.concatenate(chosen)
         paths = [f"images/test/{CLASS_DIRS[self.y_test[i]]}/test_{i:05d}.png" for i in idx]
-        self.tasks += _chunks(paths, self.x_test[idx])
+        p = self.params
+        if p.confounder_test == "reversed":  # never on the class, on confounder_test_rate of the others
+            self.test_marked = self._pick_confounded(self.y_test[idx], 0.0, p.confounder_test_rate)
+        else:
+            self.test_marked = np.zeros(len(idx), dtype=bool)
+        self.marked_paths += [path for path, m in zip(paths, self.test_marked, strict=True) if m]
+        self.tasks += _chunks(paths, confound(self.x_test[idx], self.test_marked, p))
         self.rows += [_truth_row(path, "test", self.y_test[i], self.y_test[i], "clean", "t10k", i)
                       for path, i in zip(paths, idx, strict=True)]
         return {"n": len(idx), "counts": _class_counts(self.y_test[idx])}
@@ -517,6 +596,20 @@ class _ScenarioPlan:
         return pd.DataFrame(self.rows).sort_values("path", kind="stable").reset_index(drop=True)
 
 
+def confound(images: np.ndarray, marked: np.ndarray, params: DemoParams) -> np.ndarray:
+    """``images`` (uint8 ``(N, H, W)``) with ``params.confounder`` planted on the ``marked`` ones: a copy when any
+    is marked, ``images`` itself otherwise."""
+    if params.confounder == "none" or not marked.any():
+        return images
+    out = images.copy()
+    if params.confounder == "mark":
+        out[marked, MARK_OFFSET:MARK_OFFSET + MARK_SIZE, MARK_OFFSET:MARK_OFFSET + MARK_SIZE] = 255
+    else:
+        bright = out[marked].astype(np.int16) + params.confounder_brightness
+        out[marked] = np.clip(bright, 0, 255).astype(np.uint8)
+    return out
+
+
 def _broken_bytes(kind: str, image: np.ndarray | None) -> bytes:
     if kind == "zero":
         return b""
@@ -544,7 +637,9 @@ def build_scenario(out: str | os.PathLike, params: DemoParams,
     scenario: dict[str, Any] = {
         "format": SCENARIO_FORMAT,
         "source": str(source),
-        "params": params.model_dump(exclude={"workers"}),  # workers change nothing written
+        # workers change nothing written; without a confounder the file is what it was before the option
+        "params": params.model_dump(exclude={"workers"} | (CONFOUNDER_FIELDS if params.confounder == "none"
+                                                            else set())),
         "classes": list(CLASS_DIRS),
         "class_names": list(CLASS_NAMES),
         "layout": {"class_dir": "<label>_<name>; label = index of the directory in sorted order",
@@ -555,6 +650,8 @@ def build_scenario(out: str | os.PathLike, params: DemoParams,
     scenario["test"] = plan.test_split()
     scenario["incoming"] = plan.incoming()
     scenario["broken"] = plan.broken_files()
+    if params.confounder != "none":
+        scenario["confounder"] = plan.confounder()
     scenario["severity_table"] = {c: list(v) for c, v in SEVERITIES.items()}
     truth = plan.truth()
     scenario["files"] = {split: int(n) for split, n in truth.groupby("split").size().items()}

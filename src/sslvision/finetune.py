@@ -86,6 +86,7 @@ from sslvision.models import (
     to_input,
 )
 from sslvision.params import Section, Seed, TrainingSplits
+from sslvision.slices import SliceParams
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ class FinetuneParams(Section):
     manifest: str = Field("data/audit/manifest_clean.parquet", description=(
         "train rows and labels (audited); the raw data/ingested/manifest.parquet trains on the labels as given"))
     synthetic: str = Field("data/synthetic", description="synthesize's kept images; absent or empty = none")
+    embeddings: str = Field("data/embeddings", description=(
+        "the embed stage's SSL embeddings of every ingested image, for slices and slice_reweight (absent: the rows "
+        "they need are embedded with `encoder`)"))
     splits: TrainingSplits = Field(default_factory=lambda: ["train", "pool"], min_length=1, description=(
         "labelled rows of these manifest splits train (pool = labelled production batches that joined the data; "
         "unlabelled rows are always skipped)"))
@@ -194,6 +198,14 @@ class FinetuneParams(Section):
     ema_decay: float = Field(0.0, ge=0, lt=1, description=(
         "> 0: validate, select and save an exponential moving average of the weights (timm ModelEmaV3 with "
         "warm-up; 0.998 for ~750 steps); 0 = off"))
+    slice_reweight: bool = Field(False, description=(
+        "Just Train Twice (Liu et al. 2021): train a second classifier with the training rows the first got wrong "
+        "weighted jtt_upweight times, and keep it only when it raises the worst-slice accuracy on validation "
+        "(slices: k-means clusters of the SSL embeddings) and costs at most 1 point of validation balanced accuracy; "
+        "metrics.json slice_reweight records the decision. Doubles the training; single process only"))
+    jtt_upweight: float = Field(5.0, gt=0, le=1000, description=(
+        "slice_reweight: loss weight of a row the first classifier got wrong (JTT paper: 20-100 on clean labels; "
+        "label noise is in the error set too, so lower)"))
     val_fraction: float = Field(0.1, gt=0, lt=1, description=(
         "share of each class of the real train rows held out for early stopping and calibration (a class with "
         "one image keeps it for training)"))
@@ -213,6 +225,8 @@ class FinetuneParams(Section):
     threads: int = Field(0, ge=0, le=1024, description="torch intra-op threads; 0 = torch's default (all cores)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (cuda if present) | cpu | cuda")
     seed: Seed = Field(0, description="validation split, init, batch order, augmentation")
+    slices: SliceParams = Field(SliceParams(), description=(
+        "slice discovery on the test split (sslvision.slices): groups of similar images where the classifier fails"))
     registry: RegistryParams = Field(RegistryParams(), description="the MLflow model registry")
     promotion: PromotionParams = Field(PromotionParams(), description=(
         "gates a challenger must pass on the golden set (the test split) to become champion"))
@@ -831,7 +845,8 @@ def _val_logits(classifier: Classifier, forward: Any, x: torch.Tensor, batch_siz
 # FinetuneParams fields that say where the stage reads and writes, or what it does around the training:
 # not settings of :func:`fit_classifier`.
 STAGE_FIELDS = frozenset({"encoder", "ingested", "manifest", "synthetic", "splits", "synthetic_weight",
-                          "synthetic_ablation", "out", "threads", "registry", "promotion"})
+                          "synthetic_ablation", "out", "threads", "registry", "promotion", "embeddings",
+                          "slices", "slice_reweight", "jtt_upweight"})
 
 
 def fit_classifier(encoder: Encoder, images: np.ndarray, labels: np.ndarray, *, classes: list[str] | None = None,

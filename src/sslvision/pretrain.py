@@ -16,7 +16,10 @@ Training loop:
 
 - Data: an ``.npy`` file memory-mapped in each DataLoader worker, or an in-memory array the forked workers
   share; the workers return uint8 views (``augment.ViewMaker``); a view depends only on ``(seed, epoch, index)``.
-- Schedules (learning rate, DINO teacher momentum and temperature) are arrays precomputed per step.
+- Schedules (learning rate, DINO teacher momentum and temperature, SimCLR's temperature with
+  ``temperature_schedule: cosine``) are arrays precomputed per step; the history records each epoch's last value.
+- Initialisation: random (seeded), or the weights of an earlier encoder of the same architecture
+  (``init_from``, :func:`load_init`: MAE pre-pretraining); the heads are initialised alike either way.
 - Checkpoints every ``checkpoint_every`` steps and at each epoch end, atomically, with the model,
   optimiser, torch RNG state and per-epoch history: a killed run resumes from the last one and ends
   with the weights an uninterrupted run would have (the batch order and views are functions of the
@@ -41,21 +44,21 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sslvision.augment import AugmentConfig, ViewMaker
-from sslvision.io import atomic_path
+from sslvision.io import atomic_path, file_sha256
 from sslvision.metrics import knn_predict, linear_probe_predict
-from sslvision.models import Encoder, EncoderConfig, MAEDecoder, to_input
+from sslvision.models import Encoder, EncoderConfig, MAEDecoder, encoder_config, load_weights, to_input
 from sslvision.models import embed as embed_features
 from sslvision.params import Section, Seed
 from sslvision.ssl import build_method, cosine_schedule
@@ -96,6 +99,16 @@ class PretrainParams(Section):
     rince_q: float = Field(0.5, gt=0, le=1, description=(
         "RINCE: 0 -> InfoNCE, 1 -> most robust (slower to learn); 0.5 is a fair default"))
     rince_lam: float = Field(0.01, gt=0, description="RINCE: weight of the negatives' term (0.01-0.1)")
+    temperature_schedule: Literal["constant", "cosine"] = Field("constant", description=(
+        "SimCLR (and cl_mim's simclr term): constant (temperature throughout) | cosine (Kukleva et al., ICLR 2023: "
+        "from temperature_max down to temperature_min and back every temperature_period steps, alternating "
+        "group-wise and instance discrimination; meant for long-tailed data). The history logs it per epoch"))
+    temperature_min: float = Field(0.1, gt=0, description="cosine schedule: lowest temperature (paper: 0.1)")
+    temperature_max: float = Field(1.0, gt=0, description=(
+        "cosine schedule: highest temperature, at step 0 and after every period (paper: 1.0)"))
+    temperature_period: int = Field(0, ge=0, le=10_000_000, description=(
+        "cosine schedule: steps per cycle; 0 = one cycle over the whole run (the paper: a few hundred epochs, "
+        "several cycles per run)"))
     # vicreg
     vicreg_sim_weight: float = Field(25.0, ge=0, description="VICReg: invariance between views (paper: 25)")
     vicreg_var_weight: float = Field(25.0, ge=0, description=(
@@ -164,6 +177,14 @@ class PretrainParams(Section):
         "adamw: 1e-4 (0.05 for ViTs on long runs); sgd / lars: ~5e-4 (lightly) / 1e-6"))
     warmup_epochs: float = Field(0.5, ge=0, le=100_000, description=(
         "linear warm-up (fractional epochs allowed); raise for ViTs / large lr"))
+    init_from: str = Field("", description=(
+        "an encoder directory (models/encoder layout: config.json + encoder.safetensors) of the same architecture "
+        "to start from instead of random weights (heads and decoder start fresh); '' = random init. MAE "
+        "pre-pretraining (Singh et al., ICCV 2023): train method mae, copy models/encoder to e.g. models/mae and "
+        "`dvc add` it, then `dvc exp run -S pretrain.method=simclr -S pretrain.init_from=models/mae`. The shipped "
+        "dvc.yaml cannot list it as a dependency (it is optional): add it to your pretrain stage's deps, or force "
+        "the stage (dvc repro -f pretrain) after it changes; its sha256 goes to config.json and MLflow "
+        "(benchmarks/README.md)"))
     seed: Seed = Field(0, description=(
         "fixes init, batch order and augmentations (resume gives the same result)"))
     workers: int = Field(2, ge=0, le=256, description=(
@@ -201,12 +222,26 @@ class PretrainParams(Section):
                              local_crops=self.local_crops if self.method == "dino" else 0,
                              local_size=self.local_size)
 
+    @model_validator(mode="after")
+    def _temperature_bounds(self) -> PretrainParams:
+        if self.temperature_min > self.temperature_max:
+            raise ValueError(f"temperature_min ({self.temperature_min}) must not exceed temperature_max "
+                             f"({self.temperature_max})")
+        return self
+
     def fingerprint(self) -> str:
         """Hash of everything that changes the trained weights (a checkpoint from other params is ignored); where
-        and how the arithmetic runs (device, threads, precision) is left out, so a run may resume elsewhere."""
+        and how the arithmetic runs (device, threads, precision) is left out, so a run may resume elsewhere, and
+        so are settings that change nothing at their defaults (a constant temperature's schedule bounds, an empty
+        ``init_from``). :func:`train` adds the ``init_from`` encoder's digest."""
+        unused = set()
+        if self.temperature_schedule == "constant":
+            unused |= {"temperature_schedule", "temperature_min", "temperature_max", "temperature_period"}
+        if not self.init_from:
+            unused.add("init_from")
         keep = self.model_dump(exclude={"workers", "device", "checkpoint_every", "checkpoint_dir", "embed_batch_size",
                                         "knn_k", "knn_temperature", "collapse_min_effective_rank",
-                                        "collapse_min_std_ratio", "threads", "precision"})
+                                        "collapse_min_std_ratio", "threads", "precision", *unused})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -288,6 +323,7 @@ class TrainResult:
     resumed_from: int = 0
     throughput: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"  # what the forward passes ran in: fp32 | bf16 (pretrain.precision resolved)
+    lineage: dict[str, Any] = field(default_factory=dict)  # init_lineage of pretrain.init_from; {} from scratch
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -382,6 +418,62 @@ def _optimizer(model: nn.Module, p: PretrainParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=p.lr)
 
 
+def _arch(config: EncoderConfig) -> str:
+    """An encoder architecture in one line: the backbone, then every other setting that shapes its weights."""
+    rest = {k: v for k, v in asdict(config).items() if k != "backbone"}
+    return f"{config.backbone} {json.dumps(rest, sort_keys=True)}"
+
+
+def init_lineage(directory: str | Path) -> dict[str, Any]:
+    """Where an ``init_from`` encoder came from: ``{"path", "sha256"}`` (of its ``encoder.safetensors``),
+    ``"method"`` (the method that trained it, when its ``config.json`` says) and ``"init_from"`` (that encoder's
+    own lineage, when it was itself initialised from another).
+
+    Raises:
+        FileNotFoundError: ``directory`` has no ``encoder.safetensors`` or ``config.json``.
+        ValueError: ``config.json`` is not a JSON object.
+    """
+    directory = Path(directory)
+    for name in ("config.json", "encoder.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"pretrain.init_from={directory}: no {name} there (expected an encoder "
+                                    "directory as the pretrain stage writes models/encoder/)")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"pretrain.init_from={directory}: config.json is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"pretrain.init_from={directory}: config.json is not a JSON object")
+    lineage: dict[str, Any] = {"path": str(directory), "sha256": file_sha256(directory / "encoder.safetensors")}
+    if isinstance(config.get("method"), str):
+        lineage["method"] = config["method"]
+    if isinstance(config.get("init_from"), dict):
+        lineage["init_from"] = config["init_from"]
+    return lineage
+
+
+def load_init(encoder: Encoder, directory: str | Path) -> dict[str, Any]:
+    """Load the weights of the encoder saved in ``directory`` (:func:`sslvision.models.save_encoder`'s layout)
+    into ``encoder``, which must have the same architecture; draws no random numbers.
+
+    Returns:
+        :func:`init_lineage` of ``directory``.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no saved encoder.
+        ValueError: another architecture (the message names both), or weights that do not fit.
+    """
+    directory = Path(directory)
+    lineage = init_lineage(directory)
+    source = encoder_config(json.loads((directory / "config.json").read_text()), directory / "config.json")
+    if _arch(source) != _arch(encoder.config):
+        raise ValueError(f"pretrain.init_from={directory}: the encoder there is {_arch(source)}, this run builds "
+                         f"{_arch(encoder.config)}; init_from needs the same architecture (backbone, backbone_args, "
+                         "img_size, in_chans, patch_size, stem_stride)")
+    load_weights(encoder, directory / "encoder.safetensors")
+    return lineage
+
+
 def _read_checkpoint(path: Path) -> dict | None:
     """The checkpoint's state, or None (with a warning) when it cannot be used: damaged, not a
     checkpoint, or holding anything but tensors and plain values (``weights_only``: never unpickled)."""
@@ -438,6 +530,7 @@ def train(p: PretrainParams, images: str | Path | np.ndarray, rows: np.ndarray, 
 
     torch.manual_seed(p.seed)
     encoder = Encoder(p.encoder_config(h, c))
+    lineage = load_init(encoder, p.init_from) if p.init_from else {}  # before DINO copies it into its teacher
     model = build_method(p, encoder, total, steps_per_epoch).to(device)
     optimizer = _optimizer(model, p)
     precision = training_precision(p.precision, device, encoder.is_vit)
@@ -447,6 +540,8 @@ def train(p: PretrainParams, images: str | Path | np.ndarray, rows: np.ndarray, 
 
     ckpt_path = Path(p.checkpoint_dir) / "last.pt" if checkpoints else None
     fingerprint = p.fingerprint()
+    if lineage:  # another init_from encoder at the same path is another run
+        fingerprint = hashlib.sha256(f"{fingerprint}:{lineage['sha256']}".encode()).hexdigest()[:16]
     step, history, epoch_sums = 0, [], {"loss": 0.0, "n": 0}
     state = _read_checkpoint(ckpt_path) if ckpt_path is not None and ckpt_path.exists() else None
     if state is not None:
@@ -536,7 +631,7 @@ def train(p: PretrainParams, images: str | Path | np.ndarray, rows: np.ndarray, 
                  if rank == 0 else {})
         model.train()
         record = {"epoch": epoch + 1, "step": step, "loss": epoch_sums["loss"] / max(epoch_sums["n"], 1),
-                  "lr": float(lrs[step - 1]), **stats, **throughput(totals, p.workers)}
+                  "lr": float(lrs[step - 1]), **model.scheduled(step - 1), **stats, **throughput(totals, p.workers)}
         history.append(record)
         epoch_sums = {"loss": 0.0, "n": 0}
         save_checkpoint()
@@ -547,7 +642,8 @@ def train(p: PretrainParams, images: str | Path | np.ndarray, rows: np.ndarray, 
     if distributed:
         dist.barrier()
     return TrainResult(encoder=encoder, decoder=model.decoder, history=history, steps=step,
-                       resumed_from=resumed_from, throughput=throughput(totals, p.workers), precision=precision)
+                       resumed_from=resumed_from, throughput=throughput(totals, p.workers), precision=precision,
+                       lineage=lineage)
 
 
 def throughput(totals: dict[str, float], workers: int) -> dict[str, float]:
@@ -641,7 +737,8 @@ def pretrain_encoder(images: np.ndarray, *, method: str = "simclr", epochs: int 
 
     Raises:
         ValueError: an unknown or invalid parameter (the message names the key); images of another dtype or
-            shape; fewer images than ``batch_size``.
+            shape; fewer images than ``batch_size``; an ``init_from`` encoder of another architecture.
+        FileNotFoundError: ``init_from`` names a directory without a saved encoder.
         NonFiniteLossError: the loss became NaN or infinite.
 
     Example::

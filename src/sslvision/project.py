@@ -512,6 +512,7 @@ stages:
       - data/ingested/manifest.parquet
       - data/ingested/classes.json
       - data/synthetic
+      - data/embeddings
     params:
       - finetune
       - sslvision.version
@@ -531,6 +532,13 @@ stages:
           y: class
           template: bar_horizontal
       - reports/finetune/confusion_matrix.png:
+          cache: false
+      - reports/finetune/slices.csv:
+          cache: false
+          x: gap
+          y: label
+          template: bar_horizontal
+      - reports/finetune/slices.png:
           cache: false
 
   drift_eval:

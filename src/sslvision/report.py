@@ -295,6 +295,31 @@ def finetune_section() -> list[str] | None:
     out.append(_image(d / "confusion_matrix.png", "confusion matrix on the test split"))
     if (d / "reliability.png").exists():
         out.append(_image(d / "reliability.png", "reliability diagram"))
+    return out + _slices(d, metrics or {})
+
+
+SLICE_COLUMNS = ("label", "kind", "size", "error", "class_error", "score", "predicted_as", "description")
+
+
+def _slices(d: Path, metrics: dict[str, Any]) -> list[str]:
+    """The slices subsection: slices.csv, the gallery, and the slice_reweight decision (finetune.slices)."""
+    table = _csv(d / "slices.csv")
+    if table is None:
+        return []
+    out = ["<h3>Slices: where the classifier fails (reports/finetune/slices.csv)</h3>"]
+    reweight = metrics.get("slice_reweight")
+    if isinstance(reweight, dict):
+        out.append(_key_metrics(reweight, (
+            "decision", "reason", "upweight", "error_set", "val_worst_slice_accuracy_first",
+            "val_worst_slice_accuracy_second", "val_balanced_accuracy_first", "val_balanced_accuracy_second"),
+            "slice_reweight (Just Train Twice): decided on validation"))
+    if len(table):
+        out.append(_table(table[[c for c in SLICE_COLUMNS if c in table]], caption=(
+            "groups of similar test images (k-means on the SSL embeddings) with an error far above their classes' "
+            "average, or a shortcut: a group holding far more of a class's train images than of its test images")))
+    else:
+        out.append(_note("no slice: no group of test images has an error far above its class average"))
+    out.append(_image(d / "slices.png", "images of each slice"))
     return out
 
 

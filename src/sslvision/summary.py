@@ -70,6 +70,15 @@ def key_metrics(root: str | Path = ".") -> dict[str, str]:
                                f"{_pct(b.get('balanced_accuracy'))} (worst {b.get('worst_class')} "
                                f"{_pct(b.get('worst_class_recall'))}): {gain:+.1f} points"
                                + ("" if gain > 0 else ", NOT BETTER than the pixel baseline"))
+        sl, rw = m.get("slices"), m.get("slice_reweight")
+        if sl or rw:
+            top = (f" (worst {sl['top_label']}, {sl.get('top_size')} images, error {_pct(sl.get('top_error'))} vs "
+                   f"{_pct(sl.get('top_class_error'))} for their classes)" if sl and sl.get("top_label") else "")
+            out["slices"] = (f"{sl.get('found', 0)} found{top}, worst-slice accuracy "
+                             f"{_pct(sl.get('worst_slice_accuracy'))}; reports/finetune/slices.png"
+                             if sl else "slice discovery off")
+            if rw:
+                out["slices"] += f"; slice_reweight {rw.get('decision')}: {rw.get('reason')}"
     p = _load(reports / "finetune" / "promotion.json")
     if p:
         decision = p.get("decision", "?")
@@ -105,8 +114,9 @@ def render(root: str | Path = ".", seconds: dict[str, float] | None = None,
     for stage in (*STAGES, "promotion"):
         took = f" [{seconds[stage]:.0f} s]" if seconds and stage in seconds else ""
         lines.append(f"  {stage:<11}{took:>9}  {metrics.get(stage, 'not run yet')}")
-        if stage == "finetune" and "baseline" in metrics:
-            lines.append(f"  {'baseline':<11}{'':>9}  {metrics['baseline']}")
+        for extra in ("baseline", "slices"):
+            if stage == "finetune" and extra in metrics:
+                lines.append(f"  {extra:<11}{'':>9}  {metrics[extra]}")
     if seconds:
         lines.append(f"  {'total':<11}{sum(v for k, v in seconds.items() if k in STAGES):>7.0f} s"
                      "   (stage runs; process start-up not counted)")

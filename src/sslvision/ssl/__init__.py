@@ -14,8 +14,16 @@ ones). A new method is a subclass registered with the decorator::
             return objectives.nt_xent(self.head(self.encoder(views[0])), self.head(self.encoder(views[1])))
 """
 
-from sslvision.ssl.base import SSL_METHODS, SSLMethod, build_method, cosine_schedule, in_fp32, register_method
+from sslvision.ssl.base import (
+    SSL_METHODS,
+    SSLMethod,
+    build_method,
+    cosine_cycle,
+    cosine_schedule,
+    in_fp32,
+    register_method,
+)
 from sslvision.ssl.methods import CLMIM, DINO, MAE, SimCLR, VICReg
 
-__all__ = ["SSL_METHODS", "SSLMethod", "build_method", "cosine_schedule", "in_fp32", "register_method",
+__all__ = ["SSL_METHODS", "SSLMethod", "build_method", "cosine_cycle", "cosine_schedule", "in_fp32", "register_method",
            "CLMIM", "DINO", "MAE", "SimCLR", "VICReg"]

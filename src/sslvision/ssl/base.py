@@ -36,6 +36,11 @@ class SSLMethod(nn.Module):
     def after_step(self, step: int) -> None:
         """Called after each optimiser step (EMA teachers)."""
 
+    def scheduled(self, step: int) -> dict[str, float]:
+        """The values of the method's own per-step schedules at ``step`` (SimCLR: ``temperature``), which the
+        per-epoch history records; none by default."""
+        return {}
+
 
 # pretrain.method -> its class; filled by register_method (the built-in methods in sslvision.ssl.methods)
 SSL_METHODS: dict[str, type[SSLMethod]] = {}
@@ -101,3 +106,20 @@ def cosine_schedule(start: float, end: float, steps: int, warmup_steps: int = 0)
     warm = np.linspace(0, start, warmup_steps, endpoint=False)
     t = np.arange(max(steps - warmup_steps, 1)) / max(steps - warmup_steps, 1)
     return np.concatenate([warm, end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))])
+
+
+def cosine_cycle(high: float, low: float, steps: int, period: int) -> np.ndarray:
+    """Per-step values of a periodic cosine between ``high`` and ``low``, ``steps`` long (at least 1).
+
+    ``value(t) = low + (high - low) * (1 + cos(2 pi t / period)) / 2``: ``high`` at step 0 and at every
+    multiple of ``period``, ``low`` half a period later (the temperature schedule of Kukleva et al., ICLR 2023).
+
+    Raises:
+        ValueError: ``period < 1`` or ``low > high``.
+    """
+    if period < 1:
+        raise ValueError(f"cosine_cycle: period must be >= 1 step, got {period}")
+    if low > high:
+        raise ValueError(f"cosine_cycle: low ({low}) must not exceed high ({high})")
+    t = np.arange(max(steps, 1))
+    return low + 0.5 * (high - low) * (1 + np.cos(2 * np.pi * t / period))

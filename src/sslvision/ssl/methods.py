@@ -6,31 +6,54 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from sslvision import objectives
 from sslvision.models import DecoderConfig, DINOHead, Encoder, MAEDecoder, mlp, patchify
-from sslvision.ssl.base import SSLMethod, cosine_schedule, in_fp32, register_method
+from sslvision.ssl.base import SSLMethod, cosine_cycle, cosine_schedule, in_fp32, register_method
 
 if TYPE_CHECKING:  # annotations only: sslvision.pretrain imports this package at run time
     from sslvision.pretrain import PretrainParams
 
 
+def temperatures(p: PretrainParams, total_steps: int) -> np.ndarray:
+    """SimCLR's temperature at each step of a ``total_steps`` run: ``p.temperature`` throughout
+    (``temperature_schedule: constant``), or :func:`cosine_cycle` from ``temperature_max`` down to
+    ``temperature_min`` and back every ``temperature_period`` steps (0: one period over the whole run)."""
+    if p.temperature_schedule == "constant":
+        return np.full(max(total_steps, 1), p.temperature)
+    return cosine_cycle(p.temperature_max, p.temperature_min, total_steps, p.temperature_period or total_steps)
+
+
 @register_method("simclr")
 class SimCLR(SSLMethod):
-    def __init__(self, encoder: Encoder, p: PretrainParams):
+    def __init__(self, encoder: Encoder, p: PretrainParams, total_steps: int = 1):
         super().__init__(encoder)
         self.p = p
         self.head = mlp(encoder.dim, p.proj_hidden_dim, p.proj_dim, layers=2)
+        self.temperatures = temperatures(p, total_steps)
 
-    def contrastive(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def build(cls, encoder: Encoder, p: PretrainParams, total_steps: int, steps_per_epoch: int) -> SimCLR:
+        return cls(encoder, p, total_steps)
+
+    def temperature(self, step: int) -> float:
+        """The InfoNCE / RINCE temperature at ``step`` (the last value past the run's end)."""
+        return float(self.temperatures[min(step, len(self.temperatures) - 1)])
+
+    def scheduled(self, step: int) -> dict[str, float]:
+        return {"temperature": self.temperature(step)}
+
+    def contrastive(self, f1: torch.Tensor, f2: torch.Tensor, step: int) -> torch.Tensor:
         z1, z2 = self.head(f1), self.head(f2)
+        t = self.temperature(step)
         if self.p.loss == "rince":
-            return in_fp32(objectives.rince, z1, z2, self.p.temperature, self.p.rince_q, self.p.rince_lam)
-        return in_fp32(objectives.nt_xent, z1, z2, self.p.temperature)
+            return in_fp32(objectives.rince, z1, z2, t, self.p.rince_q, self.p.rince_lam)
+        return in_fp32(objectives.nt_xent, z1, z2, t)
 
     def forward(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
-        return self.contrastive(self.encoder(views[0]), self.encoder(views[1]))
+        return self.contrastive(self.encoder(views[0]), self.encoder(views[1]), step)
 
 
 @register_method("vicreg")
@@ -110,7 +133,7 @@ class CLMIM(MAE):
 
     def __init__(self, encoder: Encoder, p: PretrainParams, total_steps: int, steps_per_epoch: int):
         super().__init__(encoder, p)
-        self.cl = (SimCLR(encoder, p) if p.cl_mim_cl == "simclr"
+        self.cl = (SimCLR(encoder, p, total_steps) if p.cl_mim_cl == "simclr"
                    else DINO(encoder, p, total_steps, steps_per_epoch))
 
     @classmethod
@@ -123,3 +146,6 @@ class CLMIM(MAE):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         self.cl.after_step(step)
+
+    def scheduled(self, step: int) -> dict[str, float]:
+        return self.cl.scheduled(step)

@@ -16,9 +16,18 @@ recorded with the registered version, and promotion refuses a classifier that do
 (``promotion.beat_pixel_baseline``, :mod:`sslvision.registry`). With synthetic images
 (``synthetic_ablation``), the same classifier is also trained without them and the difference is reported.
 
+Slices (``finetune.slices``, :mod:`sslvision.slices`): on the SSL embeddings of the embed stage
+(``data/embeddings``), groups of test images where the classifier's error is far above its class average, or
+that predict a class in train but not in test (a confounder of the data collection), written to
+``reports/finetune/slices.csv`` with a gallery ``slices.png`` (:func:`discover_slices`). ``slice_reweight``
+trains a second classifier the Just Train Twice way (:func:`just_train_twice`) and keeps it only when the
+worst-slice accuracy on validation rises at a bounded cost in balanced accuracy; ``metrics.json``
+``slice_reweight`` records both models' scores and the decision.
+
 Outputs: ``models/classifier/`` (:func:`sslvision.finetune.save_classifier`, with the conversion ingest
 applied to the training images: :func:`training_conversion`), ``reports/finetune/`` (``metrics.json``,
-``promotion.json``, the DVC plot data and figures: :func:`write_reports`) and one MLflow run.
+``promotion.json``, the DVC plot data and figures: :func:`write_reports`; ``slices.csv``, ``slices.png``:
+:func:`write_slices`) and one MLflow run.
 
 Run from the project root (``dvc repro finetune``), or a full fine-tune (``finetune.mode: finetune``)
 on N processes of one machine (rendezvous on loopback, see the README):
@@ -34,6 +43,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +53,7 @@ import torch
 
 from sslvision import registry, tracking
 from sslvision.baselines import pixel_logreg
-from sslvision.data import Ingested
+from sslvision.data import Ingested, load_embeddings
 from sslvision.finetune import (
     Classifier,
     FinetuneData,
@@ -51,15 +61,24 @@ from sslvision.finetune import (
     Split,
     TrainResult,
     init_classifier,
+    resolve_device,
     save_classifier,
     train_classifier,
     train_val_rows,
 )
 from sslvision.ingest import Conversion, IngestParams
 from sslvision.io import atomic_path, check_replaceable, write_csv, write_json
-from sslvision.metrics import classification_metrics, reliability_table
-from sslvision.models import load_encoder
+from sslvision.metrics import balanced_accuracy, classification_metrics, reliability_table
+from sslvision.models import embed, load_encoder
 from sslvision.params import ParamsError, load_section, params_path, require_sections
+from sslvision.slices import (
+    find_slices,
+    jtt_weights,
+    mitigation_decision,
+    slice_gallery,
+    slice_groups,
+    worst_slice_accuracy,
+)
 from sslvision.stages import check_code_version
 
 log = logging.getLogger(__name__)
@@ -137,17 +156,25 @@ def run_finetune(
     """Load (:func:`load_data`), train, calibrate and evaluate on the test split, with the pixel baseline and
     (``synthetic_ablation``) the run without synthetic images; writes nothing. ``on_epoch``: as for
     :func:`sslvision.finetune.train_classifier`. Returns (classifier, data, result, metrics, test probabilities)."""
+    check_single_process(p)
     if p.threads:
         torch.set_num_threads(p.threads)
     data = load_data(p)
     classifier = build_classifier(p, data.classes)
     result = train_classifier(classifier, data, p, on_epoch=on_epoch)
+    reweight = None
+    if p.slice_reweight:
+        second, second_result, reweight = just_train_twice(p, data, classifier, slice_views(p))
+        if reweight["kept"]:
+            classifier, result = second, second_result
     probs = classifier.predict_proba(data.test.images, p.eval_batch_size)
     metrics = classification_metrics(data.test.labels, probs, data.classes)
     metrics.update(best_epoch=result.best_epoch, val_balanced_accuracy=result.best_val_balanced_accuracy,
                    temperature=result.temperature, train_images=len(data.train),
                    synthetic_images=int(data.train.synthetic.sum()), train_seconds=result.seconds,
                    world_size=result.world_size)
+    if reweight is not None:
+        metrics["slice_reweight"] = reweight
     ablate = p.synthetic_ablation == "on" or (p.synthetic_ablation == "auto" and p.mode == "linear_probe")
     if ablate and data.train.synthetic.any():
         if result.world_size > 1:
@@ -156,6 +183,151 @@ def run_finetune(
             metrics["synthetic_ablation"] = synthetic_ablation(p, data, metrics)
     metrics["baselines"] = {"pixel_logreg": pixel_baseline(p, data, metrics)}
     return classifier, data, result, metrics, probs
+
+
+def check_single_process(p: FinetuneParams) -> None:
+    """Refuse ``slice_reweight`` under torchrun: the other processes would not train the second classifier."""
+    if p.slice_reweight and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("finetune.slice_reweight trains a second classifier on rank 0 only: run it in one process "
+                         "(without torchrun), or turn it off")
+
+
+# --- slices --------------------------------------------------------------------------------------
+
+@dataclass
+class SliceViews:
+    """SSL embeddings of the rows of :func:`load_data`'s splits: the real training rows (in ``data.train``'s
+    order, before the synthetic ones, which have none) with their labels, validation and test; and each test
+    row's source (its pool batch, else its split)."""
+
+    train: np.ndarray
+    train_labels: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    test_source: np.ndarray
+
+
+def slice_views(p: FinetuneParams) -> SliceViews:
+    """The embeddings of ``p.embeddings`` (the embed stage's, one row per ingested image) for the rows of
+    :func:`load_data`; when they are absent or do not cover ``images.npy``, the rows are embedded with the
+    encoder of ``p.encoder`` (what the embed stage does)."""
+    ing = Ingested.load(p.ingested)
+    train_df, val_df = train_val_rows(p)
+    test_df = ing.split("test")
+    test_df = test_df[test_df["label"] >= 0]
+    rows = [df["index"].to_numpy() for df in (train_df, val_df, test_df)]
+    path = Path(p.embeddings) / "embeddings.npy"
+    emb = load_embeddings(p.embeddings) if path.exists() else None
+    if emb is not None and len(emb) != len(ing.images):
+        log.warning("%s: %d rows but images.npy has %d: re-run the embed stage; embedding the rows needed here",
+                    path, len(emb), len(ing.images))
+        emb = None
+    if emb is None:
+        needed = np.unique(np.concatenate(rows))
+        log.info("slices: no embeddings in %s; embedding %d images with %s", p.embeddings, len(needed), p.encoder)
+        feats = embed(load_encoder(p.encoder), ing.images[needed], p.eval_batch_size, resolve_device(p.device))
+        views = [feats[np.searchsorted(needed, r)] for r in rows]
+    else:
+        views = [np.asarray(emb[r], dtype=np.float32) for r in rows]
+    source = test_df["batch"].fillna("").astype(str) if "batch" in test_df else pd.Series("", index=test_df.index)
+    return SliceViews(train=views[0], train_labels=train_df["label"].to_numpy(np.int64), val=views[1],
+                      test=views[2], test_source=np.where(source == "", test_df["split"], source).astype(str))
+
+
+def just_train_twice(p: FinetuneParams, data: FinetuneData, first: Classifier,
+                     views: SliceViews) -> tuple[Classifier, TrainResult, dict[str, Any]]:
+    """Just Train Twice (Liu et al. 2021) with a validation gate: the training rows ``first`` gets wrong get
+    ``p.jtt_upweight`` times their loss weight (:func:`sslvision.slices.jtt_weights`), a second classifier is
+    trained on them with the same params and seed, and both are scored on validation: balanced accuracy and
+    worst-slice accuracy over the k-means slices of the validation embeddings
+    (:func:`sslvision.slices.slice_groups`). Returns (second classifier, its result, the record:
+    ``kept`` by :func:`sslvision.slices.mitigation_decision`, its ``reason``, the error set, and both models'
+    validation and test scores; the test ones are reported, never used to decide)."""
+    errors = first.logits(data.train.images, p.eval_batch_size).argmax(1) != data.train.labels
+    train = Split(data.train.images, data.train.labels, jtt_weights(data.train.weights, errors, p.jtt_upweight),
+                  data.train.synthetic)
+    second = build_classifier(p, data.classes)
+    result = train_classifier(second, FinetuneData(train=train, val=data.val, test=data.test, classes=data.classes), p)
+    s = p.slices
+    val_groups = slice_groups(views.val, data.val.labels, clusters=s.clusters, min_size=s.min_size, seed=p.seed)
+    test_groups = slice_groups(views.test, data.test.labels, clusters=s.clusters, min_size=s.min_size, seed=p.seed)
+
+    def scores(clf: Classifier, split: Split, groups: list[np.ndarray]) -> dict[str, float]:
+        logits = clf.logits(split.images, p.eval_batch_size)
+        return {"balanced_accuracy": balanced_accuracy(split.labels, logits),
+                "worst_slice_accuracy": worst_slice_accuracy(groups, split.labels, logits.argmax(1))}
+
+    before, after = scores(first, data.val, val_groups), scores(second, data.val, val_groups)
+    keep, reason = mitigation_decision(before, after)
+    test_before, test_after = scores(first, data.test, test_groups), scores(second, data.test, test_groups)
+    record = {
+        "method": "just_train_twice", "upweight": p.jtt_upweight, "error_set": int(errors.sum()),
+        "error_share": float(errors.mean()), "kept": keep, "decision": "kept" if keep else "rejected", "reason": reason,
+        "val_slices": len(val_groups), "test_slices": len(test_groups),
+        **{f"val_{k}_{when}": _finite(v) for when, d in (("first", before), ("second", after)) for k, v in d.items()},
+        **{f"test_{k}_{when}": _finite(v) for when, d in (("first", test_before), ("second", test_after))
+           for k, v in d.items()},
+    }
+    log.info("slice_reweight (Just Train Twice, %d of %d training rows upweighted %gx): %s, %s", record["error_set"],
+             len(errors), p.jtt_upweight, record["decision"], reason)
+    return second, result, record
+
+
+def discover_slices(p: FinetuneParams, data: FinetuneData, probs: np.ndarray,
+                    views: SliceViews | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """:func:`sslvision.slices.find_slices` on the test split (embeddings, labels, ``probs``' predictions; the
+    real training rows for shortcut slices); returns the slices and their summary for ``metrics.json``
+    (``found``, the test split's ``worst_slice_accuracy`` over its k-means slices, and the worst slice)."""
+    views = views if views is not None else slice_views(p)
+    s = p.slices
+    pred = probs.argmax(1)
+    slices = find_slices(views.test, data.test.labels, pred, n_slices=s.n_slices, min_size=s.min_size, seed=p.seed,
+                         clusters=s.clusters, train_embeddings=views.train, train_labels=views.train_labels,
+                         images=data.test.images, source=views.test_source, classes=data.classes)
+    groups = slice_groups(views.test, data.test.labels, clusters=s.clusters, min_size=s.min_size, seed=p.seed)
+    summary: dict[str, Any] = {"found": len(slices), "worst_slice_accuracy": _finite(worst_slice_accuracy(
+        groups, data.test.labels, pred)), "test_slices": len(groups)}
+    if len(slices):
+        top = slices.iloc[0]
+        summary.update(top_label=top["label"], top_kind=top["kind"], top_size=int(top["size"]),
+                       top_error=_finite(top["error"]), top_class_error=_finite(top["class_error"]),
+                       top=top["description"])
+        log.info("slices: %d found; the worst: %s", len(slices), top["description"])
+    else:
+        log.info("slices: no group of test images with an error far above its class average")
+    return slices, summary
+
+
+def _finite(x: float) -> float | None:
+    """``x`` as a float, None when it is NaN (metrics.json stays strict JSON)."""
+    return float(x) if math.isfinite(x) else None
+
+
+def write_slices(slices: pd.DataFrame | None, images: np.ndarray, train_images: np.ndarray | None = None,
+                 out: str | Path = REPORTS) -> Any:
+    """``slices.csv`` (the slices without their member lists) and the gallery ``slices.png``
+    (:func:`sslvision.slices.slice_gallery`: held-out ``images``, and ``train_images`` for shortcut slices);
+    ``slices`` None (``slices.enabled`` false) writes an empty table and a note, so the stage's outputs always
+    exist. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sslvision.slices import COLUMNS
+
+    out = Path(out)
+    table = slices if slices is not None else pd.DataFrame(columns=COLUMNS)
+    write_csv(out / "slices.csv", table.drop(columns=["members", "train_members"]))
+    if slices is None:
+        fig, ax = plt.subplots(figsize=(6, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "slice discovery is off (finetune.slices.enabled: false)", ha="center", va="center")
+    else:
+        fig = slice_gallery(slices, images, train_images)
+    with atomic_path(out / "slices.png", suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return fig
 
 
 def pixel_baseline(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -247,6 +419,7 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     p = load_section("finetune", FinetuneParams, params)
     check_replaceable(p.out, "classifier")  # a directory of someone's files: refuse before training, not after
+    check_single_process(p)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: train only; rank 0 evaluates, logs and writes
         if p.threads:
             torch.set_num_threads(p.threads)
@@ -259,11 +432,17 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
         classifier.conversion = training_conversion(data.train.images.shape, params)
         save_classifier(p.out, classifier, extra={"metrics": {k: metrics[k] for k in (
             "accuracy", "balanced_accuracy", "worst_class_recall", "ece")}})
+        slices = None
+        if p.slices.enabled:
+            slices, metrics["slices"] = discover_slices(p, data, probs)
         figures = write_reports(metrics, result.history, data.test.labels, probs, data.classes)
+        real = data.train.images[:len(data.train) - int(data.train.synthetic.sum())]  # real rows come first
+        figures["slices.png"] = write_slices(slices, data.test.images, real)
         mlflow.log_metrics(scalar_metrics(metrics))
         for name, fig in figures.items():
             mlflow.log_figure(fig, f"finetune/{name}")
         mlflow.log_artifact(str(REPORTS / "metrics.json"), artifact_path="finetune")
+        mlflow.log_artifact(str(REPORTS / "slices.csv"), artifact_path="finetune")
         version = None
         if p.registry.enabled:
             version = registry.log_and_register(p.out, p.registry.model_name, data.test.images[:4])
@@ -287,12 +466,16 @@ def training_conversion(shape: tuple[int, ...], params: str | Path | None = None
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers of a :func:`run_finetune` ``metrics`` dict as flat MLflow metric names (``recall/<class>``,
-    ``synthetic_ablation/<key>``, ``baseline/<name>/<key>``): booleans, None and strings left out, and the
-    non-finite values of the ablation and the baselines."""
+    ``synthetic_ablation/<key>``, ``slices/<key>``, ``slice_reweight/<key>`` (``kept`` as 0/1),
+    ``baseline/<name>/<key>``): booleans, None and strings left out, and the non-finite values of the ablation,
+    the slices and the baselines."""
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out.update({f"recall/{c}": float(r) for c, r in metrics["per_class_recall"].items() if r is not None})
-    out.update({f"synthetic_ablation/{k}": float(v) for k, v in metrics.get("synthetic_ablation", {}).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+    for part in ("synthetic_ablation", "slices", "slice_reweight"):
+        out.update({f"{part}/{k}": float(v) for k, v in metrics.get(part, {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+    if "slice_reweight" in metrics:
+        out["slice_reweight/kept"] = float(metrics["slice_reweight"]["kept"])
     for name, b in metrics.get("baselines", {}).items():
         out.update({f"baseline/{name}/{k}": float(v) for k, v in b.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})

@@ -38,6 +38,7 @@ from sslvision.pretrain import (
     PretrainParams,
     collapse_stats,
     evaluate,
+    init_lineage,
     rank_and_world,
     resolve_device,
     train,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # pandas is imported where manifests are read: train() and it
 log = logging.getLogger("sslvision.pretrain")
 
 REPORTS = Path("reports/pretrain")
+LINEAGE_TAG = "sslvision.init_from"  # MLflow tags .path, .sha256, .method: the encoder pretrain.init_from named
 
 
 @dataclass
@@ -143,8 +145,9 @@ def run_stage(p: PretrainParams, ingested: str | Path = INGESTED, encoder_dir: s
     if rank != 0:
         return {}
     images = np.load(inputs.images_path, mmap_mode="r")
+    lineage = {"init_from": result.lineage} if result.lineage else {}  # the chain an init_from encoder came from
     save_encoder(encoder_dir, result.encoder, result.decoder,
-                 extra={"method": p.method, "params": p.model_dump(by_alias=True)})
+                 extra={"method": p.method, "params": p.model_dump(by_alias=True), **lineage})
     device = resolve_device(p.device)
     sample = np.random.default_rng(p.seed).permutation(inputs.train_rows)[:COLLAPSE_SAMPLE]
     train_features = embed(result.encoder, images[np.sort(sample)], p.embed_batch_size, device)
@@ -192,12 +195,18 @@ def pretrain_cli(params: str | Path = "params.yaml", overrides: dict[str, Any] |
     from sslvision import tracking
 
     read_inputs(ingested)  # fail on missing inputs before opening a run
+    lineage = init_lineage(p.init_from) if p.init_from else None  # ... and on a missing init_from encoder
     mlflow.enable_system_metrics_logging()
     with tracking.stage_run("pretrain", p.model_dump(by_alias=True)), \
             Live(str(Path(reports) / "live"), save_dvc_exp=False, dvcyaml=None) as live:
+        if lineage is not None:  # the run's lineage: which encoder (by content) it started from
+            mlflow.set_tags({f"{LINEAGE_TAG}.{k}": v for k, v in lineage.items() if isinstance(v, str)})
+
         def on_epoch(record: dict[str, float]) -> None:
-            for key in ("loss", "lr", "effective_rank", "std_ratio", "train_img_s", "model_img_s", "data_img_s"):
-                live.log_metric(key, record[key])
+            for key in ("loss", "lr", "temperature", "effective_rank", "std_ratio", "train_img_s", "model_img_s",
+                        "data_img_s"):
+                if key in record:
+                    live.log_metric(key, record[key])
             live.next_step()
             mlflow.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
 
@@ -212,7 +221,7 @@ def pretrain_cli(params: str | Path = "params.yaml", overrides: dict[str, Any] |
 def sweep_temperature(values: list[float], params: str | Path = "params.yaml", epochs: int | None = None,
                       ingested: str | Path = INGESTED, reports: str | Path = REPORTS,
                       checkpoints: str | Path = "checkpoints/sweep") -> pd.DataFrame:
-    """Short pretrains at each temperature; kNN/linear accuracy on ``test`` (2-fold, as the stage).
+    """Short pretrains at each (constant) temperature; kNN/linear accuracy on ``test`` (2-fold, as the stage).
 
     Writes ``temperature_sweep.csv`` and ``temperature_sweep.png`` (kNN accuracy vs temperature) to
     ``reports``. Each run checkpoints under ``checkpoints/T=<value>`` so an interrupted sweep resumes.
@@ -233,7 +242,8 @@ def sweep_temperature(values: list[float], params: str | Path = "params.yaml", e
     images = np.load(inputs.images_path, mmap_mode="r")
     rows = []
     for t in values:
-        p = base.model_copy(update={"temperature": float(t), "checkpoint_dir": str(Path(checkpoints) / f"T={t}")})
+        p = base.model_copy(update={"temperature": float(t), "temperature_schedule": "constant",
+                                    "checkpoint_dir": str(Path(checkpoints) / f"T={t}")})
         log.info("sweep: temperature %s (%d epochs)", t, p.epochs)
         result = train(p, inputs.images_path, inputs.train_rows)
         feats = embed(result.encoder, images[inputs.test_rows], p.embed_batch_size, resolve_device(p.device))
