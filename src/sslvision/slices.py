@@ -11,15 +11,15 @@ embeddings are clustered, and a cluster is reported when it is a *slice*:
   times the Wilson lower bound of its error minus its classes' average error. A hard class is no slice, and a
   slice ranks by the failures it accounts for, not by its error rate alone (a handful of odd images at 100 %
   error ranks below a hundred at 80 % where the class averages 20 %).
-- **shortcut** slice (needs the training rows): a cluster (k-means fitted on the training embeddings,
-  ``SHORTCUT_CLUSTERS`` per class, so that one look is one cluster; the held-out rows assigned to the nearest
-  centre) that holds a far larger share of one class's train images than of its held-out images: ``P(cluster |
-  class)`` does not change with the class prior, so a long-tailed train split is no shortcut by itself. Its score
-  counts the class's train images it holds beyond its held-out share: the class's train images times the share
-  difference minus its standard error (Agresti-Caffo) times the same ``z``. A confounder planted on
-  most of one class's train images and absent from it when held out makes exactly this, whether or not held-out
-  images of other classes carry it (the slice's held-out members may be few or none: its gallery shows its train
-  images).
+- **shortcut** slice (needs the training rows): a group of k-means clusters of the training embeddings
+  (``SHORTCUT_CLUSTERS`` per class; the held-out rows go to the nearest centre) that holds a far larger share of
+  one class's train images than of its held-out images. ``P(group | class)`` does not change with the class
+  prior, so a long-tailed train split is no shortcut by itself. The clusters that qualify alone for a class are
+  merged into one slice (one look often spans several clusters). Its score counts the class's train images it
+  holds beyond its held-out share: the class's train images times the share difference minus its standard
+  error (Agresti-Caffo) times the same ``z``. A confounder planted on most of one class's train images and absent
+  from it when held out makes exactly this, whether or not held-out images of other classes carry it (the
+  slice's held-out members may be few or none: its gallery shows its train images).
 
 The bounds are one-sided at a family-wise ``ALPHA`` over all candidates (Bonferroni: ``z`` grows with their
 number), so errors that fall at random make no slice. Candidates are ranked by score (both kinds count
@@ -186,35 +186,50 @@ def _error_candidates(parts: list[tuple[str, np.ndarray]], labels: np.ndarray, w
     return out
 
 
+def _shortcut(t: np.ndarray, m: np.ndarray, c: int, train_labels: np.ndarray, labels: np.ndarray,
+              clusters: int = 1) -> dict[str, Any]:
+    """A shortcut candidate for class ``c``: train rows ``t`` and held-out rows ``m``; ``P(group | c)`` in train and
+    held out, and their difference with its standard error as Agresti & Caffo (2000) (one success and one
+    failure added to each side), which stays honest when a share is 0."""
+    n_a, n_b = int((train_labels == c).sum()), int((labels == c).sum())
+    x_a, x_b = int((train_labels[t] == c).sum()), int((labels[m] == c).sum())
+    a_adj, b_adj = (x_a + 1) / (n_a + 2), (x_b + 1) / (n_b + 2)
+    return {"kind": "shortcut", "members": m, "train_members": t, "shortcut_class": c, "clusters": clusters,
+            "train_share": x_a / n_a, "heldout_share": x_b / n_b, "diff": a_adj - b_adj, "class_train": n_a,
+            "se": math.sqrt(a_adj * (1 - a_adj) / (n_a + 2) + b_adj * (1 - b_adj) / (n_b + 2))}
+
+
 def _shortcut_candidates(train_x: np.ndarray, train_labels: np.ndarray, x: np.ndarray, labels: np.ndarray,
                          min_size: int, seed: int) -> list[dict[str, Any]]:
-    k_all = max(int(labels.max()), int(train_labels.max())) + 1
+    """One candidate per k-means cluster of the training rows (``min_size`` of them or more), for the class whose
+    share differs most between train and held out."""
     k = min(SHORTCUT_CLUSTERS * len(np.unique(train_labels)), len(train_x) // (2 * min_size))
     if k < 2:
         return []
     km = _kmeans(train_x, k, seed)
     held = km.predict(x)
-    n_train = np.bincount(train_labels, minlength=k_all)
-    n_held = np.bincount(labels, minlength=k_all)
+    both = sorted(set(np.unique(train_labels).tolist()) & set(np.unique(labels).tolist()))
     out = []
     for j in range(k):
         t, m = np.flatnonzero(km.labels_ == j), np.flatnonzero(held == j)
-        if len(t) < min_size:
-            continue
-        # P(cluster | class) in train and held out, for the classes seen in both; the difference and its standard
-        # error as Agresti & Caffo (2000) (one success and one failure added to each side), which stays honest
-        # when a share is 0
-        x_a, x_b = np.bincount(train_labels[t], minlength=k_all), np.bincount(labels[m], minlength=k_all)
-        a_adj, b_adj = (x_a + 1) / (n_train + 2), (x_b + 1) / (n_held + 2)
-        diff = a_adj - b_adj
-        se = np.sqrt(a_adj * (1 - a_adj) / (n_train + 2) + b_adj * (1 - b_adj) / (n_held + 2))
-        # the class whose share differs most (at z = 3: the ranking among the classes; the score uses the
-        # family-wise z)
-        c = int(np.where((n_train > 0) & (n_held > 0), diff - 3 * se, -np.inf).argmax())
-        out.append({"kind": "shortcut", "partition": "train", "members": m, "train_members": t,
-                    "train_share": float(x_a[c] / n_train[c]), "heldout_share": float(x_b[c] / n_held[c]),
-                    "shortcut_class": c, "diff": float(diff[c]), "se": float(se[c]), "class_train": int(n_train[c])})
+        if len(t) >= min_size and both:
+            # the class whose share differs most at z = 3 (the score uses the family-wise z)
+            per_class = [_shortcut(t, m, c, train_labels, labels) for c in both]
+            out.append(max(per_class, key=lambda d: d["diff"] - 3 * d["se"]))
     return out
+
+
+def _merge_shortcuts(candidates: list[dict[str, Any]], train_labels: np.ndarray, labels: np.ndarray,
+                     z: float) -> list[dict[str, Any]]:
+    """One shortcut per class: the union of its clusters that score above 0 alone (a look k-means split over
+    several clusters is one finding), scored again as one group."""
+    by_class: dict[int, list[dict[str, Any]]] = {}
+    for cand in candidates:
+        if cand["diff"] - z * cand["se"] > 0:
+            by_class.setdefault(cand["shortcut_class"], []).append(cand)
+    return [_shortcut(np.sort(np.concatenate([p["train_members"] for p in parts])),
+                      np.sort(np.concatenate([p["members"] for p in parts])), c, train_labels, labels, len(parts))
+            for c, parts in sorted(by_class.items())]
 
 
 def _select(candidates: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -296,13 +311,16 @@ def find_slices(embeddings: np.ndarray, labels: np.ndarray, predictions: np.ndar
     if with_train:
         ty = np.asarray(train_labels).astype(np.int64)
         found = _shortcut_candidates(reduced[1], ty, x, y, min_size, seed)
+        z = _family_z(len(candidates) + len(found))
+        found = _merge_shortcuts(found, ty, y, z)
         for cand in found:
             m = cand["members"]
             err = float(wrong[m].mean()) if len(m) else math.nan
             expected = float(class_error[y[m]].mean()) if len(m) else math.nan
             cand.update(error=err, class_error=expected, gap=err - expected)
         candidates += found
-    z = _family_z(len(candidates))
+    else:
+        z = _family_z(len(candidates))
     for cand in candidates:
         if cand["kind"] == "shortcut":
             cand["score"] = cand["class_train"] * (cand["diff"] - z * cand["se"])
@@ -349,9 +367,10 @@ def _describe(row: dict[str, Any], cand: dict[str, Any], names: list[str], sever
     """The slice in one line: who, how wrong, mistaken for what, what stands out."""
     if cand["kind"] == "shortcut":
         c = names[cand["shortcut_class"]]
-        text = (f"shortcut to {c}: a group of {row['train_size']} train images holding {row['train_share']:.0%} of "
-                f"the {c} train images but {row['heldout_share']:.0%} of the held-out ones; {row['size']} held-out "
-                "images in it" + (f" ({row['classes']})" if row["size"] else ""))
+        groups = f" ({cand['clusters']} clusters)" if cand["clusters"] > 1 else ""
+        text = (f"shortcut to {c}: a group of {row['train_size']} train images{groups} holding "
+                f"{row['train_share']:.0%} of the {c} train images but {row['heldout_share']:.0%} of the held-out "
+                f"ones; {row['size']} held-out images in it" + (f" ({row['classes']})" if row["size"] else ""))
         if row["size"]:
             text += f": error {row['error']:.0%} vs {row['class_error']:.0%} for their classes"
     else:
