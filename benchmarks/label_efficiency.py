@@ -235,8 +235,9 @@ def write(name: str, rows: list[dict], command: str, extra: dict) -> None:
     summary = summarise(rows)
     path = report(name, summary + rows, command=command, extra={**extra, "ssl_vs_baselines": verdict(summary, rows)})
     p = extra["protocol"]
-    plot(summary, path.with_suffix(".png"), f"Fashion-MNIST, {p['pool']:,} unlabelled images, {p['test_images']:,} "
-         f"test images, {len(p['seeds'])} seed(s)")
+    seeds = f"{len(p['seeds'])} seed{'s' if len(p['seeds']) > 1 else ''}"
+    plot(summary, path.with_suffix(".png"), f"Fashion-MNIST: {p['pool']:,} unlabelled, {p['test_images']:,} test "
+         f"images, {p['steps']} steps; mean ± std, {seeds}")
     logging.info("wrote %s and %s", path, path.with_suffix(".png"))
 
 
