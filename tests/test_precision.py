@@ -73,6 +73,19 @@ def test_the_committed_table_follows_the_measurements():
     assert pretrain.BF16_FASTER.get("cpu", frozenset()) == adopted
 
 
+def test_cuda_auto_follows_the_gpu_measurement():
+    # benchmarks/results/gpu_profile.json: the ResNet SimCLR step in bf16 >= 1.3x fp32 on the GPU it ran on
+    import json
+    from pathlib import Path
+
+    results = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/gpu_profile.json").read_text())
+    ratio = next(r["value"] for r in results["rows"] if r["system"] == "simclr bf16 / fp32")
+    assert ("resnet" in pretrain.BF16_FASTER.get("cuda", frozenset())) == (ratio >= 1.3)
+    expected = "bf16" if ratio >= 1.3 else "fp32"
+    assert resolve_precision("auto", device_type="cuda", vit=False, cuda_bf16=True) == expected
+    assert resolve_precision("auto", device_type="cuda", vit=True, cuda_bf16=True) == "fp32"  # the ViT: not measured
+
+
 @pytest.mark.parametrize("method,kw", [
     ("simclr", {}), ("simclr", {"loss": "rince"}), ("vicreg", {}), ("dino", {}), ("mae", {}), ("cl_mim", {}),
     ("cl_mim", {"cl_mim_cl": "dino"}),
