@@ -8,15 +8,17 @@ run, says so) and rewrites the results table of benchmarks/README.md between its
     .venv/bin/python benchmarks/run_all.py --summary-only   # runs nothing: table from the committed results
 
 synthesize, finetune, default_recipe, drift and retrain reuse the demo pipeline's outputs (``make demo``
-first); ingest, pretrain and audit build their own data. A benchmark that fails is reported and the others
-still run; the exit status is non-zero when any failed. Each one's own ``results/NAME.json`` keeps its full
-table (variants: ``results/variants/BENCHMARK/NAME.json``); the summary keeps the headline rows.
+first); the others build their own data. gpu_profile needs a CUDA GPU: without one it is reported as skipped,
+not run. A benchmark that fails is reported and the others still run; the exit status is non-zero when any
+failed. Each one's own ``results/NAME.json`` keeps its full table (variants:
+``results/variants/BENCHMARK/NAME.json``); the summary keeps the headline rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -44,13 +46,28 @@ BENCHMARKS: dict[str, list[str]] = {
     "finetune": ["--epochs", "16", "--full-finetune"],
     # the candidates for the demo's finetune recipe, trained on this project's audited data
     "default_recipe": ["."],
+    # the defaults: 10,000 unlabelled images, 10 / 25 / 100 labels per class, seeds 0 1 2, 200 steps of 64; the
+    # committed run cached its encoder with --cache /tmp/...: here the default, benchmarks/.cache/ (git-ignored)
+    "label_efficiency": [],
+    # on one H100 (profiles/gpu.yaml), trimmed to an 8-minute device slot; the committed run wrote to
+    # --out $OUT and read --fmnist from a local copy: here the defaults, benchmarks/results/ and the system dataset
+    "gpu_profile": ["--pretrain-seconds", "180", "--finetune-seconds", "40"],
     "drift": [],
     "retrain": [],
     # bf16 autocast vs fp32 pretraining on this CPU; small runs so that it fits a shared 2-core machine
     "precision": ["--batch-size", "32", "--windows", "8", "--window-steps", "4", "--acc-steps", "60",
                   "--vit-acc-steps", "30", "--train-images", "4000"],
+    # seed 0, both tail orders, 200 steps of 64 (the defaults); seeds 1 2 are the variant temperature_seeds12
+    "temperature": [],
+    # seed 0, natural tail, 200 steps in all (the defaults); seeds 1 2 are the variant mae_prepretrain_seeds12
+    "mae_prepretrain": [],
+    # the linear-probe recipe (the default --recipes probe); the committed run kept its scenario, encoder and
+    # audit in --workdir /tmp/...: here the default, a temporary directory
+    "confounders": [],
 }
 NEEDS_DEMO = {"synthesize", "finetune", "default_recipe", "drift", "retrain"}
+# run only where torch sees a CUDA GPU; elsewhere reported as skipped (not failed), their committed results kept
+NEEDS_CUDA = {"gpu_profile"}
 
 Row = dict
 Pick = Callable[[list[Row]], list[Row]]
@@ -70,6 +87,73 @@ def _head(rows: list[Row], ours: Callable[[str], bool], metrics: dict[str, str],
 
 def _startswith(*prefixes: str) -> Callable[[str], bool]:
     return lambda s: s.startswith(prefixes)
+
+
+def _seeds(row: Row) -> str:
+    """``seed 0`` / ``seeds 0, 1, 2``: the seeds a row's ``setting`` names (``..., seeds [0]; ...``)."""
+    m = re.search(r"seeds \[([^\]]*)\]", row.get("setting", ""))
+    if not m:
+        return ""
+    seeds = [s.strip() for s in m.group(1).split(",") if s.strip()]
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}"
+
+
+def _label_efficiency(rows: list[Row]) -> list[Row]:
+    """Balanced accuracy (mean over the seeds) per system, one line per number of labels per class; the SSL
+    encoder (probe, fine-tune) against the pixel regression and the same network from scratch."""
+    return [{"metric": f"balanced accuracy, mean of {r.get('seed', 'the seeds')}", "system": r["system"],
+             "value": r["value"], "unit": r["unit"], "setting": f"{r['labels_per_class']} labels per class",
+             "ours": r["system"].startswith("ssl_")}
+            for r in rows if r["metric"] == "balanced_accuracy_mean"]
+
+
+def _temperature(rows: list[Row]) -> list[Row]:
+    """kNN recall of the 3 rarest classes per τ setting, and the cosine schedule's gain over the best fixed τ,
+    per tail order; the cosine schedule is the option measured, the fixed τ its baselines."""
+    out = []
+    for order in ("natural", "hard_rare"):
+        picked = _head(rows, _startswith("cosine"), {
+            f"kNN recall, 3 rarest classes ({order})": "kNN recall, 3 rarest classes",
+            f"kNN recall, 3 rarest classes gain ({order})": "cosine schedule - best fixed τ, kNN recall, 3 rarest"})
+        for r in picked:
+            seeds = next((_seeds(x) for x in rows if x["metric"].endswith(f"({order})") and _seeds(x)), "")
+            r["setting"] = f"{order} tail{', ' + seeds if seeds else ''}"
+        out += picked
+    return out
+
+
+def _mae_prepretrain(rows: list[Row]) -> list[Row]:
+    """``pretrain.init_from``: MAE then SimCLR from its weights (the option measured) against SimCLR alone, the
+    same SimCLR steps from random weights, cl_mim and MAE alone, at equal total steps."""
+    picked = _head(rows, lambda s: s == "mae → simclr", {"kNN accuracy": "kNN accuracy",
+                                                         "linear probe accuracy": "linear probe accuracy"})
+    for r in picked:
+        r["setting"] = next((_seeds(x) for x in rows if _seeds(x)), "")
+    return picked
+
+
+def _confounders(rows: list[Row]) -> list[Row]:
+    """Slice discovery (find_slices against plain k-means) and the slice_reweight mitigation (Just Train Twice
+    as the stage gates it) against the classifier without it and the oracle re-weighting (a ceiling)."""
+    names = {"without": "without slice_reweight", "JTT (gated by the stage)": "slice_reweight (JTT, gated)"}
+    picked = _head(rows, lambda s: s in ("sslvision find_slices", "JTT (gated by the stage)"), {
+        "rank of the planted slice (target 1)": "rank of the planted slice, target 1",
+        "worst-group accuracy (class x mark), test": "worst-group accuracy (class x mark), test",
+        "balanced accuracy, test": "balanced accuracy, test"},
+        lambda s: s in ("sslvision find_slices", "plain k-means (error-ranked)", "without",
+                        "JTT (gated by the stage)") or s.startswith("oracle"), by_setting=True)
+    return [{**r, "system": names.get(r["system"], r["system"])} for r in picked]
+
+
+def _gpu_profile(rows: list[Row]) -> list[Row]:
+    """bf16 / fp32 SimCLR throughput, the fine-tuned champion against scratch and the pixel baseline, and the
+    embeddings' kNN and linear probe (all sslvision's)."""
+    embeddings = ("ssl kNN k=200", "ssl linear probe")
+    return (_head(rows, lambda s: True, {"speedup": "bf16 / fp32 SimCLR throughput, ResNet-18 batch 512 (GPU)"})
+            + _head(rows, _startswith("ssl"), {"balanced_accuracy": "balanced accuracy, test split, audited labels"},
+                    lambda s: s not in embeddings)
+            + _head(rows, lambda s: True, {"balanced_accuracy": "SSL embeddings' balanced accuracy, test split"},
+                    lambda s: s in embeddings))
 
 
 def _ladder(metric: str) -> Pick:
@@ -109,6 +193,9 @@ HEADLINES: dict[str, Pick] = {
     "default_recipe": lambda rows: _head(rows, lambda s: s != "pixel_logreg", {
         "balanced_accuracy": "balanced accuracy, test split (demo project)",
         "worst_class_recall": "worst-class recall, test split (demo project)"}),
+    "label_efficiency": _label_efficiency,
+    # profiles/gpu.yaml on one GPU (the file names it)
+    "gpu_profile": _gpu_profile,
     "drift": lambda rows: _head(rows, _startswith("sslvision"), {
         "re-run from pretrain (false alarm)": "clean batches re-run from pretrain (false alarm)",
         "BBSD reports drift": "clean batches re-run from pretrain (false alarm)",
@@ -124,6 +211,9 @@ HEADLINES: dict[str, Pick] = {
     # the same throughput at the stage's batch of 256 (throughput only: --acc-steps 0 --name precision_batch256)
     "precision_batch256": lambda rows: _head(rows, lambda s: True, {
         "throughput ratio": "bf16 / fp32 pretrain throughput, batch 256"}, lambda s: "/" in s),
+    "temperature": _temperature,
+    "mae_prepretrain": _mae_prepretrain,
+    "confounders": _confounders,
 }
 
 
@@ -135,9 +225,18 @@ def run_one(name: str, extra: list[str]) -> tuple[bool, float]:
     return ok, time.perf_counter() - t0
 
 
-def summarize(ran: dict[str, tuple[bool, float]]) -> tuple[list[Row], dict[str, str]]:
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def summarize(ran: dict[str, tuple[bool, float]], skipped: dict[str, str] | None = None
+              ) -> tuple[list[Row], dict[str, str]]:
     """The headline rows of every results file in ``HEADLINES`` (each row names its file, relative to
-    benchmarks/), and the machine each ran on."""
+    benchmarks/), and the machine each ran on; ``skipped`` (name -> why) are benchmarks this run did not start."""
     out: list[Row] = []
     machines: dict[str, str] = {}
     for name, pick in HEADLINES.items():
@@ -155,6 +254,9 @@ def summarize(ran: dict[str, tuple[bool, float]]) -> tuple[list[Row], dict[str, 
     for name, (ok, seconds) in ran.items():
         out.append({"benchmark": name, "system": "run_all", "metric": "benchmark wall time" if ok else "FAILED",
                     "value": round(seconds, 1), "unit": "s", "setting": "", "ours": False})
+    for name, why in (skipped or {}).items():
+        out.append({"benchmark": name, "system": "run_all", "metric": f"skipped: {why}", "value": None, "unit": "",
+                    "setting": "", "ours": False})
     return out, machines
 
 
@@ -171,7 +273,7 @@ def results_table(rows: list[Row]) -> str:
         v = r["value"]
         if isinstance(v, float):
             v = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
-        unit = {"fraction": "", "images/s": "img/s"}.get(r["unit"], r["unit"])
+        unit = {"fraction": "", "images/s": "img/s", "rank": ""}.get(r["unit"], r["unit"])
         unit = "" if unit.startswith("share of") else unit
         return f"{r['system']}: **{v}** {unit}".rstrip()
 
@@ -212,10 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     if NEEDS_DEMO & set(names) and not (REPO / "models" / "encoder").exists():
         raise SystemExit(f"{sorted(NEEDS_DEMO & set(names))} reuse the demo pipeline's outputs and "
                          f"{REPO / 'models' / 'encoder'} does not exist: run `make demo` first")
+    skipped = {n: "needs a CUDA GPU" for n in names if n in NEEDS_CUDA and not cuda_available()}
+    for name in skipped:
+        print(f"\n>> {name}: skipped ({skipped[name]}; its committed results stay in the table)", flush=True)
     ran: dict[str, tuple[bool, float]] = {}
     for name in names:
-        ran[name] = run_one(name, [])
-    rows, machines = summarize(ran)
+        if name not in skipped:
+            ran[name] = run_one(name, [])
+    rows, machines = summarize(ran, skipped)
     report("summary", rows, command=command_line(script=Path(sys.argv[0]).as_posix()),
            extra={"machines": machines})
     update_results_section(rows, machines)
