@@ -196,7 +196,9 @@ def test_stage_linear_probe_end_to_end(workdir, monkeypatch):
     for key in ("accuracy", "balanced_accuracy", "worst_class_recall", "macro_f1", "ece", "per_class_recall",
                 "confusion_matrix"):
         assert key in report
-    assert report["synthetic_images"] == 50 and report["balanced_accuracy"] > 0.4
+    kept = report["synthetic_ablation"]["kept"]  # the deployed run, with the 50 synthetic images or without them
+    assert report["synthetic_ablation"]["synthetic_images"] == 50 and report["balanced_accuracy"] > 0.4
+    assert report["synthetic_images"] == {"with": 50, "without": 0}[kept]
     for name in ("predictions.csv", "per_class_recall.csv", "history.csv", "reliability.csv",
                  "confusion_matrix.png", "reliability.png"):
         assert (workdir / "reports/finetune" / name).stat().st_size > 0
@@ -213,32 +215,76 @@ def test_stage_linear_probe_end_to_end(workdir, monkeypatch):
         metrics["synthetic_ablation"]["balanced_accuracy_without"])
     assert runs["metrics.synthetic_ablation/balanced_accuracy_gain"].iloc[0] == pytest.approx(
         metrics["synthetic_ablation"]["balanced_accuracy_gain"])
+    assert runs["metrics.synthetic_ablation/kept_synthetic"].iloc[0] == (kept == "with")
 
 
-def test_synthetic_ablation_is_the_run_without_them_and_flags_harmful_images(workdir, caplog):
-    """The ablation's "without" classifier is exactly a run with the synthetic images switched off, and
-    synthetic images carrying wrong labels show up as a loss (with a warning)."""
-    from sslvision.stages.finetune import load_params, run_finetune
-
-    params = make_project(workdir, synthetic_per_class=20)
+def _wrong_synthetic_labels(workdir) -> None:
     manifest = workdir / "data/synthetic/manifest.parquet"
     df = pd.read_parquet(manifest)
     df.assign(label=(df["label"] + 1) % 10).to_parquet(manifest, index=False)  # every synthetic label wrong
+
+
+def test_synthetic_ablation_deploys_the_run_without_harmful_images(workdir, monkeypatch, caplog):
+    """Synthetic images carrying wrong labels lower validation balanced accuracy, so the stage deploys the
+    ablation's run without them: exactly a run with the synthetic images switched off (saved, scored on the test
+    split, logged), and the test split's loss is reported (with a warning)."""
+    import mlflow
+
+    from sslvision.stages.finetune import finetune_cli, load_params, run_finetune
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = make_project(workdir, synthetic_per_class=20)
+    _wrong_synthetic_labels(workdir)
     p = load_params(params)
     with caplog.at_level("WARNING", logger="sslvision.stages.finetune"):
-        metrics = run_finetune(p)[3]
-    ab = metrics["synthetic_ablation"]
-    alone = run_finetune(p.model_copy(update={"synthetic_weight": 0.0}))[3]
+        finetune_cli(params)
+    report = json.loads((workdir / "reports/finetune/metrics.json").read_text())
+    ab = report["synthetic_ablation"]
+    assert ab["select"] == "validation" and ab["kept"] == "without" and ab["synthetic_images"] == 200
+    assert ab["val_balanced_accuracy_with"] < ab["val_balanced_accuracy_without"]
+    assert ab["val_balanced_accuracy_gain"] == pytest.approx(
+        ab["val_balanced_accuracy_with"] - ab["val_balanced_accuracy_without"])
+    assert "deployed without them, they do not raise validation balanced accuracy" in caplog.text
+    alone_clf, alone_data, _, alone, alone_probs = run_finetune(p.model_copy(update={"synthetic_weight": 0.0}))
     assert "synthetic_ablation" not in alone and alone["synthetic_images"] == 0
+    # the deployed classifier is the run without them: same scores, same predictions once saved
+    assert report["synthetic_images"] == 0 and report["train_images"] == alone["train_images"]
+    assert report["balanced_accuracy"] == pytest.approx(alone["balanced_accuracy"], abs=1e-9)
+    assert report["val_balanced_accuracy"] == pytest.approx(ab["val_balanced_accuracy_without"])
+    saved = load_classifier(workdir / "models/classifier")
+    np.testing.assert_allclose(saved.predict_proba(alone_data.test.images), alone_probs, atol=1e-6)
+    # the test split's numbers are reported as before, not used
     assert ab["balanced_accuracy_without"] == pytest.approx(alone["balanced_accuracy"], abs=1e-9)
     assert ab["per_class_recall_without"] == pytest.approx(
         {c: alone["per_class_recall"][c] for c in ab["per_class_recall_without"]}, abs=1e-9)
-    assert ab["balanced_accuracy_gain"] == pytest.approx(metrics["balanced_accuracy"] - alone["balanced_accuracy"])
+    assert ab["balanced_accuracy_gain"] == pytest.approx(ab["balanced_accuracy_with"] - alone["balanced_accuracy"])
     assert ab["balanced_accuracy_gain"] < -0.05  # 200 wrong labels against 426 real rows
     assert ab["tail_classes"] == ["Ankle boot", "Bag", "Sneaker"]  # the 3 with the fewest real images
     assert "they lower it" in caplog.text
-    off = run_finetune(p.model_copy(update={"synthetic_ablation": "off"}))[3]
-    assert "synthetic_ablation" not in off and off["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    runs = mlflow.search_runs(experiment_names=["sslvision"])
+    assert runs["metrics.synthetic_ablation/kept_synthetic"].iloc[0] == 0
+    assert runs["metrics.balanced_accuracy"].iloc[0] == pytest.approx(alone["balanced_accuracy"])
+
+
+def test_synthetic_select_always_deploys_the_run_with_them(workdir):
+    """``synthetic_select: always`` keeps the synthetic images whatever validation says (the ablation only
+    reports); ``synthetic_ablation: off`` trains the same classifier without the ablation."""
+    from sslvision.stages.finetune import load_params, run_finetune, scalar_metrics
+
+    params = make_project(workdir, synthetic_per_class=20)
+    _wrong_synthetic_labels(workdir)
+    p = load_params(params).model_copy(update={"synthetic_select": "always"})
+    _, _, result, metrics, probs = run_finetune(p)
+    ab = metrics["synthetic_ablation"]
+    assert ab["select"] == "always" and ab["kept"] == "with"
+    assert ab["val_balanced_accuracy_with"] < ab["val_balanced_accuracy_without"]  # validation disagrees
+    assert metrics["synthetic_images"] == 200 and metrics["balanced_accuracy"] == pytest.approx(
+        ab["balanced_accuracy_with"])
+    assert result.best_val_balanced_accuracy == ab["val_balanced_accuracy_with"]
+    assert scalar_metrics(metrics)["synthetic_ablation/kept_synthetic"] == 1
+    off = run_finetune(p.model_copy(update={"synthetic_ablation": "off"}))
+    assert "synthetic_ablation" not in off[3] and off[3]["synthetic_images"] == 200
+    np.testing.assert_allclose(off[4], probs, atol=1e-6)
 
 
 def test_full_finetune_with_ldam_drw_and_balanced_sampling(workdir):

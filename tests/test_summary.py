@@ -42,6 +42,11 @@ def test_metrics_promotion_and_drift_decision(workdir):
     assert "m v3: refused: balanced_accuracy 0.61 < 0.70" in text
     assert "jpeg_s3: degraded (accuracy, embedding_mmd_pvalue) -> re-run from pretrain" in text
     assert "ingest" in text and "not run yet" in text
+    # the ablation deployed the run without them: its "with" numbers are its own, not the deployed model's
+    write(r / "finetune" / "metrics.json", {"balanced_accuracy": 0.626, "synthetic_ablation": {
+        "kept": "without", "balanced_accuracy_with": 0.612, "balanced_accuracy_without": 0.626}})
+    assert "balanced accuracy 62.6% -> 61.2% (test); deployed without them (validation)" in " ".join(
+        summary.render(workdir).split())
 
 
 def test_stage_times_of_the_latest_pipeline_run(workdir):

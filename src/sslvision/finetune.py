@@ -142,9 +142,14 @@ class FinetuneParams(Section):
         "loss weight of a synthetic image relative to a real one (0 = ignore them); lower it (0.3-0.5) when "
         "synthesize's fidelity/consistency metrics are poor"))
     synthetic_ablation: Literal["auto", "on", "off"] = Field("auto", description=(
-        "also train the same classifier without the synthetic images and report what they changed on the test "
-        "split (metrics.json: synthetic_ablation; a warning when they lower tail recall or balanced accuracy). "
-        "auto = on for linear_probe (seconds), off for a full fine-tune (it doubles the training) | on | off"))
+        "also train the same classifier without the synthetic images, compare the two on validation (synthetic_select "
+        "deploys one) and report what they changed on the test split (metrics.json: synthetic_ablation; a warning "
+        "when they are left out or lower tail recall or balanced accuracy). auto = on for linear_probe (seconds), off "
+        "for a full fine-tune (it doubles the training) | on | off"))
+    synthetic_select: Literal["validation", "always"] = Field("validation", description=(
+        "with synthetic_ablation: validation = keep the synthetic images only when they raise validation balanced "
+        "accuracy (a tie leaves them out; the ablation decides, the test split only reports) | always = train with "
+        "them whatever validation says (the ablation only reports)"))
     out: str = Field("models/classifier", description=(
         "where the classifier (safetensors + config.json) is written"))
     init: Literal["ssl", "scratch"] = Field("ssl", description=(
@@ -845,8 +850,8 @@ def _val_logits(classifier: Classifier, forward: Any, x: torch.Tensor, batch_siz
 # FinetuneParams fields that say where the stage reads and writes, or what it does around the training:
 # not settings of :func:`fit_classifier`.
 STAGE_FIELDS = frozenset({"encoder", "ingested", "manifest", "synthetic", "splits", "synthetic_weight",
-                          "synthetic_ablation", "out", "threads", "registry", "promotion", "embeddings",
-                          "slices", "slice_reweight", "jtt_upweight"})
+                          "synthetic_ablation", "synthetic_select", "out", "threads", "registry", "promotion",
+                          "embeddings", "slices", "slice_reweight", "jtt_upweight"})
 
 
 def fit_classifier(encoder: Encoder, images: np.ndarray, labels: np.ndarray, *, classes: list[str] | None = None,

@@ -61,7 +61,9 @@ def key_metrics(root: str | Path = ".") -> dict[str, str]:
         if a:
             out["finetune"] += (f"; synthetic images: tail recall {_pct(a.get('tail_recall_without'))} -> "
                                 f"{_pct(a.get('tail_recall'))}, balanced accuracy "
-                                f"{_pct(a.get('balanced_accuracy_without'))} -> {_pct(m.get('balanced_accuracy'))}")
+                                f"{_pct(a.get('balanced_accuracy_without'))} -> "
+                                f"{_pct(a.get('balanced_accuracy_with', m.get('balanced_accuracy')))}"
+                                + (f" (test); deployed {a['kept']} them (validation)" if a.get("kept") else ""))
         b = (m.get("baselines") or {}).get("pixel_logreg")
         if b:
             gain = 100 * (m.get("balanced_accuracy", 0) - b.get("balanced_accuracy", 0))

@@ -14,7 +14,9 @@ features) on the same real training rows and labels, and reports it beside the c
 ``baselines.pixel_logreg``, MLflow ``baseline/pixel_logreg/...``); its balanced accuracy on the golden set is
 recorded with the registered version, and promotion refuses a classifier that does not beat it
 (``promotion.beat_pixel_baseline``, :mod:`sslvision.registry`). With synthetic images
-(``synthetic_ablation``), the same classifier is also trained without them and the difference is reported.
+(``synthetic_ablation``), the same classifier is also trained without them and the one with the higher
+validation balanced accuracy is deployed (a tie leaves them out; ``synthetic_select: always`` keeps them);
+``metrics.json`` ``synthetic_ablation`` records the decision and reports both on the test split.
 
 Slices (``finetune.slices``, :mod:`sslvision.slices`): on the SSL embeddings of the embed stage
 (``data/embeddings``), groups of test images where the classifier's error is far above its class average, or
@@ -154,20 +156,33 @@ def build_classifier(p: FinetuneParams, classes: list[str]) -> Classifier:
 def run_finetune(
         p: FinetuneParams, on_epoch: Any = None) -> tuple[Classifier, FinetuneData, TrainResult, dict, np.ndarray]:
     """Load (:func:`load_data`), train, calibrate and evaluate on the test split, with the pixel baseline and
-    (``synthetic_ablation``) the run without synthetic images; writes nothing. ``on_epoch``: as for
-    :func:`sslvision.finetune.train_classifier`. Returns (classifier, data, result, metrics, test probabilities)."""
+    (``synthetic_ablation``) the run without synthetic images, which replaces the first when it scores at least
+    as well on validation (:func:`synthetic_ablation`; ``data.train`` is then the real rows alone); writes
+    nothing. ``on_epoch``: as for :func:`sslvision.finetune.train_classifier` (the first run's epochs). Returns
+    (classifier, data, result, metrics, test probabilities): those of the classifier to deploy."""
     check_single_process(p)
     if p.threads:
         torch.set_num_threads(p.threads)
     data = load_data(p)
     classifier = build_classifier(p, data.classes)
     result = train_classifier(classifier, data, p, on_epoch=on_epoch)
+    ablation, probs = None, None
+    ablate = p.synthetic_ablation == "on" or (p.synthetic_ablation == "auto" and p.mode == "linear_probe")
+    if ablate and data.train.synthetic.any():
+        if result.world_size > 1:
+            log.info("synthetic_ablation: skipped under torchrun (the other processes do not train it)")
+        else:  # decide the training data first; slice_reweight then builds on the kept run
+            classifier, result, ablation, probs = synthetic_ablation(p, data, classifier, result)
+            if ablation["kept"] == "without":
+                data = FinetuneData(train=data.train.take(np.flatnonzero(~data.train.synthetic)), val=data.val,
+                                    test=data.test, classes=data.classes)
     reweight = None
     if p.slice_reweight:
         second, second_result, reweight = just_train_twice(p, data, classifier, slice_views(p))
         if reweight["kept"]:
-            classifier, result = second, second_result
-    probs = classifier.predict_proba(data.test.images, p.eval_batch_size)
+            classifier, result, probs = second, second_result, None
+    if probs is None:
+        probs = classifier.predict_proba(data.test.images, p.eval_batch_size)
     metrics = classification_metrics(data.test.labels, probs, data.classes)
     metrics.update(best_epoch=result.best_epoch, val_balanced_accuracy=result.best_val_balanced_accuracy,
                    temperature=result.temperature, train_images=len(data.train),
@@ -175,12 +190,8 @@ def run_finetune(
                    world_size=result.world_size)
     if reweight is not None:
         metrics["slice_reweight"] = reweight
-    ablate = p.synthetic_ablation == "on" or (p.synthetic_ablation == "auto" and p.mode == "linear_probe")
-    if ablate and data.train.synthetic.any():
-        if result.world_size > 1:
-            log.info("synthetic_ablation: skipped under torchrun (the other processes do not train it)")
-        else:
-            metrics["synthetic_ablation"] = synthetic_ablation(p, data, metrics)
+    if ablation is not None:
+        metrics["synthetic_ablation"] = ablation
     metrics["baselines"] = {"pixel_logreg": pixel_baseline(p, data, metrics)}
     return classifier, data, result, metrics, probs
 
@@ -361,20 +372,37 @@ def pixel_baseline(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any
     return out
 
 
-def synthetic_ablation(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any]) -> dict[str, Any]:
-    """What the synthetic images changed: the same classifier (same params and seed, same validation rows)
-    trained on the real training rows alone, evaluated on the same test split as ``metrics``.
+def synthetic_ablation(p: FinetuneParams, data: FinetuneData, with_clf: Classifier,
+                       with_result: TrainResult) -> tuple[Classifier, TrainResult, dict[str, Any], np.ndarray]:
+    """Whether the synthetic images help: the same classifier as ``with_clf`` (same params and seed, same
+    validation rows) trained on the real training rows alone, and the two compared on validation (real rows
+    only; each run's selected-epoch score, ``TrainResult.best_val_balanced_accuracy``).
 
-    A report, not a selection: the deployed classifier is the one trained with the synthetic images either
-    way. ``tail`` is the (up to) 3 classes with the fewest real training images among those that received
-    synthetic ones, the classes synthesis is for; the gains are with minus without, in recall points (0-1).
+    ``synthetic_select: validation`` keeps the run with the synthetic images only when its validation balanced
+    accuracy is strictly higher (a tie keeps the cheaper, simpler run without them); ``always`` keeps it
+    whatever validation says. Both are also scored on the test split, reported and never used to decide:
+    ``tail`` is the (up to) 3 classes with the fewest real training images among those that received synthetic
+    ones, the classes synthesis is for; the gains are with minus without, in points (0-1).
+
+    Returns (the kept classifier, its result, the record for ``metrics.json`` (``kept``: ``"with"`` or
+    ``"without"``, ``reason``), the kept classifier's test probabilities).
     """
     k = len(data.classes)
     real = data.train.take(np.flatnonzero(~data.train.synthetic))
     baseline = build_classifier(p, data.classes)
-    train_classifier(baseline, FinetuneData(train=real, val=data.val, test=data.test, classes=data.classes), p)
-    without = classification_metrics(data.test.labels, baseline.predict_proba(data.test.images, p.eval_batch_size),
-                                     data.classes)
+    base_result = train_classifier(baseline, FinetuneData(train=real, val=data.val, test=data.test,
+                                                          classes=data.classes), p)
+    val_with, val_without = with_result.best_val_balanced_accuracy, base_result.best_val_balanced_accuracy
+    if p.synthetic_select == "always":
+        kept, reason = "with", "synthetic_select: always keeps them"
+    elif val_with > val_without:
+        kept, reason = "with", "they raise validation balanced accuracy"
+    else:
+        kept, reason = "without", "they do not raise validation balanced accuracy"
+    probs_with = with_clf.predict_proba(data.test.images, p.eval_batch_size)
+    probs_without = baseline.predict_proba(data.test.images, p.eval_batch_size)
+    with_m = classification_metrics(data.test.labels, probs_with, data.classes)
+    without = classification_metrics(data.test.labels, probs_without, data.classes)
     real_counts = np.bincount(real.labels, minlength=k)
     synthesised = np.flatnonzero(np.bincount(data.train.labels[data.train.synthetic], minlength=k))
     tail = sorted(synthesised.tolist(), key=lambda c: (int(real_counts[c]), c))[:3]
@@ -385,28 +413,41 @@ def synthetic_ablation(p: FinetuneParams, data: FinetuneData, metrics: dict[str,
         return float(np.mean(vals)) if vals else math.nan
 
     out: dict[str, Any] = {
+        "select": p.synthetic_select,
+        "kept": kept,
+        "reason": reason,
+        "synthetic_images": int(data.train.synthetic.sum()),
+        "val_balanced_accuracy_with": val_with,
+        "val_balanced_accuracy_without": val_without,
+        "val_balanced_accuracy_gain": val_with - val_without,
         "tail_classes": [data.classes[c] for c in tail],
-        "tail_recall": mean_recall(metrics, tail),
+        "tail_recall": mean_recall(with_m, tail),
         "tail_recall_without": mean_recall(without, tail),
-        "synthesised_recall": mean_recall(metrics, synthesised.tolist()),
+        "synthesised_recall": mean_recall(with_m, synthesised.tolist()),
         "synthesised_recall_without": mean_recall(without, synthesised.tolist()),
+        "balanced_accuracy_with": with_m["balanced_accuracy"],
         "balanced_accuracy_without": without["balanced_accuracy"],
+        "worst_class_recall_with": with_m["worst_class_recall"],
         "worst_class_recall_without": without["worst_class_recall"],
+        "ece_with": with_m["ece"],
         "ece_without": without["ece"],
         "per_class_recall_without": {data.classes[c]: without["per_class_recall"][data.classes[c]]
                                      for c in synthesised.tolist()},
     }
     out["tail_recall_gain"] = out["tail_recall"] - out["tail_recall_without"]
     out["synthesised_recall_gain"] = out["synthesised_recall"] - out["synthesised_recall_without"]
-    out["balanced_accuracy_gain"] = metrics["balanced_accuracy"] - without["balanced_accuracy"]
+    out["balanced_accuracy_gain"] = with_m["balanced_accuracy"] - without["balanced_accuracy"]
     hurt = out["tail_recall_gain"] < 0 or out["balanced_accuracy_gain"] < 0
-    log.log(logging.WARNING if hurt else logging.INFO,
-            "synthetic images (%d): mean recall of %s %.1f -> %.1f %%, balanced accuracy %.1f -> %.1f %% (without -> "
-            "with, same test split)%s", int(data.train.synthetic.sum()), ", ".join(out["tail_classes"]),
+    log.log(logging.WARNING if hurt or kept == "without" else logging.INFO,
+            "synthetic images (%d): deployed %s them, %s (validation balanced accuracy %.1f -> %.1f %%, without -> "
+            "with); test split, reported only: mean recall of %s %.1f -> %.1f %%, balanced accuracy %.1f -> %.1f %%%s",
+            out["synthetic_images"], kept, reason, 100 * val_without, 100 * val_with, ", ".join(out["tail_classes"]),
             100 * out["tail_recall_without"], 100 * out["tail_recall"], 100 * without["balanced_accuracy"],
-            100 * metrics["balanced_accuracy"],
+            100 * with_m["balanced_accuracy"],
             "; they lower it: try another synthesize.generator or a lower finetune.synthetic_weight" if hurt else "")
-    return out
+    if kept == "with":
+        return with_clf, with_result, out, probs_with
+    return baseline, base_result, out, probs_without
 
 
 def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
@@ -466,9 +507,9 @@ def training_conversion(shape: tuple[int, ...], params: str | Path | None = None
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers of a :func:`run_finetune` ``metrics`` dict as flat MLflow metric names (``recall/<class>``,
-    ``synthetic_ablation/<key>``, ``slices/<key>``, ``slice_reweight/<key>`` (``kept`` as 0/1),
-    ``baseline/<name>/<key>``): booleans, None and strings left out, and the non-finite values of the ablation,
-    the slices and the baselines."""
+    ``synthetic_ablation/<key>`` (``kept_synthetic``: 1 when the deployed classifier trained with the synthetic
+    images, else 0), ``slices/<key>``, ``slice_reweight/<key>`` (``kept`` as 0/1), ``baseline/<name>/<key>``):
+    booleans, None and strings left out, and the non-finite values of the ablation, the slices and the baselines."""
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out.update({f"recall/{c}": float(r) for c, r in metrics["per_class_recall"].items() if r is not None})
     for part in ("synthetic_ablation", "slices", "slice_reweight"):
@@ -476,6 +517,8 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
     if "slice_reweight" in metrics:
         out["slice_reweight/kept"] = float(metrics["slice_reweight"]["kept"])
+    if "synthetic_ablation" in metrics:
+        out["synthetic_ablation/kept_synthetic"] = float(metrics["synthetic_ablation"]["kept"] == "with")
     for name, b in metrics.get("baselines", {}).items():
         out.update({f"baseline/{name}/{k}": float(v) for k, v in b.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
