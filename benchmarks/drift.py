@@ -18,16 +18,19 @@ The unseen images are embedded and predicted once (``--per-class`` per class) an
 from that cache, so the whole run fits in a few minutes on 2 cores. Every batch goes through the stage's
 own evaluation (``sslvision.drift.evaluate_batch`` with ``stages.drift_eval.build_reference``: the champion, or
 ``models/classifier`` before there is one) and ``sslvision.trigger.decide``. The prior is estimated
-with both estimators (BBSE and EM) for the report; the pipeline uses ``drift_eval.prior_method``.
+with each estimator (soft BBSE with its fallback to BBSE, BBSE, EM) for the report; the pipeline uses
+``drift_eval.prior_method``.
 
 Peers on the same batches:
 
 - **BBSD** (black-box shift detection, Rabanser et al. 2019): a two-sample Kolmogorov-Smirnov test on
   each class's softmax output, batch vs the classifier's held-out train images, Bonferroni-corrected
   (drift when any p-value < alpha / classes). It detects any shift and cannot say which;
-- **alibi-detect** 0.13 ``MMDDrift`` on raw pixels through its documented untrained autoencoder, in its
-  own virtual environment under ``benchmarks/.venvs/alibi`` (created on first use, ``pip install``;
-  ``--peers alibi``): alibi-detect pins numpy<2, so it runs in a subprocess that exchanges ``.npy`` files.
+- **alibi-detect** 0.13 ``MMDDrift`` on raw pixels through its documented untrained autoencoder, and its
+  ``ClassifierUncertaintyDrift`` (KS test on the entropy of the same classifier's softmax, reference: the
+  classifier's probabilities on unseen images at the training mix), in its own virtual environment under
+  ``benchmarks/.venvs/alibi`` (created on first use, ``pip install``; ``--peers alibi``): alibi-detect pins
+  numpy<2, so it runs in a subprocess that exchanges ``.npy`` files.
 
 Targets (issue 23): "re-run from pretrain" false alarms <= 5 % over the clean batches of each mix;
 label-shift batches routed to the prior correction >= 90 %; corruption power >= 0.9 from severity 2;
@@ -63,7 +66,7 @@ def run_alibi(exchange: Path, names: list[str], alpha: float, permutations: int,
     from functools import partial
 
     import torch
-    from alibi_detect.cd import MMDDrift
+    from alibi_detect.cd import ClassifierUncertaintyDrift, MMDDrift
     from alibi_detect.cd.pytorch import preprocess_drift
     from torch import nn
 
@@ -80,7 +83,12 @@ def run_alibi(exchange: Path, names: list[str], alpha: float, permutations: int,
     preprocess = partial(preprocess_drift, model=encoder, device=torch.device("cpu"), batch_size=512)
     detector = MMDDrift(pixels("reference"), backend="pytorch", p_val=alpha, preprocess_fn=preprocess,
                         n_permutations=permutations, device="cpu")
-    return {name: {"drift": bool(detector.predict(pixels(name))["data"]["is_drift"])} for name in names}
+    # the classifier runs in sslvision's environment: its probabilities come precomputed, the "model" is identity
+    uncertainty = ClassifierUncertaintyDrift(np.load(exchange / "reference_probs.npy"), model=lambda x: x,
+                                             p_val=alpha, preds_type="probs", uncertainty_type="entropy")
+    return {name: {"drift": bool(detector.predict(pixels(name))["data"]["is_drift"]),
+                   "uncertainty_drift": bool(uncertainty.predict(np.load(exchange / f"{name}_probs.npy"))
+                                             ["data"]["is_drift"])} for name in names}
 
 
 def peer_python(name: str) -> Path:
@@ -143,7 +151,7 @@ def main(args: argparse.Namespace) -> None:
 
     from sslvision.batches import read_batch
     from sslvision.demo import load_fashion_mnist
-    from sslvision.drift import DriftParams, evaluate_batch
+    from sslvision.drift import DriftParams, evaluate_batch, resample_to_prior
     from sslvision.models import embed
     from sslvision.params import load_section
     from sslvision.stages.drift_eval import build_reference
@@ -179,16 +187,21 @@ def main(args: argparse.Namespace) -> None:
     train_prior /= train_prior.sum()
     mixes = {"training": train_prior, "balanced": np.full(c, 1.0 / c), "reversed": train_prior[::-1].copy()}
     batches: dict[str, dict] = {}
+    # the peers' reference: cached images at the training mix that no batch contains (a shared image would make
+    # a batch look like its reference)
+    ref_rows = resample_to_prior(cache_labels, train_prior, 1000, args.seed) if args.peers else np.zeros(0, int)
+    batch_labels = cache_labels.copy()
+    batch_labels[ref_rows] = -1
     for mix, prior in mixes.items():
         for i in range(args.clean_batches):
-            batches[f"clean_{mix}_{i:02d}"] = {"kind": "clean", "mix": mix, "rows": draw(cache_labels, prior, n, rng)}
+            batches[f"clean_{mix}_{i:02d}"] = {"kind": "clean", "mix": mix, "rows": draw(batch_labels, prior, n, rng)}
     for i in range(args.shift_batches):
         prior = rng.dirichlet(np.ones(c))
         batches[f"shift_{i:02d}"] = {"kind": "label_shift", "mix": "dirichlet",
-                                     "rows": draw(cache_labels, prior, n, rng)}
+                                     "rows": draw(batch_labels, prior, n, rng)}
     for rate in args.noise_rates:
         for i in range(args.noisy_batches):
-            rows = draw(cache_labels, train_prior, n, rng)
+            rows = draw(batch_labels, train_prior, n, rng)
             given = cache_labels[rows].copy()
             flip = rng.random(n) < rate
             given[flip] = (given[flip] + rng.integers(1, c, flip.sum())) % c
@@ -225,7 +238,7 @@ def main(args: argparse.Namespace) -> None:
         d = decide(result["metrics"], batch=name)
         q_true = np.bincount(true[true >= 0], minlength=c) / max(np.sum(true >= 0), 1)
         known = bool(np.all(true >= 0))
-        q = {m: estimate for m, estimate in (("bbse", None), ("em", None))}
+        q: dict[str, np.ndarray] = {m: np.zeros(c) for m in ("bbse_soft", "bbse", "em")}
         for m in q:
             reference.prior_method = m
             q[m] = reference.estimate_prior(probs)
@@ -248,13 +261,14 @@ def main(args: argparse.Namespace) -> None:
         python = peer_python("alibi")
         with tempfile.TemporaryDirectory(prefix="drift-bench-") as tmp:
             exchange = Path(tmp)
-            np.save(exchange / "reference_images.npy",
-                    np.asarray(cache_images[draw(cache_labels, train_prior, min(p.reference_size, 2000), rng)]))
+            np.save(exchange / "reference_images.npy", np.asarray(cache_images[ref_rows]))
+            np.save(exchange / "reference_probs.npy", np.asarray(cache_probs[ref_rows]))
             names = list(batches)
             for name in names:
                 b = batches[name]
                 np.save(exchange / f"{name}_images.npy", cache_images[b["rows"]] if "rows" in b else
                         read_batch(scenario_dir / "incoming" / name, classes, channels, size)[0])
+                np.save(exchange / f"{name}_probs.npy", cache_probs[b["rows"]] if "rows" in b else b["probs"])
             (exchange / "batches.json").write_text(json.dumps(names))
             subprocess.run([str(python), str(Path(__file__).resolve()), "--peer", "alibi", "--exchange", tmp,
                             "--alpha", str(p.alpha), "--seed", str(args.seed)], check=True,
@@ -315,6 +329,8 @@ def summarise(per_batch: dict[str, dict], alibi: dict, method: str) -> tuple[lis
         if alibi:
             add("MMD reports drift", float(np.mean([alibi[nm]["drift"] for nm in names])),
                 f"share of {len(names)} clean batches", mix, "alibi-detect MMDDrift (UAE)")
+            add("uncertainty drift reported", float(np.mean([alibi[nm]["uncertainty_drift"] for nm in names])),
+                f"share of {len(names)} clean batches", mix, "alibi-detect ClassifierUncertaintyDrift")
 
     shifted = [nm for nm, b in per_batch.items() if b["kind"] == "label_shift"
                or (b["kind"] == "clean" and b["mix"] != "training")]
@@ -340,6 +356,8 @@ def summarise(per_batch: dict[str, dict], alibi: dict, method: str) -> tuple[lis
     if alibi:
         add("detects corruption", float(np.mean([alibi[nm]["drift"] for nm in strong])),
             f"share of {len(strong)} batches", "severity >= 2", "alibi-detect MMDDrift (UAE)")
+        add("detects corruption", float(np.mean([alibi[nm]["uncertainty_drift"] for nm in strong])),
+            f"share of {len(strong)} batches", "severity >= 2", "alibi-detect ClassifierUncertaintyDrift")
 
     labelled = [nm for nm, b in per_batch.items() if b["accuracy_true"] is not None and b["kind"] != "labelled"]
     errors = [abs(per_batch[nm]["accuracy_estimate"] - per_batch[nm]["accuracy_true"]) for nm in labelled]
@@ -351,7 +369,7 @@ def summarise(per_batch: dict[str, dict], alibi: dict, method: str) -> tuple[lis
             add("accuracy estimate MAE (no labels used)", np.mean(
                 [abs(per_batch[nm]["accuracy_estimate"] - per_batch[nm]["accuracy_true"]) for nm in names]),
                 f"accuracy, over {len(names)} batches", kind)
-    for m in ("bbse", "em"):
+    for m in ("bbse_soft", "bbse", "em"):
         names = [nm for nm, b in per_batch.items() if b["prior_tv_error"] and b["kind"] in ("clean", "label_shift")]
         add(f"prior estimate TV error ({m})", np.mean([per_batch[nm]["prior_tv_error"][m] for nm in names]),
             f"mean over {len(names)} clean + label-shift batches", "batch size 500")
@@ -376,7 +394,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--per-class", type=int, default=800,
                     help="unseen images per class embedded once (a reversed batch needs ~0.35 x 500 of one class)")
     ap.add_argument("--peers", nargs="*", default=[], choices=["alibi"],
-                    help="alibi: also run alibi-detect's MMDDrift in its own venv (installed on first use)")
+                    help="alibi: also run alibi-detect's MMDDrift and ClassifierUncertaintyDrift in its own venv "
+                    "(installed on first use)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peer", choices=list(PEERS), help=argparse.SUPPRESS)

@@ -203,7 +203,7 @@ HEADLINES: dict[str, Pick] = {
         "corruption power (re-run from pretrain)": "corruption power",
         "detects corruption": "corruption power",
         "accuracy estimate MAE (no labels used)": "accuracy estimate MAE (no labels used)",
-        "prior estimate TV error (bbse)": "prior estimate TV error"}, by_setting=True),
+        "prior estimate TV error (bbse_soft)": "prior estimate TV error"}, by_setting=True),
     "retrain": lambda rows: _head(rows, lambda s: True, {"wall time": "wall time"}, by_setting=True),
     "precision": lambda rows: _head(rows, lambda s: True, {
         "throughput ratio": "bf16 / fp32 pretrain throughput (>= 1.3 adopts bf16)",

@@ -415,7 +415,7 @@ def _labeled(n, prior, rng):
     return softmax_probs(MEANS[y] + rng.normal(size=(n, MEANS.shape[1]))), y
 
 
-@pytest.mark.parametrize("method", ["em", "bbse"])
+@pytest.mark.parametrize("method", ["em", "bbse", "bbse_soft"])
 @pytest.mark.parametrize("target", [[0.7, 0.2, 0.1], [0.05, 0.15, 0.8], [1 / 3, 1 / 3, 1 / 3]])
 def test_prior_estimators_recover_a_known_prior(method, target):
     """Calibrated on a balanced labeled sample, both estimators recover the class prior of an unlabeled
@@ -539,3 +539,20 @@ def test_a_prior_correction_survives_save_and_load_and_shifts_the_probabilities(
         (tmp_path / "c/config.json").write_text(json.dumps({**config, "prior_correction": bad}))
         with pytest.raises(ValueError, match="config.json: prior_correction"):
             load_classifier(tmp_path / "c")
+
+
+def test_bbse_soft_falls_back_to_hard_bbse_when_the_probabilities_stop_behaving(reference):
+    """Same images, far less confident probabilities: the soft estimate moves (it reads the probabilities), the
+    hard one does not (same predicted classes); past prior_fallback_tv the hard one is used and reported."""
+    assert reference.prior_method == "bbse_soft"
+    _, clean_probs, _ = _scenario("clean", np.random.default_rng(3))
+    _, flat_probs, _ = _scenario("accuracy", np.random.default_rng(3))
+    q_clean, used_clean = reference.prior_estimate(clean_probs)
+    q_flat, used_flat = reference.prior_estimate(flat_probs)
+    assert used_clean == "bbse_soft" and used_flat == "bbse"
+    soft = estimate_class_prior(flat_probs, reference_probs=reference.calib_probs,
+                                reference_labels=reference.calib_labels, method="bbse_soft",
+                                calibration=reference.calibration)
+    assert 0.5 * np.abs(soft - q_flat).sum() > reference.prior_fallback_tv
+    result = evaluate_batch(reference, _scenario("accuracy", np.random.default_rng(3))[0], flat_probs, None, PARAMS)
+    assert result["class_prior"]["method"] == "bbse" and result["class_prior"]["configured_method"] == "bbse_soft"

@@ -124,11 +124,17 @@ class DriftParams(Section):
         "differ, at this level, from test images re-sampled to the prior the champion is set for; alone, the "
         "champion's logits are corrected for the estimated prior (a new registered version, gated): no "
         "retraining"))
-    prior_method: Literal["em", "bbse"] = Field("bbse", description=(
-        "class prior of a batch without labels: bbse (Lipton et al. 2018: the test split's confusion matrix; uses "
-        "only the predicted classes, so it stays sane when a corruption changes the confidences) | em (Saerens "
-        "et al. 2002 on bias-calibrated probabilities: lower variance under pure label shift, but it runs off to "
-        "a corner when the probabilities stop being calibrated)"))
+    prior_method: Literal["bbse_soft", "bbse", "em"] = Field("bbse_soft", description=(
+        "class prior of a batch without labels: bbse_soft (black-box shift estimation with the expected "
+        "bias-calibrated probabilities in place of hard predictions: linear like bbse, so no runaway, and the "
+        "lowest error on the demo: benchmarks/README.md, drift) | bbse (Lipton et al. 2018: the test split's "
+        "confusion matrix of the predicted classes) | em (Saerens et al. 2002 on bias-calibrated probabilities: "
+        "runs off to a corner when the probabilities stop being calibrated)"))
+    prior_fallback_tv: float = Field(0.1, gt=0, le=1, description=(
+        "bbse_soft: when its estimate and hard bbse's differ by more than this total variation, the batch's "
+        "probabilities do not behave as under a pure class-mix change (a corruption, a miscalibrated model) and "
+        "hard bbse, which uses only the predicted classes, is used (trigger.json class_prior.method says which); "
+        "on the demo's clean and label-shift batches the two differed by at most 0.065"))
     floor_batches: int = Field(200, ge=20, le=100_000, description=(
         "clean batches (of the batch's size, drawn from the calibration images at the expected class prior) that "
         "give each threshold's clean floor"))
@@ -365,7 +371,12 @@ def estimate_class_prior(probs: np.ndarray, *, reference_probs: np.ndarray | Non
     ``method="bbse"`` (black-box shift estimation, Lipton et al. 2018): the confusion matrix ``C[i, j] =
     P(predicted i, true j)`` of the held-out reference and the batch's predicted-class shares ``mu``
     give the weights ``w = C⁻¹ mu`` (least squares, clipped at 0) and ``q = w * p``: no calibration
-    needed, more variance. Both return a prior clipped at ``floor`` and renormalised.
+    needed, more variance. ``method="bbse_soft"``: the same linear system with soft predictions (``C[i, j]``
+    the mean probability of class ``i`` over reference images of class ``j``, times ``P(j)``; ``mu`` the
+    batch's mean probabilities), on probabilities bias-calibrated like EM's when a reference or
+    ``calibration`` is given: each image contributes its whole probability vector rather than one vote, so
+    the estimate varies less, and it stays a linear map of the batch (no iteration to run off). All return a
+    prior clipped at ``floor`` and renormalised.
 
     Args: ``probs``: ``(n, C)`` probabilities (rows sum to 1); ``reference_probs``/``reference_labels``:
     ``(m, C)`` probabilities of labeled held-out images and their labels in ``[0, C)`` (BBSE needs them; EM
@@ -376,7 +387,7 @@ def estimate_class_prior(probs: np.ndarray, *, reference_probs: np.ndarray | Non
     Returns the ``(C,)`` float prior: every share positive, summing to 1.
 
     Raises ValueError for an unknown ``method``, ``probs`` that are not 2-D or a reference of another
-    width, BBSE without a labeled reference, or EM with none of a reference, ``calibration`` or
+    width, BBSE (either) without a labeled reference, or EM with none of a reference, ``calibration`` or
     ``source_prior``.
     """
     probs = np.asarray(probs)
@@ -386,17 +397,25 @@ def estimate_class_prior(probs: np.ndarray, *, reference_probs: np.ndarray | Non
     if reference_probs is not None and np.shape(reference_probs)[1:] != (c,):
         raise ValueError(f"estimate_class_prior: reference probabilities {np.shape(reference_probs)} do not "
                          f"have the {c} columns of probs")
-    if method == "bbse":
+    if method in ("bbse", "bbse_soft"):
         if reference_probs is None or reference_labels is None:
-            raise ValueError("estimate_class_prior(method='bbse') needs reference_probs and reference_labels")
+            raise ValueError(f"estimate_class_prior(method={method!r}) needs reference_probs and reference_labels")
+        reference_probs = np.asarray(reference_probs, dtype=np.float64)
         source = np.bincount(reference_labels, minlength=c) / len(reference_labels)
         joint = np.zeros((c, c))
-        np.add.at(joint, (reference_probs.argmax(1), reference_labels), 1.0 / len(reference_labels))
-        mu = np.bincount(probs.argmax(1), minlength=c) / max(len(probs), 1)
+        if method == "bbse":
+            np.add.at(joint, (reference_probs.argmax(1), reference_labels), 1.0 / len(reference_labels))
+            mu = np.bincount(probs.argmax(1), minlength=c) / max(len(probs), 1)
+        else:
+            if calibration is None:
+                calibration = fit_bias_calibration(reference_probs, reference_labels)
+            reference_probs, probs = calibration(reference_probs), calibration(probs)
+            np.add.at(joint.T, reference_labels, reference_probs / len(reference_labels))
+            mu = probs.mean(0) if len(probs) else np.zeros(c)
         w = np.clip(np.linalg.lstsq(joint, mu, rcond=None)[0], 0, None)
         return _normalise(w * source, floor)
     if method != "em":
-        raise ValueError(f"estimate_class_prior: unknown method {method!r} (em or bbse)")
+        raise ValueError(f"estimate_class_prior: unknown method {method!r} (bbse_soft, bbse or em)")
     if calibration is None and reference_probs is not None and reference_labels is not None:
         calibration = fit_bias_calibration(reference_probs, reference_labels)
     if calibration is not None:
@@ -504,7 +523,8 @@ class Reference:
     classes: list[str]
     model: dict[str, Any] = field(default_factory=dict)
     deployed_prior: np.ndarray | None = None
-    prior_method: str = "bbse"
+    prior_method: str = "bbse_soft"
+    prior_fallback_tv: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -533,9 +553,23 @@ class Reference:
         self._floors: dict[tuple, dict[str, np.ndarray]] = {}
 
     def estimate_prior(self, probs: np.ndarray) -> np.ndarray:
-        """The class prior of a sample from its probabilities (:func:`estimate_class_prior`)."""
-        return estimate_class_prior(probs, reference_probs=self.calib_probs, reference_labels=self.calib_labels,
-                                    method=self.prior_method, calibration=self.calibration)
+        """The class prior of a sample from its probabilities (:meth:`prior_estimate`)."""
+        return self.prior_estimate(probs)[0]
+
+    def prior_estimate(self, probs: np.ndarray) -> tuple[np.ndarray, str]:
+        """``(prior, method used)``: :func:`estimate_class_prior` with ``prior_method``; ``bbse_soft`` falls back
+        to hard ``bbse`` when the two differ by more than ``prior_fallback_tv`` (the probabilities then do not
+        behave as under a pure class-mix change, and only the predicted classes are trusted)."""
+        def run(method: str) -> np.ndarray:
+            return estimate_class_prior(probs, reference_probs=self.calib_probs, reference_labels=self.calib_labels,
+                                        method=method, calibration=self.calibration)
+
+        q = run(self.prior_method)
+        if self.prior_method == "bbse_soft":
+            hard = run("bbse")
+            if 0.5 * np.abs(q - hard).sum() > self.prior_fallback_tv:
+                return hard, "bbse"
+        return q, self.prior_method
 
     def estimate_accuracy(self, probs: np.ndarray, prior: np.ndarray) -> float:
         """ATC with the threshold fitted on the held-out sample re-weighted to ``prior``."""
@@ -657,7 +691,7 @@ def evaluate_batch(reference: Reference, embeddings: np.ndarray, probs: np.ndarr
     c = len(reference.classes)
     if probs.shape != (len(embeddings), c):
         raise ValueError(f"batch: probabilities {probs.shape} do not match {len(embeddings)} images and {c} classes")
-    prior = reference.estimate_prior(probs)
+    prior, prior_method = reference.prior_estimate(probs)
     rows = resample_to_prior(reference.embedding_labels, prior, p.reference_size, p.seed)
     mmd = mmd_permutation_test(reference.embeddings[rows], embeddings, p.permutations, p.alpha, p.bandwidths, p.seed)
     given = "estimated class prior"
@@ -716,7 +750,8 @@ def evaluate_batch(reference: Reference, embeddings: np.ndarray, probs: np.ndarr
         "failed": [name for name, m in metrics.items() if m["failed"]],
         "n_images": len(embeddings),
         "labeled": labeled,
-        "class_prior": {"method": reference.prior_method, "estimate": _by_class(reference.classes, _floats(prior)),
+        "class_prior": {"method": prior_method, "configured_method": reference.prior_method,
+                        "estimate": _by_class(reference.classes, _floats(prior)),
                         "deployed": _by_class(reference.classes, _floats(reference.deployed_prior)),
                         "tv_to_deployed": tv,
                         "adjustment": _by_class(reference.classes, _floats(

@@ -123,6 +123,7 @@ def build_reference(p: DriftParams, params: str | Path | None = None) -> tuple[R
         model=model,
         deployed_prior=np.asarray(correction["prior"]) if correction else None,
         prior_method=p.prior_method,
+        prior_fallback_tv=p.prior_fallback_tv,
         seed=p.seed,
     )
     return reference, encoder, classifier, tuple(data.images.shape[1:])
