@@ -11,7 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from sslvision.baselines import cap_per_class, pixel_logreg, pixel_vectors
+from sslvision.baselines import (
+    LABEL_EFFICIENCY_COLUMNS,
+    cap_per_class,
+    label_efficiency,
+    label_efficiency_summary,
+    per_class_draw,
+    pixel_logreg,
+    pixel_vectors,
+)
 from sslvision.demo import (
     CLASS_DIRS,
     HARD_RARE_ORDER,
@@ -69,13 +77,60 @@ def test_large_images_are_pooled_before_the_pca():
     assert x.shape == (2, 32 * 21 * 3) and x.max() == pytest.approx(1.0)
 
 
+def _blobs(counts: list[int], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two Gaussian blobs (class c around (2 + 3c, 2 + 3c)): features = the point and 6 noise dimensions, images =
+    the point drawn as a bright spot on an 8x8 image with noise. Returns (features, images, labels)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(counts)), counts)
+    points = 2 + 3 * labels[:, None] + rng.normal(0, 0.8, size=(len(labels), 2))
+    features = np.concatenate([points, rng.normal(size=(len(labels), 6))], axis=1).astype(np.float32)
+    yy, xx = np.mgrid[:8, :8]
+    spot = np.exp(-((yy[None] - points[:, :1, None]) ** 2 + (xx[None] - points[:, 1:, None]) ** 2) / 2)
+    images = np.clip(200 * spot + rng.integers(0, 40, size=spot.shape), 0, 255).astype(np.uint8)[..., None]
+    return features, images, labels
+
+
+def test_label_efficiency_runs_both_systems_on_nested_draws_and_flags_a_short_class():
+    train = _blobs([30, 4], seed=0)  # class 1 has 4 training rows: fewer than 5
+    test = _blobs([50, 50], seed=1)
+    table = label_efficiency(*train, *test, per_class=[5, 2, 5], seeds=2, max_test=40, seed=3)
+    assert list(table.columns) == list(LABEL_EFFICIENCY_COLUMNS) and len(table) == 2 * 2 * 2  # counts x draws x systems
+    assert set(table["system"]) == {"ssl_linear_probe", "pixel_logreg"} and set(table["seed"]) == {3, 4}
+    by_n = table.groupby("labels_per_class")
+    assert by_n["train_rows"].unique().to_dict() == {2: [4], 5: [9]}  # at 5: class 1 gives its 4 rows
+    assert by_n["short_classes"].unique().to_dict() == {2: [0], 5: [1]}
+    assert (table["test_rows"] == 40).all()  # a fixed balanced subset of max_test rows
+    assert (table["balanced_accuracy"] > 0.75).all()  # separable blobs, in features and in pixels
+    again = label_efficiency(*train, *test, per_class=[2, 5], seeds=2, max_test=40, seed=3)
+    pd.testing.assert_frame_equal(table, again)  # deterministic for a seed
+    for s in (3, 4):  # nested: a draw's 2 rows of a class are among its 5
+        two, five = per_class_draw(train[2], 2, s), per_class_draw(train[2], 5, s)
+        assert set(two) < set(five) and np.bincount(train[2][two]).tolist() == [2, 2]
+    assert not np.array_equal(per_class_draw(train[2], 2, 3), per_class_draw(train[2], 2, 4))
+
+    summary = label_efficiency_summary(table)
+    assert summary["labels_per_class"] == [2, 5] and summary["seeds"] == 2 and summary["test_rows"] == 40
+    assert summary["short_classes"] == {"2": 0, "5": 1} and summary["train_rows"] == {"2": 4, "5": 9}
+    probe = table[(table["system"] == "ssl_linear_probe") & (table["labels_per_class"] == 5)]["balanced_accuracy"]
+    assert summary["systems"]["ssl_linear_probe"]["5"] == pytest.approx(
+        {"mean": probe.mean(), "std": probe.std(ddof=1)})
+    assert json.loads(json.dumps(summary)) == summary  # what metrics.json stores
+
+    with pytest.raises(ValueError, match="at least two classes"):
+        label_efficiency(*(a[:30] for a in train), *test)
+    with pytest.raises(ValueError, match="same rows"):
+        label_efficiency(train[0][:-1], *train[1:], *test)
+    with pytest.raises(ValueError, match="per_class"):
+        label_efficiency(*train, *test, per_class=[0])
+
+
 def test_finetune_stage_reports_the_pixel_baseline_in_metrics_json_and_mlflow(workdir, monkeypatch):
     import mlflow
 
     from sslvision.stages.finetune import finetune_cli
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = make_project(workdir, finetune={"epochs": 3})
+    params = make_project(workdir, finetune={"epochs": 3, "label_efficiency": []})  # the curve skipped
     metrics = finetune_cli(params)
     report = json.loads((workdir / "reports/finetune/metrics.json").read_text())
     pixel = report["baselines"]["pixel_logreg"]
@@ -89,6 +144,10 @@ def test_finetune_stage_reports_the_pixel_baseline_in_metrics_json_and_mlflow(wo
     run = mlflow.search_runs(experiment_names=["sslvision"]).iloc[0]
     assert run["metrics.baseline/pixel_logreg/balanced_accuracy"] == pytest.approx(pixel["balanced_accuracy"])
     assert run["metrics.baseline/pixel_logreg/recall/Shirt"] == pytest.approx(pixel["per_class_recall"]["Shirt"])
+    # finetune.label_efficiency empty: no curve, but the DVC output exists (an empty table)
+    assert "label_efficiency" not in report
+    skipped = pd.read_csv(workdir / "reports/finetune/label_efficiency.csv")
+    assert skipped.empty and list(skipped.columns) == list(LABEL_EFFICIENCY_COLUMNS)
 
 
 # --- the demo scenario: which classes are rare, and pair-flip noise ----------------------------------

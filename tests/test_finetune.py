@@ -187,10 +187,12 @@ def test_stage_linear_probe_end_to_end(workdir, monkeypatch):
     loss beating plain cross-entropy on balanced accuracy."""
     import mlflow
 
+    from sslvision.finetune import train_val_rows
     from sslvision.stages.finetune import finetune_cli, load_params, run_finetune
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # a store of this test's own (see test_registry)
-    params = make_project(workdir, synthetic_per_class=5)
+    params = make_project(workdir, synthetic_per_class=5,
+                          finetune={"label_efficiency": [2, 5, 100], "label_efficiency_seeds": 2})
     metrics = finetune_cli(params)
     report = json.loads((workdir / "reports/finetune/metrics.json").read_text())
     for key in ("accuracy", "balanced_accuracy", "worst_class_recall", "macro_f1", "ece", "per_class_recall",
@@ -216,6 +218,20 @@ def test_stage_linear_probe_end_to_end(workdir, monkeypatch):
     assert runs["metrics.synthetic_ablation/balanced_accuracy_gain"].iloc[0] == pytest.approx(
         metrics["synthetic_ablation"]["balanced_accuracy_gain"])
     assert runs["metrics.synthetic_ablation/kept_synthetic"].iloc[0] == (kept == "with")
+    # the label-efficiency curve on the real training rows: every draw in the CSV, mean and std in metrics.json
+    curve = pd.read_csv(workdir / "reports/finetune/label_efficiency.csv")
+    assert len(curve) == 3 * 2 * 2 and set(curve["system"]) == {"ssl_linear_probe", "pixel_logreg"}
+    le = report["label_efficiency"]
+    assert le["labels_per_class"] == [2, 5, 100] and le["seeds"] == 2 and le["test_rows"] == 300
+    assert le["train_rows"]["2"] == 20 and le["short_classes"] == {"2": 0, "5": 0, "100": 7}  # 7 classes < 100
+    real = np.bincount(train_val_rows(load_params(params))[0]["label"])  # the rows the classifier trained on
+    assert le["train_rows"]["100"] == np.minimum(real, 100).sum() and real.sum() == report["train_images"] - (
+        report["synthetic_images"])
+    probe = curve[(curve["system"] == "ssl_linear_probe") & (curve["labels_per_class"] == 5)]["balanced_accuracy"]
+    assert le["systems"]["ssl_linear_probe"]["5"]["mean"] == pytest.approx(probe.mean())
+    assert runs["metrics.label_efficiency/pixel_logreg/100"].iloc[0] == pytest.approx(
+        le["systems"]["pixel_logreg"]["100"]["mean"])
+    assert le["systems"]["ssl_linear_probe"]["100"]["mean"] > 0.3  # 10 classes: chance is 0.1
 
 
 def _wrong_synthetic_labels(workdir) -> None:

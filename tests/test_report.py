@@ -279,3 +279,25 @@ def test_unreadable_input_is_named_and_the_rest_still_renders(workdir):
     assert "reports/audit/metrics.json: expected a JSON object, got list" in page
     assert set(report.ran) == {s.id for s in SECTIONS}
     assert "0.6543" in page and "no MLflow store at sqlite:///" in page  # the other sections are intact
+
+
+def test_finetune_section_shows_the_label_efficiency_curve(workdir):
+    """metrics.json label_efficiency (the finetune stage's curve): a mean ± std table per labels per class, the plot,
+    and the pointer to the fine-tuned comparison; a malformed record is left out, not an error."""
+    from sslvision.report import finetune_section
+
+    curve = {"labels_per_class": [10, 25, 100], "seeds": 3, "test_rows": 2000,
+             "train_rows": {"10": 100, "25": 250, "100": 940}, "short_classes": {"10": 0, "25": 0, "100": 2},
+             "systems": {"ssl_linear_probe": {n: {"mean": m, "std": 0.012} for n, m in
+                                              (("10", 0.612), ("25", 0.703), ("100", 0.75))},
+                         "pixel_logreg": {n: {"mean": m, "std": 0.0} for n, m in
+                                          (("10", 0.601), ("25", 0.68), ("100", 0.742))}}}
+    metrics = {"balanced_accuracy": 0.75, "worst_class": "Shirt", "worst_class_recall": 0.4, "ece": 0.03,
+               "accuracy": 0.76, "label_efficiency": curve}
+    write_json(workdir / "reports/finetune/metrics.json", metrics)
+    page = "".join(finetune_section())
+    assert "Label efficiency on this project" in page and "benchmarks/README.md" in page
+    assert "0.612 ± 0.012" in page and "0.742 ± 0.000" in page and page.count("data:image/png") == 1
+    assert "label_efficiency.systems" not in page  # not repeated in the folded metrics table
+    write_json(workdir / "reports/finetune/metrics.json", {**metrics, "label_efficiency": {"systems": "broken"}})
+    assert "Label efficiency" not in "".join(finetune_section())

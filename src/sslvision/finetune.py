@@ -62,7 +62,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -133,8 +133,8 @@ class FinetuneParams(Section):
         "train rows and labels (audited); the raw data/ingested/manifest.parquet trains on the labels as given"))
     synthetic: str = Field("data/synthetic", description="synthesize's kept images; absent or empty = none")
     embeddings: str = Field("data/embeddings", description=(
-        "the embed stage's SSL embeddings of every ingested image, for slices and slice_reweight (absent: the rows "
-        "they need are embedded with `encoder`)"))
+        "the embed stage's SSL embeddings of every ingested image, for slices, slice_reweight and label_efficiency "
+        "(absent: the rows they need are embedded with `encoder`)"))
     splits: TrainingSplits = Field(default_factory=lambda: ["train", "pool"], min_length=1, description=(
         "labelled rows of these manifest splits train (pool = labelled production batches that joined the data; "
         "unlabelled rows are always skipped)"))
@@ -211,6 +211,13 @@ class FinetuneParams(Section):
     jtt_upweight: float = Field(5.0, gt=0, le=1000, description=(
         "slice_reweight: loss weight of a row the first classifier got wrong (JTT paper: 20-100 on clean labels; "
         "label noise is in the error set too, so lower)"))
+    label_efficiency: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
+        default_factory=lambda: [10, 25, 100], max_length=20, description=(
+            "labels per class of the label-efficiency curve in the report: the SSL linear probe against the pixel "
+            "baseline with only this many labels (empty = skip); reports/finetune/label_efficiency.csv, "
+            "metrics.json label_efficiency. A class with fewer real training rows gives all it has (flagged)"))
+    label_efficiency_seeds: int = Field(3, ge=1, le=20, description=(
+        "label_efficiency: draws of the labelled rows per count (mean and std over them)"))
     val_fraction: float = Field(0.1, gt=0, lt=1, description=(
         "share of each class of the real train rows held out for early stopping and calibration (a class with "
         "one image keeps it for training)"))
@@ -851,7 +858,8 @@ def _val_logits(classifier: Classifier, forward: Any, x: torch.Tensor, batch_siz
 # not settings of :func:`fit_classifier`.
 STAGE_FIELDS = frozenset({"encoder", "ingested", "manifest", "synthetic", "splits", "synthetic_weight",
                           "synthetic_ablation", "synthetic_select", "out", "threads", "registry", "promotion",
-                          "embeddings", "slices", "slice_reweight", "jtt_upweight"})
+                          "embeddings", "slices", "slice_reweight", "jtt_upweight", "label_efficiency",
+                          "label_efficiency_seeds"})
 
 
 def fit_classifier(encoder: Encoder, images: np.ndarray, labels: np.ndarray, *, classes: list[str] | None = None,

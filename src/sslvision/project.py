@@ -540,6 +540,12 @@ stages:
           template: bar_horizontal
       - reports/finetune/slices.png:
           cache: false
+      # label efficiency (finetune.label_efficiency): SSL linear probe vs pixel baseline with few labels per class
+      - reports/finetune/label_efficiency.csv:
+          cache: false
+          x: labels_per_class
+          y: balanced_accuracy
+          template: scatter
 
   drift_eval:
     # Evaluates drift_eval.batch (none in a new project: trigger.json says so). The batch is not a dependency

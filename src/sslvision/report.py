@@ -1,8 +1,9 @@
 """``sslvision report``: one self-contained HTML page from what the latest run left on disk.
 
 Every section is read from the files the stages already write (the paths ``dvc.yaml`` declares),
-the monitor's decisions and the MLflow registry; nothing is recomputed except one figure, the
-pretraining curves, drawn from ``reports/pretrain/history.csv``. Images are embedded as base64 data
+the monitor's decisions and the MLflow registry; nothing is recomputed except two figures, the
+pretraining curves, drawn from ``reports/pretrain/history.csv``, and the label-efficiency curve, drawn from
+``reports/finetune/metrics.json``. Images are embedded as base64 data
 URIs and the page has no script, stylesheet link or font to fetch, so the one file can be mailed,
 opened offline, or logged to MLflow as a single artifact.
 
@@ -284,7 +285,8 @@ def finetune_section() -> list[str] | None:
         out.append(_key_metrics(metrics, ("accuracy", "balanced_accuracy", "worst_class_recall", "worst_class",
                                           "macro_f1", "ece"), "on the test split"))
         out += _baselines(metrics)
-        out.append(_metrics(metrics, skip=("per_class_recall", "confusion_matrix", "promotion", "baselines")))
+        out.append(_metrics(metrics, skip=("per_class_recall", "confusion_matrix", "promotion", "baselines",
+                                           "label_efficiency")))
     recall = _csv(d / "per_class_recall.csv")
     if recall is not None:
         pixel = ((metrics or {}).get("baselines") or {}).get("pixel_logreg") or {}
@@ -295,7 +297,7 @@ def finetune_section() -> list[str] | None:
     out.append(_image(d / "confusion_matrix.png", "confusion matrix on the test split"))
     if (d / "reliability.png").exists():
         out.append(_image(d / "reliability.png", "reliability diagram"))
-    return out + _slices(d, metrics or {})
+    return out + _label_efficiency((metrics or {}).get("label_efficiency")) + _slices(d, metrics or {})
 
 
 SLICE_COLUMNS = ("label", "kind", "size", "error", "class_error", "score", "predicted_as", "description")
@@ -347,6 +349,60 @@ def _baselines(metrics: dict[str, Any]) -> list[str]:
     if len(rows) == 1:
         return []
     return [_table(pd.DataFrame(rows), caption="the classifier beside the baselines (test split)")]
+
+
+LABEL_EFFICIENCY = {"ssl_linear_probe": "SSL encoder + linear probe", "pixel_logreg": "pixel PCA + logistic regression"}
+
+
+def _label_efficiency(curve: Any) -> list[str]:
+    """The label-efficiency curve of this run (metrics.json ``label_efficiency``, finetune.label_efficiency): a
+    table of mean ± std balanced accuracy per labels per class and system, and the plot; [] when it did not run."""
+    if not isinstance(curve, dict) or not isinstance(curve.get("systems"), dict) or not curve.get("labels_per_class"):
+        return []
+    from matplotlib.figure import Figure
+
+    counts = [n for n in curve["labels_per_class"] if isinstance(n, int)]
+    systems = {s: v for s, v in curve["systems"].items() if s in LABEL_EFFICIENCY and isinstance(v, dict)}
+    short = curve.get("short_classes") if isinstance(curve.get("short_classes"), dict) else {}
+    rows = [{"labels per class": n, "training rows": (curve.get("train_rows") or {}).get(str(n)),
+             **{LABEL_EFFICIENCY[s]: _mean_std(v.get(str(n))) for s, v in systems.items()},
+             "classes with fewer rows": short.get(str(n))} for n in counts]
+    if not rows or not systems:
+        return []
+    title = ("Label efficiency on this project (linear probe on the SSL encoder vs pixel PCA + logistic "
+             "regression)")
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    for s, v in systems.items():
+        points = [(n, v[str(n)]) for n in counts if isinstance(v.get(str(n)), dict)]
+        ax.errorbar([n for n, _ in points], [m.get("mean") for _, m in points],
+                    yerr=[m.get("std") or 0 for _, m in points], marker="o", capsize=3, label=LABEL_EFFICIENCY[s])
+    ax.set_xscale("log")
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.minorticks_off()
+    ax.set_xlabel("labels per class")
+    ax.set_ylabel("balanced accuracy, test split")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    draws = curve.get("seeds")
+    caption = (f"balanced accuracy on {curve.get('test_rows')} test images, mean ± std over {draws} draw"
+               f"{'s' if draws != 1 else ''} of the labelled rows (label_efficiency.csv); a class with fewer real "
+               "training rows than the count gives all it has")
+    return ["<h3>Label efficiency on this project (reports/finetune/label_efficiency.csv)</h3>",
+            _table(pd.DataFrame(rows), caption=caption),
+            _figure(fig, title, "label_efficiency.csv"),
+            "<p>The encoder stays frozen here (a linear probe), trained on the audited labels of this project; the "
+            "fine-tuned encoder against the same pixel baseline and a network trained from scratch is in "
+            "benchmarks/README.md (label_efficiency, on Fashion-MNIST).</p>"]
+
+
+def _mean_std(v: Any) -> str:
+    if not isinstance(v, dict) or not isinstance(v.get("mean"), int | float):
+        return "n/a"
+    std = v.get("std")
+    return f"{v['mean']:.3f} ± {std:.3f}" if isinstance(std, int | float) else f"{v['mean']:.3f}"
 
 
 def drift_section() -> list[str] | None:

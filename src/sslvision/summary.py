@@ -72,6 +72,15 @@ def key_metrics(root: str | Path = ".") -> dict[str, str]:
                                f"{_pct(b.get('balanced_accuracy'))} (worst {b.get('worst_class')} "
                                f"{_pct(b.get('worst_class_recall'))}): {gain:+.1f} points"
                                + ("" if gain > 0 else ", NOT BETTER than the pixel baseline"))
+        le = m.get("label_efficiency")
+        if isinstance(le, dict) and isinstance(le.get("systems"), dict) and le.get("labels_per_class"):
+            ns, by = le["labels_per_class"], le["systems"]
+
+            def curve(system: str) -> str:
+                return "/".join(_pct((by.get(system, {}).get(str(n)) or {}).get("mean")) for n in ns)
+
+            out["few labels"] = (f"{'/'.join(map(str, ns))} labels per class: SSL probe {curve('ssl_linear_probe')}, "
+                                 f"pixels {curve('pixel_logreg')}")
         sl, rw = m.get("slices"), m.get("slice_reweight")
         if sl or rw:
             top = (f" (worst {sl['top_label']}, {sl.get('top_size')} images, error {_pct(sl.get('top_error'))} vs "
@@ -116,7 +125,7 @@ def render(root: str | Path = ".", seconds: dict[str, float] | None = None,
     for stage in (*STAGES, "promotion"):
         took = f" [{seconds[stage]:.0f} s]" if seconds and stage in seconds else ""
         lines.append(f"  {stage:<11}{took:>9}  {metrics.get(stage, 'not run yet')}")
-        for extra in ("baseline", "slices"):
+        for extra in ("baseline", "few labels", "slices"):
             if stage == "finetune" and extra in metrics:
                 lines.append(f"  {extra:<11}{'':>9}  {metrics[extra]}")
     if seconds:

@@ -18,6 +18,11 @@ recorded with the registered version, and promotion refuses a classifier that do
 validation balanced accuracy is deployed (a tie leaves them out; ``synthetic_select: always`` keeps them);
 ``metrics.json`` ``synthetic_ablation`` records the decision and reports both on the test split.
 
+Label efficiency (``finetune.label_efficiency``, :func:`label_efficiency_curve`): the same real training rows,
+only 10, 25, 100 (the setting) labels per class of them, learnt by a linear probe on the SSL embeddings and by
+the pixel baseline, scored on the test split; ``reports/finetune/label_efficiency.csv`` (every draw) and
+``metrics.json`` ``label_efficiency`` (mean and std over the draws), shown in the report.
+
 Slices (``finetune.slices``, :mod:`sslvision.slices`): on the SSL embeddings of the embed stage
 (``data/embeddings``), groups of test images where the classifier's error is far above its class average, or
 that predict a class in train but not in test (a confounder of the data collection), written to
@@ -29,7 +34,7 @@ worst-slice accuracy on validation rises at a bounded cost in balanced accuracy;
 Outputs: ``models/classifier/`` (:func:`sslvision.finetune.save_classifier`, with the conversion ingest
 applied to the training images: :func:`training_conversion`), ``reports/finetune/`` (``metrics.json``,
 ``promotion.json``, the DVC plot data and figures: :func:`write_reports`; ``slices.csv``, ``slices.png``:
-:func:`write_slices`) and one MLflow run.
+:func:`write_slices`; ``label_efficiency.csv``) and one MLflow run.
 
 Run from the project root (``dvc repro finetune``), or a full fine-tune (``finetune.mode: finetune``)
 on N processes of one machine (rendezvous on loopback, see the README):
@@ -54,7 +59,12 @@ import pandas as pd
 import torch
 
 from sslvision import registry, tracking
-from sslvision.baselines import pixel_logreg
+from sslvision.baselines import (
+    LABEL_EFFICIENCY_COLUMNS,
+    label_efficiency,
+    label_efficiency_summary,
+    pixel_logreg,
+)
 from sslvision.data import Ingested, load_embeddings
 from sslvision.finetune import (
     Classifier,
@@ -220,8 +230,8 @@ class SliceViews:
 
 def slice_views(p: FinetuneParams) -> SliceViews:
     """The embeddings of ``p.embeddings`` (the embed stage's, one row per ingested image) for the rows of
-    :func:`load_data`; when they are absent or do not cover ``images.npy``, the rows are embedded with the
-    encoder of ``p.encoder`` (what the embed stage does)."""
+    :func:`load_data` (the slices and the label-efficiency curve use them); when they are absent or do not cover
+    ``images.npy``, the rows are embedded with the encoder of ``p.encoder`` (what the embed stage does)."""
     ing = Ingested.load(p.ingested)
     train_df, val_df = train_val_rows(p)
     test_df = ing.split("test")
@@ -235,7 +245,8 @@ def slice_views(p: FinetuneParams) -> SliceViews:
         emb = None
     if emb is None:
         needed = np.unique(np.concatenate(rows))
-        log.info("slices: no embeddings in %s; embedding %d images with %s", p.embeddings, len(needed), p.encoder)
+        log.info("slices, label efficiency: no embeddings in %s; embedding %d images with %s", p.embeddings,
+                 len(needed), p.encoder)
         feats = embed(load_encoder(p.encoder), ing.images[needed], p.eval_batch_size, resolve_device(p.device))
         views = [feats[np.searchsorted(needed, r)] for r in rows]
     else:
@@ -372,6 +383,49 @@ def pixel_baseline(p: FinetuneParams, data: FinetuneData, metrics: dict[str, Any
     return out
 
 
+def label_efficiency_curve(p: FinetuneParams, data: FinetuneData,
+                           views: SliceViews | None = None) -> pd.DataFrame | None:
+    """:func:`sslvision.baselines.label_efficiency` on this project: the real training rows the classifier trained
+    on (``data.train`` without its synthetic rows; audited labels, validation rows held out) with their SSL
+    embeddings (``views``, default :func:`slice_views`: the embed stage's, else embedded with ``p.encoder``), scored
+    on the test split; counts ``p.label_efficiency``, ``p.label_efficiency_seeds`` draws from ``p.seed``. The
+    linear probe on the frozen encoder, not the stage's classifier: benchmarks/README.md's label_efficiency
+    section compares the fine-tuned encoder. Returns the per-draw table, or None (with a log line) when it is
+    skipped: no counts, embeddings that do not match the rows, fewer than two classes."""
+    import time
+
+    if not p.label_efficiency:
+        log.info("label efficiency: skipped (finetune.label_efficiency is empty)")
+        return None
+    views = views if views is not None else slice_views(p)
+    real = data.train.take(np.flatnonzero(~data.train.synthetic))
+    if len(views.train) != len(real) or not np.array_equal(views.train_labels, real.labels) \
+            or len(views.test) != len(data.test):
+        log.warning("label efficiency: skipped: the SSL embeddings (%d training, %d test rows) are not those of the "
+                    "%d real training and %d test rows", len(views.train), len(views.test), len(real), len(data.test))
+        return None
+    if len(np.unique(real.labels)) < 2:
+        log.info("label efficiency: skipped (the real training rows hold fewer than two classes)")
+        return None
+    t0 = time.perf_counter()
+    table = label_efficiency(views.train, real.images, real.labels, views.test, data.test.images, data.test.labels,
+                             per_class=p.label_efficiency, seeds=p.label_efficiency_seeds,
+                             num_classes=len(data.classes), seed=p.seed)
+    summary = label_efficiency_summary(table)
+    counts = summary["labels_per_class"]
+
+    def curve(system: str) -> str:
+        return "/".join(f"{100 * summary['systems'][system][str(n)]['mean']:.1f}" for n in counts)
+
+    short = {n: summary["short_classes"][str(n)] for n in counts if summary["short_classes"][str(n)]}
+    log.info("label efficiency: %s labels per class: SSL probe %s %%, pixels %s %% (balanced accuracy on %d test "
+             "rows, mean of %d draws, %.1f s)%s", "/".join(map(str, counts)), curve("ssl_linear_probe"),
+             curve("pixel_logreg"), summary["test_rows"], summary["seeds"], time.perf_counter() - t0,
+             "".join(f"; at {n}, {k} class{'es have' if k > 1 else ' has'} fewer real training rows (all of them "
+                     "used)" for n, k in short.items()))
+    return table
+
+
 def synthetic_ablation(p: FinetuneParams, data: FinetuneData, with_clf: Classifier,
                        with_result: TrainResult) -> tuple[Classifier, TrainResult, dict[str, Any], np.ndarray]:
     """Whether the synthetic images help: the same classifier as ``with_clf`` (same params and seed, same
@@ -474,8 +528,14 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
         save_classifier(p.out, classifier, extra={"metrics": {k: metrics[k] for k in (
             "accuracy", "balanced_accuracy", "worst_class_recall", "ece")}})
         slices = None
+        views = slice_views(p) if p.slices.enabled or p.label_efficiency else None
         if p.slices.enabled:
-            slices, metrics["slices"] = discover_slices(p, data, probs)
+            slices, metrics["slices"] = discover_slices(p, data, probs, views)
+        curve = label_efficiency_curve(p, data, views)
+        if curve is not None:
+            metrics["label_efficiency"] = label_efficiency_summary(curve)
+        write_csv(REPORTS / "label_efficiency.csv",  # written when skipped too: a DVC output must exist
+                  curve if curve is not None else pd.DataFrame(columns=list(LABEL_EFFICIENCY_COLUMNS)))
         figures = write_reports(metrics, result.history, data.test.labels, probs, data.classes)
         real = data.train.images[:len(data.train) - int(data.train.synthetic.sum())]  # real rows come first
         figures["slices.png"] = write_slices(slices, data.test.images, real)
@@ -484,6 +544,7 @@ def finetune_cli(params: str | Path | None = None) -> dict[str, Any] | None:
             mlflow.log_figure(fig, f"finetune/{name}")
         mlflow.log_artifact(str(REPORTS / "metrics.json"), artifact_path="finetune")
         mlflow.log_artifact(str(REPORTS / "slices.csv"), artifact_path="finetune")
+        mlflow.log_artifact(str(REPORTS / "label_efficiency.csv"), artifact_path="finetune")
         version = None
         if p.registry.enabled:
             version = registry.log_and_register(p.out, p.registry.model_name, data.test.images[:4])
@@ -508,7 +569,8 @@ def training_conversion(shape: tuple[int, ...], params: str | Path | None = None
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The numbers of a :func:`run_finetune` ``metrics`` dict as flat MLflow metric names (``recall/<class>``,
     ``synthetic_ablation/<key>`` (``kept_synthetic``: 1 when the deployed classifier trained with the synthetic
-    images, else 0), ``slices/<key>``, ``slice_reweight/<key>`` (``kept`` as 0/1), ``baseline/<name>/<key>``):
+    images, else 0), ``slices/<key>``, ``slice_reweight/<key>`` (``kept`` as 0/1), ``baseline/<name>/<key>``,
+    ``label_efficiency/<system>/<labels per class>`` (the mean over the draws; ``..._std`` the standard deviation)):
     booleans, None and strings left out, and the non-finite values of the ablation, the slices and the baselines."""
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out.update({f"recall/{c}": float(r) for c, r in metrics["per_class_recall"].items() if r is not None})
@@ -523,6 +585,10 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         out.update({f"baseline/{name}/{k}": float(v) for k, v in b.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
         out.update({f"baseline/{name}/recall/{c}": float(r) for c, r in b["per_class_recall"].items() if r is not None})
+    for system, by_count in metrics.get("label_efficiency", {}).get("systems", {}).items():
+        for n, v in by_count.items():
+            out[f"label_efficiency/{system}/{n}"] = float(v["mean"])
+            out[f"label_efficiency/{system}/{n}_std"] = float(v["std"])
     return out
 
 
