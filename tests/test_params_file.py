@@ -134,3 +134,29 @@ def test_the_stage_list_is_dvc_yamls_for_the_demo_and_for_init_projects():
     assert list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]) == list(STAGES)
     assert list(yaml.safe_load(DVC_TEMPLATE.replace("{ROOT_DEP}", ""))["stages"]) == list(STAGES)
     assert list(STAGES) == trigger.STAGE_ORDER and summary.STAGES is STAGES
+
+
+def test_the_init_template_runs_the_same_pipeline_as_the_repository():
+    """`sslvision init`'s dvc.yaml and this repository's differ only in how the code is named: a module of the
+    installed package (params key sslvision.version) instead of the source files (code deps), and drift_eval's
+    batch and the plots of a batch, which a new project does not have (DVC fails on a listed plot the stage did
+    not write). Outputs, metrics, the other plots, params and data deps are the same."""
+    def normalised(text: str, project: bool) -> dict:
+        stages = yaml.safe_load(text)["stages"]
+        out = {}
+        for name, st in stages.items():
+            deps = [d for d in st.get("deps", []) if not d.startswith(("src/", "stages/"))]
+            out[name] = {
+                "deps": sorted(d for d in deps if d != "${drift_eval.batch}"),
+                "params": sorted(p for p in st.get("params", []) if p != "sslvision.version"),
+                **{k: st.get(k) for k in ("outs", "metrics", "plots")},
+            }
+            if project:
+                assert st["cmd"] == f"python -m sslvision.stages.{name}" and "sslvision.version" in st["params"]
+        return out
+
+    repo = normalised((ROOT / "dvc.yaml").read_text(), project=False)
+    template = normalised(DVC_TEMPLATE.replace("{ROOT_DEP}", ""), project=True)
+    repo["drift_eval"]["plots"] = None
+    for name in repo:
+        assert template[name] == repo[name], name

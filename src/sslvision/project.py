@@ -445,6 +445,9 @@ stages:
       - reports/pretrain/metrics.json:
           cache: false
     plots:
+      - reports/pretrain/live/plots/metrics:
+          cache: false
+          x: step
       - reports/pretrain/history.csv:
           cache: false
           x: epoch
@@ -480,6 +483,11 @@ stages:
       - reports/audit/metrics.json:
           cache: false
     plots:
+      - reports/audit/issues_by_class.csv:
+          cache: false
+          x: issues
+          y: class
+          template: bar_horizontal
       - reports/audit/gallery.png:
           cache: false
 
@@ -500,6 +508,16 @@ stages:
       - reports/synthesize/metrics.json:
           cache: false
     plots:
+      - reports/synthesize/per_class.csv:
+          cache: false
+          x: kept
+          y: class
+          template: bar_horizontal
+      - reports/synthesize/filter_scores.csv:
+          cache: false
+          x: source_similarity
+          y: target_prob
+          template: scatter
       - reports/synthesize/grid.png:
           cache: false
 
@@ -515,6 +533,8 @@ stages:
       - data/embeddings
     params:
       - finetune
+      - ingest.max_file_bytes  # the classifier's input conversion (what ingest applied to its images)
+      - ingest.max_pixels
       - sslvision.version
     outs:
       - models/classifier
@@ -526,12 +546,27 @@ stages:
           cache: false
           persist: true
     plots:
+      - reports/finetune/predictions.csv:
+          cache: false
+          x: predicted
+          y: actual
+          template: confusion
       - reports/finetune/per_class_recall.csv:
           cache: false
           x: recall
           y: class
           template: bar_horizontal
+      - reports/finetune/history.csv:
+          cache: false
+          x: epoch
+          y: val_balanced_accuracy
+      - reports/finetune/reliability.csv:
+          cache: false
+          x: confidence
+          y: accuracy
       - reports/finetune/confusion_matrix.png:
+          cache: false
+      - reports/finetune/reliability.png:
           cache: false
       - reports/finetune/slices.csv:
           cache: false
@@ -548,9 +583,9 @@ stages:
           template: scatter
 
   drift_eval:
-    # Evaluates drift_eval.batch (none in a new project: trigger.json says so). The batch is not a dependency
-    # here (there is none to name); changing drift_eval.batch re-runs the stage. `sslvision monitor` evaluates
-    # the inbox's batches outside DVC.
+    # Evaluates drift_eval.batch (none in a new project: trigger.json says so, and there are no plots to list).
+    # The batch is not a dependency here (there is none to name); changing drift_eval.batch re-runs the stage.
+    # `sslvision monitor` evaluates the inbox's batches outside DVC.
     cmd: python -m sslvision.stages.drift_eval
     deps:
       - data/ingested/images.npy
