@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sslvision.augment import AugmentConfig, ViewMaker
 from sslvision.io import atomic_path, file_sha256
-from sslvision.metrics import knn_predict, linear_probe_predict
+from sslvision.metrics import knn_predict, l2_normalise, linear_probe_predict
 from sslvision.models import Encoder, EncoderConfig, MAEDecoder, encoder_config, load_weights, to_input
 from sslvision.models import embed as embed_features
 from sslvision.params import Section, Seed
@@ -679,7 +679,7 @@ def collapse_stats(features: np.ndarray) -> dict[str, float]:
     ``std_ratio`` is about 1 for well-spread features and tends to 0 when every image maps to the
     same point (complete collapse); a low effective rank signals dimensional collapse.
     """
-    z = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    z = l2_normalise(features)
     return {"effective_rank": effective_rank(features),
             "std_ratio": float(z.std(axis=0).mean() * np.sqrt(z.shape[1]))}
 
