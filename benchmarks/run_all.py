@@ -189,6 +189,8 @@ HEADLINES: dict[str, Pick] = {
     # the same ladder (asymmetric noise) on an encoder pretrained twice as long (pretrain.epochs 100, 3,000 steps):
     # what more CPU pretraining buys; built by hand like finetune_symmetric
     "finetune_3000": _ladder("balanced accuracy (3,000-step encoder)"),
+    # the same ladder on the scenario whose rarest classes are the hard ones (demo.long_tail_order: hard_rare)
+    "finetune_hard_rare": _ladder("balanced accuracy (hard classes rare)"),
     # the candidates for the demo's default recipe; pixel_logreg is the baseline the promotion gate asks it to beat
     "default_recipe": lambda rows: _head(rows, lambda s: s != "pixel_logreg", {
         "balanced_accuracy": "balanced accuracy, test split (demo project)",
