@@ -51,7 +51,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -61,11 +61,11 @@ from sslvision.metrics import knn_predict, l2_normalise, linear_probe_predict
 from sslvision.models import Encoder, EncoderConfig, MAEDecoder, encoder_config, load_weights, to_input
 from sslvision.models import embed as embed_features
 from sslvision.params import Section, Seed
-from sslvision.ssl import build_method, cosine_schedule
+from sslvision.plugins import SSL_METHODS_GROUP, load_plugins, require_registered
+from sslvision.ssl import SSL_METHODS, build_method, cosine_schedule
 
 log = logging.getLogger("sslvision.pretrain")
 
-Method = Literal["simclr", "vicreg", "dino", "mae", "cl_mim"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -74,10 +74,11 @@ class PretrainParams(Section):
     ``embed`` stage then embeds every image. kNN and linear-probe accuracy are measured on the clean test split
     (2-fold CV)."""
 
-    method: Method = Field("simclr", description=(
+    method: str = Field("simclr", description=(
         "simclr | vicreg | dino | mae | cl_mim. simclr: strongest on small CPU budgets; vicreg: no negatives, "
         "batch-size robust; dino: EMA teacher, needs longer training; mae / cl_mim: ViT only (set backbone: "
-        "vit_tiny_patch16_224)"))
+        "vit_tiny_patch16_224). Or a method an installed package registers (@register_method in a module it "
+        "names as an entry point of group sslvision.ssl_methods: README, Python API)"))
     backbone: str = Field("resnet18", description=(
         "any timm resnet* (3x3 stem, no max-pool for small images) or vit_* model"))
     backbone_args: dict[str, Any] = Field(default_factory=dict, description=(
@@ -221,6 +222,12 @@ class PretrainParams(Section):
                              global_crops=1 if self.method == "mae" else 2,
                              local_crops=self.local_crops if self.method == "dino" else 0,
                              local_size=self.local_size)
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, v: str) -> str:
+        load_plugins()
+        return require_registered(v, "SSL method", SSL_METHODS, SSL_METHODS_GROUP)
 
     @model_validator(mode="after")
     def _temperature_bounds(self) -> PretrainParams:
@@ -726,7 +733,8 @@ def pretrain_encoder(images: np.ndarray, *, method: str = "simclr", epochs: int 
     Args:
         images: uint8 ``(N, H, W)`` or ``(N, H, W, C)``, square, ``N >= batch_size``; used as it is, not copied.
         method: the SSL method (``simclr``, ``vicreg``, ``dino``, ``mae``, ``cl_mim``; the ViT-only ``mae`` and
-            ``cl_mim`` need ``backbone="vit_*"``).
+            ``cl_mim`` need ``backbone="vit_*"``), or any name in :data:`sslvision.ssl.SSL_METHODS` (registered
+            with :func:`~sslvision.ssl.register_method`, here or by an entry-point plugin).
         epochs: passes over the images; None keeps :class:`PretrainParams`' default.
         batch_size: images per step; None keeps :class:`PretrainParams`' default.
         seed: seeds the weights, the batch order and the views.

@@ -82,6 +82,7 @@ from sslvision.models import (
     unpatchify,
 )
 from sslvision.params import Section, Seed, validate_section
+from sslvision.plugins import GENERATORS_GROUP, load_plugins, require_registered, watch
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ log = logging.getLogger(__name__)
 # -> (uint8 images (count, H, W, C), source rows (count, 2), -1 for none); make_generator builds it with
 # cls.from_params(params, device, pretrain_decoder, norm_pix), or cls(params, device) when it has no from_params.
 GENERATORS: dict[str, type] = {}
+watch("generator", GENERATORS)  # a plugin may add a generator, never replace one
 
 
 def register_generator(name: str) -> Callable[[type], type]:
@@ -195,10 +197,11 @@ class SynthesizeParams(Section):
 
     seed: Seed = Field(0, description=(
         "everything below is deterministic for a seed (on one device and thread count)"))
-    generator: Literal["mae_inpaint", "feature_interp", "augment"] = Field("mae_inpaint", description=(
+    generator: str = Field("mae_inpaint", description=(
         "mae_inpaint (reconstruct hidden patches with an MAE-style decoder on the frozen encoder) | feature_interp "
         "(decode points between same-class neighbours in SSL space) | augment (heavy albumentations: the baseline "
-        "to beat). README: what synthetic images add"))
+        "to beat). README: what synthetic images add. Or a generator an installed package registers "
+        "(@register_generator in a module it names as an entry point of group sslvision.generators)"))
     target: int | Literal["median", "max"] = Field("median", description=(
         "bring every class below this many clean train images up to it: median | max (of the class counts) | a "
         "number"))
@@ -228,6 +231,12 @@ class SynthesizeParams(Section):
         "the augment generator (also mae_inpaint's pre_augment / post_augment)"))
     filter: FilterParams = Field(default_factory=FilterParams, description=(
         "which candidates are kept: those the SSL embedding places in their class, away from their sources"))
+
+    @field_validator("generator")
+    @classmethod
+    def _registered_generator(cls, v: str) -> str:
+        load_plugins()
+        return require_registered(v, "generator", GENERATORS, GENERATORS_GROUP)
 
     @field_validator("target")
     @classmethod
@@ -713,6 +722,7 @@ def make_generator(params: SynthesizeParams, device: torch.device, pretrain_deco
     Raises:
         ValueError: no generator is registered under that name.
     """
+    load_plugins()
     cls = GENERATORS.get(params.generator)
     if cls is None:
         raise ValueError(f"unknown generator {params.generator!r}; registered: {', '.join(GENERATORS)}")
@@ -1058,7 +1068,7 @@ def synthesize_images(images: np.ndarray, labels: np.ndarray, encoder: Encoder, 
         raw["target"] = per_class
         raw.setdefault("max_per_class", per_class)
     params = validate_section("synthesize", SynthesizeParams, raw, source="synthesize_images")
-    # generator names outside params.yaml's built-in choices come from the registry: make_generator checks them
+    # the generator is checked by make_generator (its message names the registered ones)
     params = params.model_copy(update={"generator": generator})
     squeeze = images.ndim == 3
     x = images[..., None] if squeeze else images

@@ -1,8 +1,8 @@
 """Self-supervised methods as a registry (timm's ``register_model`` idea).
 
 ``SSL_METHODS`` maps each ``pretrain.method`` name to its :class:`SSLMethod` class; :func:`build_method`
-builds the one a run names (any registered name; ``PretrainParams.method`` itself accepts the five built-in
-ones). A new method is a subclass registered with the decorator::
+builds the one a run names (``PretrainParams.method`` accepts any registered name). A new method is a subclass
+registered with the decorator::
 
     @register_method("my_method")
     class MyMethod(SSLMethod):
@@ -12,6 +12,12 @@ ones). A new method is a subclass registered with the decorator::
 
         def forward(self, views, step):  # a list of (B, C, H, W) batches -> a scalar loss
             return objectives.nt_xent(self.head(self.encoder(views[0])), self.head(self.encoder(views[1])))
+
+For ``params.yaml`` / ``dvc repro`` (the stages never import a project's code), the package that holds the
+module names it as an entry point of group ``sslvision.ssl_methods`` (:mod:`sslvision.plugins`)::
+
+    [project.entry-points."sslvision.ssl_methods"]
+    my_method = "my_package.ssl"
 """
 
 from sslvision.ssl.base import (

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sslvision.models import Encoder, MAEDecoder
+from sslvision.plugins import load_plugins, watch
 
 if TYPE_CHECKING:  # annotations only: sslvision.pretrain imports this package at run time
     from sslvision.pretrain import PretrainParams
@@ -44,6 +45,7 @@ class SSLMethod(nn.Module):
 
 # pretrain.method -> its class; filled by register_method (the built-in methods in sslvision.ssl.methods)
 SSL_METHODS: dict[str, type[SSLMethod]] = {}
+watch("SSL method", SSL_METHODS)  # a plugin may add a method, never replace one
 T = TypeVar("T", bound=SSLMethod)
 
 
@@ -77,6 +79,7 @@ def build_method(p: PretrainParams, encoder: Encoder, total_steps: int, steps_pe
     Raises:
         ValueError: ``p.method`` is not registered (the message lists the registered names).
     """
+    load_plugins()
     cls = SSL_METHODS.get(p.method)
     if cls is None:
         raise ValueError(f"pretrain.method={p.method!r} is not a registered SSL method; registered: "
