@@ -113,7 +113,7 @@ def ingest(
 def pretrain(
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `pretrain` section."),
     method: str | None = typer.Option(None, "--method", help="Override pretrain.method "
-                                         "(simclr|vicreg|dino|mae|cl_mim)."),
+                                         "(simclr|vicreg|dino|mae|cl_mim, or an installed plugin's)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Override pretrain.epochs."),
     ingested: Path = typer.Option(INGESTED, "--ingested", help="Ingested data directory."),
 ) -> None:
@@ -219,7 +219,8 @@ def drift_eval(
 def synthesize(
     generator: str | None = typer.Option(
         None, "--generator",
-        help="mae_inpaint | feature_interp | augment (default: params.yaml synthesize.generator)."),
+        help="mae_inpaint | feature_interp | augment, or an installed plugin's (default: params.yaml "
+             "synthesize.generator)."),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="Params file with a `synthesize` section."),
     out: Path = typer.Option(Path("data/synthetic"), "--out", help="Output directory (images.npy, manifest.parquet); "
                              "an existing non-empty one is replaced only when it is an earlier synthesize output."),
