@@ -185,21 +185,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     mean = {(r["system"], r["labels_per_class"]): r["value"] for r in rows if r["metric"] == "balanced_accuracy_mean"}
     std = {(r["system"], r["labels_per_class"]): r["value"] for r in rows if r["metric"] == "balanced_accuracy_std"}
+    from sslvision.report import label_efficiency_axes
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    series = {}
     for system in SYSTEMS:
         ns = sorted(n for s, n in mean if s == system)
         if ns:
-            ax.errorbar(ns, [100 * mean[system, n] for n in ns], yerr=[100 * std[system, n] for n in ns],
-                        marker="o", capsize=3, label=LABELS[system])
-    ax.set_xscale("log")
-    ns = sorted({n for _, n in mean})
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.minorticks_off()
-    ax.set_xlabel("clean labels per class")
-    ax.set_ylabel("balanced accuracy, test split (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            series[LABELS[system]] = (ns, [100 * mean[system, n] for n in ns], [100 * std[system, n] for n in ns])
+    label_efficiency_axes(ax, series, sorted({n for _, n in mean}), xlabel="clean labels per class",
+                          ylabel="balanced accuracy, test split (%)", title=title)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)

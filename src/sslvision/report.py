@@ -303,6 +303,23 @@ def finetune_section() -> list[str] | None:
 SLICE_COLUMNS = ("label", "kind", "size", "error", "class_error", "score", "predicted_as", "description")
 
 
+def label_efficiency_axes(ax: Any, series: dict[str, tuple[list, list, list]], counts: list[int], *, xlabel: str,
+                          ylabel: str, title: str) -> None:
+    """Draw label-efficiency curves on ``ax``: ``series`` maps a legend label to (labels per class, means, stds),
+    one error-bar line each, on a log axis ticked at ``counts`` (the report's and benchmarks/label_efficiency.py's
+    figure)."""
+    for label, (ns, means, stds) in series.items():
+        ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _slices(d: Path, metrics: dict[str, Any]) -> list[str]:
     """The slices subsection: slices.csv, the gallery, and the slice_reweight decision (finetune.slices)."""
     table = _csv(d / "slices.csv")
@@ -372,19 +389,13 @@ def _label_efficiency(curve: Any) -> list[str]:
     title = ("Label efficiency on this project (linear probe on the SSL encoder vs pixel PCA + logistic "
              "regression)")
     fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.subplots()
+    series = {}
     for s, v in systems.items():
         points = [(n, v[str(n)]) for n in counts if isinstance(v.get(str(n)), dict)]
-        ax.errorbar([n for n, _ in points], [m.get("mean") for _, m in points],
-                    yerr=[m.get("std") or 0 for _, m in points], marker="o", capsize=3, label=LABEL_EFFICIENCY[s])
-    ax.set_xscale("log")
-    ax.set_xticks(counts, [str(n) for n in counts])
-    ax.minorticks_off()
-    ax.set_xlabel("labels per class")
-    ax.set_ylabel("balanced accuracy, test split")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        series[LABEL_EFFICIENCY[s]] = ([n for n, _ in points], [m.get("mean") for _, m in points],
+                                       [m.get("std") or 0 for _, m in points])
+    label_efficiency_axes(fig.subplots(), series, counts, xlabel="labels per class",
+                          ylabel="balanced accuracy, test split", title=title)
     fig.tight_layout()
     draws = curve.get("seeds")
     caption = (f"balanced accuracy on {curve.get('test_rows')} test images, mean ± std over {draws} draw"
