@@ -76,16 +76,15 @@ def load_fashion_mnist(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def per_class_rows(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Sorted indices of ``per_class`` rows of every class, a seeded sample; nested in ``per_class`` for a seed
-    (each class's rows are a prefix of one seeded permutation). Raises ``ValueError`` when a class is short."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in range(NUM_CLASSES):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        if len(idx) < per_class:
-            raise ValueError(f"class {c} has {len(idx)} rows, {per_class} asked")
-        out.append(idx[:per_class])
-    return np.sort(np.concatenate(out))
+    """:func:`sslvision.baselines.per_class_draw` (sorted, seeded, nested in ``per_class`` for a seed), requiring
+    every one of the ``NUM_CLASSES`` classes to have ``per_class`` rows: raises ``ValueError`` when one is short."""
+    from sslvision.baselines import per_class_draw
+
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    short = [c for c in range(NUM_CLASSES) if counts[c] < per_class]
+    if short:
+        raise ValueError(f"class {short[0]} has {counts[short[0]]} rows, {per_class} asked")
+    return per_class_draw(labels, per_class, seed)
 
 
 def pretrain_settings() -> dict[str, Any]:

@@ -133,7 +133,7 @@ LABEL_EFFICIENCY_COLUMNS = ("labels_per_class", "seed", "system", "balanced_accu
 def per_class_draw(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Sorted indices of ``per_class`` rows of every class present in ``labels``, a seeded sample (a class with
     fewer rows gives all of them). Nested in ``per_class`` for a seed: each class's rows are a prefix of one
-    seeded permutation (as ``benchmarks/label_efficiency.py``'s ``per_class_rows``)."""
+    seeded permutation (``benchmarks/label_efficiency.py`` draws its labelled rows with it)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     out = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
