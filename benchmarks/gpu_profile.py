@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     import yaml
 
     from sslvision import embed, find_label_issues, fit_classifier
+    from sslvision.audit import AuditParams, label_actions
     from sslvision.baselines import pixel_logreg
     from sslvision.metrics import classification_metrics, knn_predict, linear_probe_predict
     from sslvision.pretrain import PretrainParams, effective_rank, train
@@ -206,10 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     issues = find_label_issues(emb, data["given"], pixels=data["x"], threads=os.cpu_count() or 1)
     flagged = issues["is_label_issue"].to_numpy()
     noisy = data["given"] != data["true"]
-    conf = issues["suggested_confidence"].to_numpy()
-    action = np.where(flagged, np.where(conf >= 0.8, "relabel", "drop"), "keep")
-    if (action != "keep").mean() > 0.3:
-        action[:] = "keep"
+    action, _ = label_actions(flagged, issues["suggested_confidence"].to_numpy(), issues["is_outlier"].to_numpy(),
+                              AuditParams())  # the audit stage's default policy
     keep = action != "drop"
     labels = np.where(action == "relabel", issues["suggested_label"].to_numpy(), data["given"])
     tp = int((flagged & noisy).sum())

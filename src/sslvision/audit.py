@@ -516,6 +516,33 @@ def audited_rows(manifest: pd.DataFrame, splits: list[str]) -> np.ndarray:
     return np.flatnonzero(manifest["split"].isin(splits).to_numpy() & (manifest["label"].to_numpy() >= 0))
 
 
+def label_actions(issue: np.ndarray, suggested_confidence: np.ndarray, outlier: np.ndarray,
+                  p: AuditParams) -> tuple[np.ndarray, str | None]:
+    """What the audit does to each audited row: ``keep``, ``relabel`` or ``drop`` (object array), under
+    ``p.policy`` (relabel when the suggested label's confidence >= ``relabel_confidence``, else drop), keeping
+    every label when that would change more than ``max_change_share`` of the rows, and dropping the outliers
+    that are not label issues with ``drop_outliers``. Returns the actions and the warning when the share
+    withheld them (logged), else None."""
+    n = len(issue)
+    action = np.full(n, "keep", dtype=object)
+    if p.policy == "drop":
+        action[issue] = "drop"
+    elif p.policy == "relabel":
+        action[issue] = np.where(suggested_confidence[issue] >= p.relabel_confidence, "relabel", "drop")
+    changed = float((action[issue] != "keep").sum()) / max(n, 1)
+    withheld = None
+    if changed > p.max_change_share:
+        withheld = (f"the audit would change {changed:.0%} of the {n} audited labels, above "
+                    f"audit.max_change_share {p.max_change_share:g}: more likely the encoder cannot yet separate "
+                    "the classes (pretrain longer or on more images) than that so many labels are wrong; every "
+                    "label kept and the issues only listed")
+        log.warning("audit: %s", withheld)
+        action[issue] = "keep"
+    if p.drop_outliers:
+        action[outlier & ~issue] = "drop"
+    return action, withheld
+
+
 def run_audit(p: AuditParams, manifest: pd.DataFrame, embeddings: np.ndarray, classes: list[str],
               truth: pd.DataFrame | None = None, images: np.ndarray | None = None,
               ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -549,22 +576,7 @@ def run_audit(p: AuditParams, manifest: pd.DataFrame, embeddings: np.ndarray, cl
     issue = ra.is_issue
     first = first_of_group(group)
     dup_of = np.where(first >= 0, sub["id"].to_numpy()[first], None)
-    action = np.full(len(sub), "keep", dtype=object)
-    if p.policy == "drop":
-        action[issue] = "drop"
-    elif p.policy == "relabel":
-        action[issue] = np.where(la.suggested_confidence[issue] >= p.relabel_confidence, "relabel", "drop")
-    changed = float((action[issue] != "keep").sum()) / max(len(sub), 1)
-    withheld = None
-    if changed > p.max_change_share:
-        withheld = (f"the audit would change {changed:.0%} of the {len(sub)} audited labels, above "
-                    f"audit.max_change_share {p.max_change_share:g}: more likely the encoder cannot yet separate "
-                    "the classes (pretrain longer or on more images) than that so many labels are wrong; every "
-                    "label kept and the issues only listed")
-        log.warning("audit: %s", withheld)
-        action[issue] = "keep"
-    if p.drop_outliers:
-        action[outlier & ~issue] = "drop"
+    action, withheld = label_actions(issue, la.suggested_confidence, outlier, p)
     issues = _issues_table(sub, classes, la, issue, conflict, outlier, dist, dup_of, action)
     clean = clean_manifest(manifest, rows, action, la.suggested, classes)
     metrics = audit_metrics(p, sub, classes, la, issue, conflict, outlier, group, action, seconds)
