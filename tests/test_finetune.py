@@ -31,9 +31,11 @@ torch.set_num_threads(1)
 COUNTS = np.array([500, 250, 120, 60, 30, 15, 8, 4, 2, 1], dtype=float)
 
 
-def _fit_bias(kind: str, **kw) -> np.ndarray:
-    """The class probabilities a bias-only model reaches with this loss on long-tailed labels."""
-    labels = torch.from_numpy(np.repeat(np.arange(10), COUNTS.astype(int)))
+def _fit_bias(kind: str, labels: torch.Tensor | None = None, **kw) -> np.ndarray:
+    """The class probabilities a bias-only model reaches with this loss on ``labels`` (class indices or
+    probabilities; default: long-tailed labels drawn as COUNTS)."""
+    if labels is None:
+        labels = torch.from_numpy(np.repeat(np.arange(10), COUNTS.astype(int)))
     loss_fn = LongTailLoss(kind, COUNTS, **kw)
     bias = torch.zeros(10, requires_grad=True)
     opt = torch.optim.LBFGS([bias], max_iter=200, line_search_fn="strong_wolfe")
@@ -88,6 +90,17 @@ def test_deferred_reweighting_starts_at_its_epoch():
     loss = LongTailLoss("ldam", COUNTS, drw_epoch=3, drw_beta=0.999)
     assert torch.equal(loss.class_weights(2), torch.ones(10))
     assert torch.allclose(loss.class_weights(3), w)
+
+
+@pytest.mark.parametrize("kind", ["logit_adjusted", "balanced_softmax"])
+def test_label_smoothing_keeps_the_prior_corrected_classifier_balanced(kind):
+    # smoothing spreads its mass by the training prior the adjusted logits model: the raw logits stay balanced
+    np.testing.assert_allclose(_fit_bias(kind, label_smoothing=0.1), np.full(10, 0.1), atol=1e-3)
+    # images of the head class only: uniform smoothing of the adjusted softmax would ask the raw logits for
+    # eps / K / prior on the rarest class (100x the head's) and predict it on the head's own images
+    target = torch.zeros(64, dtype=torch.long)
+    for t in (target, F.one_hot(target, 10).float()):  # hard and soft (label correction) targets
+        assert _fit_bias(kind, t, label_smoothing=0.1).argmax() == 0
 
 
 def test_sample_weights_and_label_smoothing():

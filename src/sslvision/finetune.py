@@ -24,6 +24,12 @@ Long-tail methods (``loss``, ``sampler``, ``drw_epoch``):
 - ``sampler: class_balanced`` draws every class equally often. The prior the loss corrects for is the
   label distribution of the batches, which that sampler makes uniform (the logit adjustment then
   vanishes instead of correcting twice).
+- ``label_smoothing`` under a prior correction spreads its mass by the training prior the adjusted logits
+  model (``softmax(logit_shift)``), not uniformly: uniform smoothing of the adjusted softmax asks the raw
+  logits for ``eps / K / prior`` on every rare class, which on a 100:1 tail puts rare classes above the
+  head class on the head's own images (a head class's recall fell to 0 in the ladder). Spread by the prior,
+  the smoothing is uniform in the balanced space the prediction uses; without a prior correction (``ce``,
+  ``ldam``, class-balanced batches) it is PyTorch's uniform smoothing.
 
 Residual label noise (``label_correction_epoch``): from that epoch on, each training row's target is a
 running average of the model's own predictions, ``t <- m * t + (1 - m) * p`` with ``m =
@@ -190,7 +196,8 @@ class FinetuneParams(Section):
         "do"))
     label_smoothing: float = Field(0.0, ge=0, lt=1, description=(
         "cross-entropy label smoothing (0.05-0.1 helps against residual label noise; it lowers confidence: turn "
-        "calibrate on, or ECE rises)"))
+        "calibrate on, or ECE rises). With a prior correction (logit_adjusted, balanced_softmax) the smoothing mass "
+        "is spread by the training prior, i.e. uniformly over the balanced classes the prediction uses"))
     mixup_alpha: float = Field(0.0, ge=0, description=(
         "mixup (Zhang et al. 2018): train on lam*x1 + (1-lam)*x2 with both labels weighted, lam ~ Beta(alpha, "
         "alpha); 0 = off, 0.2-0.4 typical; slows convergence on short runs"))
@@ -542,12 +549,21 @@ class LongTailLoss(nn.Module):
         """The logits the cross-entropy sees in training (prediction always uses the raw ones)."""
         return logits + self.logit_shift - _as_probs(target, logits.shape[1]) * self.margins
 
+    def smoothed(self, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Class probabilities: ``(1 - eps) * target + eps * softmax(logit_shift)`` (the training prior the
+        adjusted logits model; uniform without a prior correction, as PyTorch's ``label_smoothing``)."""
+        probs = _as_probs(target, num_classes)
+        if self.label_smoothing == 0:
+            return probs
+        spread = self.logit_shift.softmax(0).to(probs.dtype)
+        return (1.0 - self.label_smoothing) * probs + self.label_smoothing * spread
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None,
                 epoch: int = 0) -> torch.Tensor:
         """``target``: class indices ``(B,)`` or class probabilities ``(B, K)`` (soft targets: margins and
         class weights are then their expectation under the target)."""
-        per_sample = F.cross_entropy(self.adjusted_logits(logits, target), target, reduction="none",
-                                     label_smoothing=self.label_smoothing)
+        per_sample = F.cross_entropy(self.adjusted_logits(logits, target), self.smoothed(target, logits.shape[1]),
+                                     reduction="none")
         w = target @ self.class_weights(epoch) if target.is_floating_point() else self.class_weights(epoch)[target]
         if sample_weight is not None:
             w = w * sample_weight
