@@ -115,7 +115,7 @@ def test_the_generated_params_are_valid_for_every_stage(tmp_path):
 def test_a_small_folder_keeps_the_recipes_number_of_training_steps(tmp_path):
     """An epoch of a small folder is one or two batches: init sizes pretraining and fine-tuning by steps, so 160
     images get the CPU recipe's 300 SSL steps and ~400 fine-tuning steps, not 10 and 16 (and the recipe's
-    later stages: augment generator, full fine-tune, class-balanced sampler)."""
+    later stages: augment generator, full fine-tune with the logit-adjusted loss on random batches)."""
     from sslvision.project import CPU_PRETRAIN, FINETUNE_STEPS, params_text
 
     found = inspect_data(photo_folder(tmp_path / "photos", per_class=67))  # 201 images, 160 for training
@@ -126,7 +126,8 @@ def test_a_small_folder_keeps_the_recipes_number_of_training_steps(tmp_path):
     assert pre["epochs"] * per_epoch >= CPU_PRETRAIN["epochs"] * CPU_PRETRAIN["steps_per_epoch"]
     assert n_train // ft["batch_size"] >= 8
     assert ft["epochs"] * (n_train // ft["batch_size"]) >= FINETUNE_STEPS
-    assert (params["synthesize"]["generator"], ft["mode"], ft["sampler"]) == ("augment", "finetune", "class_balanced")
+    assert (params["synthesize"]["generator"], ft["mode"]) == ("augment", "finetune")
+    assert (ft["sampler"], ft["loss"], ft["label_smoothing"]) == ("random", "logit_adjusted", 0.1)
 
 
 def test_a_missing_data_path_is_named(tmp_path):
