@@ -26,10 +26,18 @@ epochs): the same fine-tuning compute, plus the pretraining (not counted; the de
 as 16 scratch epochs take on 2 CPU cores, so ``--epochs 3`` compares the whole pipeline with a scratch
 baseline of less compute and ``--epochs 16`` with one of about the pipeline's total). Rungs whose
 upstream output is missing are skipped and listed.
+
+``--oracle`` (a demo scenario's ``data/demo/truth.parquet`` needed) adds the project's own finetune recipe
+(params.yaml, as the stage runs it, without synthetic images) on the audited rows, and the ceilings: the same
+recipe and the scratch baseline trained on every ingested training row with its *true* label, as a perfect
+audit would leave them. What the audited rows
+reach against this says how much the audit leaves on the table; what the recipe reaches here bounds what any
+audit could reach with this encoder and budget.
 Metrics on the clean, balanced test split: balanced accuracy, worst-class recall, ECE; plus seconds.
 
     python benchmarks/finetune.py [--root PROJECT] [--epochs 3] [--full-finetune] [--threads 0] [--name finetune]
                                   [--rungs TEXT ... --merge]   # re-run some rungs, keep the other rows
+                                  [--oracle]                   # + the true-label ceilings (demo scenarios)
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, report, results_dir  # noqa: E402
 
 
-def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | None]]:
-    """(name, overrides of the finetune params, missing input or None) for every rung."""
+def ladder(p, epochs: int, full_finetune: bool, oracle: str | None = None) -> list[tuple[str, dict, str | None]]:
+    """(name, overrides of the finetune params, missing input or None) for every rung; ``oracle``: a manifest
+    with the true labels (:func:`oracle_manifest`) adds the two true-label ceilings."""
     off = {"registry": {"enabled": False}}
     raw = {"manifest": "data/ingested/manifest.parquet", "synthetic_weight": 0.0, "loss": "ce", "calibrate": False,
            "sampler": "random", "drw_epoch": -1, "label_smoothing": 0.0}
@@ -88,7 +97,44 @@ def ladder(p, epochs: int, full_finetune: bool) -> list[tuple[str, dict, str | N
         # epoch and the adjustment over-predicts them (results/variants/synthesize/synthesize_full_finetune.json)
         rungs.append(("+ class-balanced sampler (noise-aware recipe)",
                       {**pipeline, **noise_aware(), "sampler": "class_balanced"}, no_audit))
+    if oracle:
+        # the project's own recipe (what the stage deploys) on the audited rows beside the same on the true labels
+        rungs.append(("the project's recipe, audited labels (no synthetic images)", {**off, "synthetic_weight": 0.0},
+                      no_audit))
+        rungs.append(("oracle: true labels, the project's recipe (no synthetic images)",
+                      {**off, "manifest": oracle, "synthetic_weight": 0.0}, None))
+        rungs.append(("oracle: true labels, scratch + CE (scratch's recipe)", {**scratch, "manifest": oracle}, None))
     return rungs
+
+
+def oracle_manifest(root: Path, out: Path) -> Path:
+    """The ingested manifest with every training row's label replaced by its true label from the scenario's
+    ``data/demo/truth.parquet`` (matched on ``images/`` + ``source_path``); rows the truth file does not know
+    are dropped. Fails when a matched row's label is not the truth file's given label (another scenario)."""
+    import pandas as pd
+
+    truth = pd.read_parquet(root / "data" / "demo" / "truth.parquet")
+    manifest = pd.read_parquet(root / "data" / "ingested" / "manifest.parquet")
+    given = dict(zip(truth["path"].astype(str), truth["given_label"].astype(int), strict=True))
+    true = dict(zip(truth["path"].astype(str), truth["true_label"].astype(int), strict=True))
+    keys = "images/" + manifest["source_path"].astype(str)
+    known = keys.isin(true.keys()).to_numpy()
+    labelled = (manifest["label"] >= 0).to_numpy() & known
+    mismatch = labelled & (keys.map(given).fillna(-1).astype(int).to_numpy() != manifest["label"].to_numpy())
+    if mismatch.any():
+        raise ValueError(f"{int(mismatch.sum())} manifest rows carry another label than the truth file's given "
+                         f"label (first: {keys[mismatch].iloc[0]}): not this project's scenario")
+    fixed = manifest[known].copy()
+    fixed["label_given"] = fixed["label"]
+    fixed["label"] = keys[known].map(true).astype(int).to_numpy()
+    if "label_name" in fixed:
+        names = dict(zip(manifest["label"], manifest["label_name"], strict=False))
+        fixed["label_name"] = fixed["label"].map(names)
+    logging.info("oracle manifest: %d rows (%d unknown to the truth file dropped), %d labels corrected", len(fixed),
+                 int((~known).sum()), int((fixed["label"] != fixed["label_given"]).sum()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fixed.to_parquet(out, index=False)
+    return out
 
 
 # The full fine-tune's settings for labels that are audited but not clean, read from profiles/cpu.yaml (one
@@ -136,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="run only the rungs whose name contains one of these texts")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of the rungs not run now from the existing results/NAME.json (same root)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="add the true-label ceilings (needs the demo scenario's data/demo/truth.parquet)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = command_line(argv, "benchmarks/finetune.py")
@@ -150,7 +198,13 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     rows, skipped = [], []
-    rungs = ladder(base, args.epochs, args.full_finetune)
+    oracle = None
+    if args.oracle:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="sslvision-oracle-"))
+        oracle = str(oracle_manifest(Path("."), tmp / "manifest.parquet"))
+    rungs = ladder(base, args.epochs, args.full_finetune, oracle)
     order = {name: i for i, (name, *_) in enumerate(rungs)}
     for name, overrides, missing in rungs:
         if args.rungs and not any(t in name for t in args.rungs):
