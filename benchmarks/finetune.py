@@ -109,24 +109,27 @@ def ladder(p, epochs: int, full_finetune: bool, oracle: str | None = None) -> li
 
 def oracle_manifest(root: Path, out: Path) -> Path:
     """The ingested manifest with every training row's label replaced by its true label from the scenario's
-    ``data/demo/truth.parquet`` (matched on ``images/`` + ``source_path``); rows the truth file does not know
-    are dropped. Fails when a matched row's label is not the truth file's given label (another scenario)."""
+    ``data/demo/truth.parquet`` (matched as the audit matches it, :func:`sslvision.audit.truth_rows`); rows the
+    truth file does not know are dropped. Fails when a matched row's label is not the truth file's given label
+    (another scenario)."""
+    import numpy as np
     import pandas as pd
+
+    from sslvision.audit import truth_rows
 
     truth = pd.read_parquet(root / "data" / "demo" / "truth.parquet")
     manifest = pd.read_parquet(root / "data" / "ingested" / "manifest.parquet")
-    given = dict(zip(truth["path"].astype(str), truth["given_label"].astype(int), strict=True))
-    true = dict(zip(truth["path"].astype(str), truth["true_label"].astype(int), strict=True))
-    keys = "images/" + manifest["source_path"].astype(str)
-    known = keys.isin(true.keys()).to_numpy()
-    labelled = (manifest["label"] >= 0).to_numpy() & known
-    mismatch = labelled & (keys.map(given).fillna(-1).astype(int).to_numpy() != manifest["label"].to_numpy())
+    rows = truth_rows(manifest, truth)
+    known = rows >= 0
+    at = truth.iloc[rows[known]]
+    labelled = (manifest["label"] >= 0).to_numpy()[known]
+    mismatch = labelled & (at["given_label"].to_numpy() != manifest["label"].to_numpy()[known])
     if mismatch.any():
         raise ValueError(f"{int(mismatch.sum())} manifest rows carry another label than the truth file's given "
-                         f"label (first: {keys[mismatch].iloc[0]}): not this project's scenario")
+                         f"label (first: {at['path'].iloc[int(np.argmax(mismatch))]}): not this project's scenario")
     fixed = manifest[known].copy()
     fixed["label_given"] = fixed["label"]
-    fixed["label"] = keys[known].map(true).astype(int).to_numpy()
+    fixed["label"] = at["true_label"].astype(int).to_numpy()
     if "label_name" in fixed:
         names = dict(zip(manifest["label"], manifest["label_name"], strict=False))
         fixed["label_name"] = fixed["label"].map(names)

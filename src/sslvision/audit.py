@@ -688,34 +688,43 @@ def audit_metrics(p: AuditParams, sub: pd.DataFrame, classes: list[str], la: Lab
 
 # --- scoring against a truth file (benchmarks and tests only) ---------------------------------------
 
-def match_truth(sub: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
-    """``is_noisy`` of the truth row of each audited row, -1 where the truth file has none.
+def truth_rows(sub: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
+    """The position in ``truth`` of each row of ``sub``, -1 where the truth file has none.
 
     Rows match on ``source_path`` (relative to the ingested source) == truth ``path`` (relative to the
     scenario root), or on the trailing part of ``path`` where the ingested source was a subdirectory
     of the scenario (``train/x/y.png`` matches ``images/train/x/y.png``); a suffix shared by several
     truth paths matches nothing.
     """
-    missing = {"path", "is_noisy"} - set(truth.columns)
-    if missing:
-        raise ValueError(f"truth file lacks column(s) {sorted(missing)}")
+    if "path" not in truth:
+        raise ValueError("truth file lacks column(s) ['path']")
     if "source_path" not in sub:
         raise ValueError("manifest has no source_path column to match the truth file on")
     exact: dict[str, int] = {}
     by_suffix: dict[str, int] = {}
     ambiguous: set[str] = set()
-    for path, noisy in zip(truth["path"].astype(str), truth["is_noisy"].astype(int), strict=True):
+    for row, path in enumerate(truth["path"].astype(str)):
         parts = path.replace("\\", "/").split("/")
-        exact["/".join(parts)] = noisy
+        exact["/".join(parts)] = row
         for i in range(1, len(parts)):
             key = "/".join(parts[i:])
             if key in by_suffix:
                 ambiguous.add(key)
-            by_suffix[key] = noisy
+            by_suffix[key] = row
     found = []
     for p in sub["source_path"].astype(str).str.replace("\\", "/", regex=False):
         found.append(exact[p] if p in exact else -1 if p in ambiguous else by_suffix.get(p, -1))
-    return np.array(found, dtype=int)
+    return np.array(found, dtype=np.int64)
+
+
+def match_truth(sub: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
+    """``is_noisy`` of the truth row of each audited row (:func:`truth_rows`), -1 where the truth file has none."""
+    missing = {"path", "is_noisy"} - set(truth.columns)
+    if missing:
+        raise ValueError(f"truth file lacks column(s) {sorted(missing)}")
+    rows = truth_rows(sub, truth)
+    noisy = truth["is_noisy"].astype(int).to_numpy()
+    return np.where(rows >= 0, noisy[np.maximum(rows, 0)], -1)
 
 
 def truth_metrics(sub: pd.DataFrame, truth: pd.DataFrame, flagged: np.ndarray, score: np.ndarray) -> dict[str, Any]:
