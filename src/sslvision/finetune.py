@@ -551,10 +551,11 @@ class LongTailLoss(nn.Module):
 
     def smoothed(self, target: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Class probabilities: ``(1 - eps) * target + eps * softmax(logit_shift)`` (the training prior the
-        adjusted logits model; uniform without a prior correction, as PyTorch's ``label_smoothing``)."""
-        probs = _as_probs(target, num_classes)
+        adjusted logits model; uniform without a prior correction, as PyTorch's ``label_smoothing``); ``target``
+        itself without smoothing (cross-entropy takes indices or probabilities)."""
         if self.label_smoothing == 0:
-            return probs
+            return target
+        probs = _as_probs(target, num_classes)
         spread = self.logit_shift.softmax(0).to(probs.dtype)
         return (1.0 - self.label_smoothing) * probs + self.label_smoothing * spread
 
