@@ -133,15 +133,17 @@ def _mae_prepretrain(rows: list[Row]) -> list[Row]:
 
 
 def _confounders(rows: list[Row]) -> list[Row]:
-    """Slice discovery (find_slices against plain k-means) and the slice_reweight mitigation (Just Train Twice
-    as the stage gates it) against the classifier without it and the oracle re-weighting (a ceiling)."""
-    names = {"without": "without slice_reweight", "JTT (gated by the stage)": "slice_reweight (JTT, gated)"}
-    picked = _head(rows, lambda s: s in ("sslvision find_slices", "JTT (gated by the stage)"), {
+    """Slice discovery (find_slices against plain k-means) and the slice_reweight mitigations as the stage gates
+    them (subsample, the head; Just Train Twice) against the classifier without one and the oracle re-weighting."""
+    names = {"without": "without slice_reweight", "JTT (gated by the stage)": "slice_reweight: jtt (gated)",
+             "subsample (gated by the stage)": "slice_reweight: subsample (gated)"}
+    picked = _head(rows, lambda s: s in ("sslvision find_slices", "subsample (gated by the stage)"), {
         "rank of the planted slice (target 1)": "rank of the planted slice, target 1",
         "worst-group accuracy (class x mark), test": "worst-group accuracy (class x mark), test",
         "balanced accuracy, test": "balanced accuracy, test"},
         lambda s: s in ("sslvision find_slices", "plain k-means (error-ranked)", "without",
-                        "JTT (gated by the stage)") or s.startswith("oracle"), by_setting=True)
+                        "JTT (gated by the stage)", "subsample (gated by the stage)") or s.startswith("oracle"),
+        by_setting=True)
     return [{**r, "system": names.get(r["system"], r["system"])} for r in picked]
 
 

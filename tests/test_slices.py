@@ -15,8 +15,11 @@ from sslvision.slices import (
     find_slices,
     jtt_weights,
     mitigation_decision,
+    shifted_scores,
+    shortcut_groups,
     slice_gallery,
     slice_groups,
+    subsample_shortcuts,
     wilson_lower,
     worst_slice_accuracy,
 )
@@ -95,6 +98,7 @@ def test_no_slice_on_uniform_errors_and_too_few_rows():
     rng = np.random.default_rng(3)
     pred = np.where(rng.random(len(y)) < 0.2, 1 - y, y)
     assert len(find_slices(x, y, pred, min_size=20, seed=0)) == 0  # errors at random: no group stands out
+    assert len(find_slices(x, y, y, min_size=20, seed=0)) == 0  # no error at all: no slice (not one of 1e-16)
     empty = find_slices(x[:30], y[:30], pred[:30], min_size=20)
     assert list(empty.columns) == COLUMNS and len(empty) == 0
     with pytest.raises(ValueError, match="must agree"):
@@ -122,6 +126,51 @@ def test_groups_worst_slice_accuracy_and_the_gate():
     np.testing.assert_allclose(jtt_weights(np.array([1.0, 0.5, 1.0]), np.array([True, True, False]), 6.0),
                                [6.0, 3.0, 1.0])
     assert 0 < wilson_lower(0.5, 20) < 0.5 and wilson_lower(0.5, 20) < wilson_lower(0.5, 200)
+
+
+def test_subsampling_takes_the_shortcut_away_and_the_gate_reads_the_held_out_mix():
+    """The mark on 90 % of class 0's train images (5 % of the others'), on none of its held-out ones: the shortcut
+    slice, sharpened in its class, holds the marked class-0 rows; thinning it leaves class 0 as often marked as
+    the others; validation (the training mix) re-weighted to the held-out mix scores a model that learnt the
+    mark below one that learnt the classes, though plain validation ranks them the other way."""
+    train_x, train_y, train_marked = blobs([600, 300, 300], [0.9, 0.05, 0.05], seed=1)
+    x, y, marked = blobs([200, 200, 200], [0.0, 0.2, 0.2], seed=2)
+    slices = find_slices(x, y, np.where(marked, 0, y), n_slices=6, min_size=20, seed=0, train_embeddings=train_x,
+                         train_labels=train_y)
+    assert (slices.loc[slices["kind"] == "shortcut", "shortcut_class"] == 0).all()
+    assert (slices.loc[slices["kind"] == "error", "shortcut_class"] == -1).all()
+    groups = shortcut_groups(slices, train_x, train_y, seed=0)
+    assert len(groups) == 1 and groups[0].cls == 0
+    g = groups[0]
+    zero = train_y == 0
+    assert g.inside[~zero].sum() == 0  # only its class is thinned
+    # nearly every marked class-0 row is in it (one left out keeps the shortcut alive); an unmarked one in it is
+    # only thinned with the rest (lost data, not a kept shortcut)
+    assert g.inside[zero & train_marked].mean() > 0.97 and g.inside[zero & ~train_marked].mean() < 0.4
+    assert 0 < g.other_share < 0.15 and g.heldout_share < 0.15
+
+    keep, records = subsample_shortcuts(groups, train_y, seed=0)
+    assert keep[~zero].all() and keep[zero & ~train_marked].mean() > 0.6
+    kept_zero = keep & zero
+    assert train_marked[kept_zero].mean() < 0.15  # as often marked as the other classes (5 %), not 90 %
+    (rec,) = records
+    assert rec["class"] == 0 and rec["dropped"] == int((~keep).sum()) > 400
+    assert rec["kept_in_slice"] + rec["dropped"] == rec["train_in_slice"]
+    again, _ = subsample_shortcuts(groups, train_y, seed=0)
+    np.testing.assert_array_equal(keep, again)  # deterministic for a seed
+
+    val_x, val_y, val_marked = blobs([200, 100, 100], [0.9, 0.05, 0.05], seed=3)
+    rng = np.random.default_rng(3)
+    shortcut = np.where(val_marked, 0, np.where(val_y == 0, 1, val_y))  # the mark says class 0, nothing else does
+    classes = np.where(rng.random(len(val_y)) < 0.15, (val_y + 1) % 3, val_y)  # the classes, 85 % right
+    plain = [np.mean([(p[val_y == c] == c).mean() for c in range(3)]) for p in (shortcut, classes)]
+    assert plain[0] > plain[1]  # the training mix rewards the shortcut
+    a, b = (shifted_scores(groups, val_x, val_y, p, min_size=10) for p in (shortcut, classes))
+    assert b["balanced_accuracy"] > a["balanced_accuracy"] + 0.1
+    assert a["worst_slice_accuracy"] < 0.1 < 0.7 < b["worst_slice_accuracy"]
+    assert mitigation_decision(a, b)[0] and not mitigation_decision(b, a)[0]
+    # no shortcut slice: nothing to thin
+    assert shortcut_groups(slices[slices["kind"] == "error"], train_x, train_y) == []
 
 
 def test_gallery_draws_one_row_per_slice():
@@ -164,3 +213,42 @@ def test_stage_writes_slices_and_gates_just_train_twice(workdir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="one process"):
         check_single_process(load_params(params))
+
+
+def test_stage_subsamples_a_planted_shortcut(workdir):
+    """The finetune stage with ``slice_reweight: subsample`` on a tiny project whose class-0 train images carry a
+    white corner mark (90 %, against 5 % of the others, and none of its test images): the shortcut slice is found
+    in the embeddings, thinned, a second classifier trained, and the record says which one the stage kept."""
+    import torch
+
+    from sslvision.stages.finetune import finetune_cli
+    from tests.finetune_project import make_project
+
+    torch.set_num_threads(1)
+    params = make_project(workdir, head=120, ratio=4, test_per_class=40, finetune={
+        "epochs": 3, "slice_reweight": "subsample", "label_efficiency": [], "slices": {"min_size": 5, "clusters": 3}})
+    ing = workdir / "data/ingested"
+    images = np.load(ing / "images.npy")
+    manifest = pd.read_parquet(ing / "manifest.parquet")
+    rng = np.random.default_rng(0)
+    train = (manifest["split"] == "train").to_numpy()
+    share = np.where(manifest["label"] == 0, np.where(train, 0.9, 0.0), np.where(train, 0.05, 0.2))
+    marked = rng.random(len(images)) < share
+    images[marked, 1:5, 1:5] = 255
+    np.save(ing / "images.npy", images)
+    # the embed stage's output, standing in for an SSL encoder that sees the mark: class and mark directions
+    emb = rng.normal(size=(len(images), DIM)).astype(np.float32)
+    emb[np.arange(len(images)), manifest["label"].to_numpy()] += 4.0
+    emb[marked, MARK + 4] += 4.0
+    (workdir / "data/embeddings").mkdir(parents=True)
+    np.save(workdir / "data/embeddings/embeddings.npy", emb)
+
+    metrics = finetune_cli(params)
+    record = json.loads((workdir / "reports/finetune/metrics.json").read_text())["slice_reweight"]
+    assert record["method"] == "subsample" and record["shortcut_slices"] >= 1
+    (thinned,) = [t for t in record["slices"] if t["class"] == 0]
+    assert thinned["dropped"] > 0.5 * thinned["train_in_slice"] and record["train_rows_dropped"] >= thinned["dropped"]
+    assert record["decision"] in ("kept", "rejected") and record["reason"]
+    which = "second" if record["kept"] else "first"
+    assert metrics["balanced_accuracy"] == pytest.approx(record[f"test_balanced_accuracy_{which}"])
+    assert all(math.isfinite(record[f"val_balanced_accuracy_{w}"]) for w in ("first", "second"))

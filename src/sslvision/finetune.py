@@ -75,7 +75,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from safetensors.torch import save_file
 from torch import nn
 
@@ -210,11 +210,15 @@ class FinetuneParams(Section):
     ema_decay: float = Field(0.0, ge=0, lt=1, description=(
         "> 0: validate, select and save an exponential moving average of the weights (timm ModelEmaV3 with "
         "warm-up; 0.998 for ~750 steps); 0 = off"))
-    slice_reweight: bool = Field(False, description=(
-        "Just Train Twice (Liu et al. 2021): train a second classifier with the training rows the first got wrong "
-        "weighted jtt_upweight times, and keep it only when it raises the worst-slice accuracy on validation "
-        "(slices: k-means clusters of the SSL embeddings) and costs at most 1 point of validation balanced accuracy; "
-        "metrics.json slice_reweight records the decision. Doubles the training; single process only"))
+    slice_reweight: Literal["off", "jtt", "subsample"] = Field("off", description=(
+        "train a second classifier against the slices and keep it only when it raises the worst-slice accuracy "
+        "on validation at a cost of at most 1 point of validation balanced accuracy (metrics.json slice_reweight "
+        "records the decision; doubles the training; single process only). jtt: Just Train Twice (Liu et al. "
+        "2021), the training rows the first classifier got wrong weighted jtt_upweight times, judged on the "
+        "k-means slices of validation; subsample: each shortcut slice (a group of SSL-similar images far more "
+        "common in a class's train images than in its test images) thinned in its class until it no longer "
+        "predicts the class (group subsampling, Idrissi et al. 2022), judged on validation re-weighted to the test "
+        "split's slice mix; nothing to do without a shortcut slice. true = jtt (older params files)"))
     jtt_upweight: float = Field(5.0, gt=0, le=1000, description=(
         "slice_reweight: loss weight of a row the first classifier got wrong (JTT paper: 20-100 on clean labels; "
         "label noise is in the error set too, so lower)"))
@@ -249,6 +253,12 @@ class FinetuneParams(Section):
     registry: RegistryParams = Field(RegistryParams(), description="the MLflow model registry")
     promotion: PromotionParams = Field(PromotionParams(), description=(
         "gates a challenger must pass on the golden set (the test split) to become champion"))
+
+    @field_validator("slice_reweight", mode="before")
+    @classmethod
+    def _reweight_from_bool(cls, value: Any) -> Any:
+        """``true``/``false`` (params files from before ``subsample``; YAML reads ``off`` as false too)."""
+        return {True: "jtt", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _compatible_options(self) -> FinetuneParams:

@@ -328,10 +328,12 @@ def _slices(d: Path, metrics: dict[str, Any]) -> list[str]:
     out = ["<h3>Slices: where the classifier fails (reports/finetune/slices.csv)</h3>"]
     reweight = metrics.get("slice_reweight")
     if isinstance(reweight, dict):
+        method = {"just_train_twice": "Just Train Twice", "subsample": "shortcut slices subsampled"}.get(
+            reweight.get("method"), reweight.get("method"))
         out.append(_key_metrics(reweight, (
-            "decision", "reason", "upweight", "error_set", "val_worst_slice_accuracy_first",
+            "decision", "reason", "upweight", "error_set", "train_rows_dropped", "val_worst_slice_accuracy_first",
             "val_worst_slice_accuracy_second", "val_balanced_accuracy_first", "val_balanced_accuracy_second"),
-            "slice_reweight (Just Train Twice): decided on validation"))
+            f"slice_reweight ({method}): decided on validation"))
     if len(table):
         out.append(_table(table[[c for c in SLICE_COLUMNS if c in table]], caption=(
             "groups of similar test images (k-means on the SSL embeddings) with an error far above their classes' "

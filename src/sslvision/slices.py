@@ -31,13 +31,26 @@ L2-normalised and reduced to ``PCA_DIMS`` principal components; everything is de
 
 :func:`slice_groups` and :func:`worst_slice_accuracy` score a model on the clusters alone (no predictions
 involved in forming them), so two models can be compared on the same groups: the finetune stage's
-``slice_reweight`` (Just Train Twice) is kept only when it raises the worst-slice accuracy on validation
+``slice_reweight: jtt`` (Just Train Twice) is kept only when it raises the worst-slice accuracy on validation
 (:func:`mitigation_decision`).
+
+``slice_reweight: subsample`` re-samples the shortcut slices instead (group subsampling, Idrissi et al. 2022):
+:func:`shortcut_groups` sharpens each shortcut slice within its class (a logistic regression on the SSL
+embeddings, cross-fitted for ``SHARPEN_ROUNDS`` rounds from the k-means membership: k-means cuts a look into
+clusters by everything else too and misses a share of it), :func:`subsample_shortcuts` drops the class's images in
+the slice until the slice holds the same share of the class as of the other classes' training images, so the
+slice no longer predicts the class, and the second classifier is judged on validation re-weighted to the
+held-out split's slice mix (:func:`shifted_scores`): the training split carries the shortcut by definition, so
+plain validation would score a model on the shortcut it is meant to unlearn. Re-weighting the slices' loss
+instead leaves a network that fits its training rows where it was (Byrd & Lipton 2019; measured in
+``benchmarks/confounders.py``'s oracle re-weighting).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,9 +65,11 @@ PCA_DIMS = 32  # principal components of the L2-normalised embeddings the cluste
 ALPHA = 0.05  # family-wise: the chance that any reported slice is one by chance (Bonferroni over the candidates)
 MAX_OVERLAP = 0.5  # a candidate sharing this share of its (smaller) membership with a better slice is dropped
 MAX_BALANCED_ACCURACY_DROP = 0.01  # slice_reweight: the most validation balanced accuracy it may cost
+SHARPEN_ROUNDS = 3  # subsample: cross-fitted logistic-regression rounds that sharpen a shortcut slice in its class
+SHARPEN_C = 10.0  # their inverse regularisation (little: the look is one direction of the embedding)
 COLUMNS = ["rank", "kind", "label", "size", "error", "class_error", "gap", "score", "classes", "predicted_as",
            "brightness", "brightness_all", "contrast", "contrast_all", "source", "train_size", "train_share",
-           "heldout_share", "description", "members", "train_members"]
+           "heldout_share", "shortcut_class", "description", "members", "train_members"]
 
 
 class SliceParams(Section):
@@ -156,12 +171,136 @@ def jtt_weights(weights: np.ndarray, errors: np.ndarray, upweight: float) -> np.
     return np.where(np.asarray(errors, dtype=bool), upweight, 1.0).astype(np.float32) * np.asarray(weights)
 
 
+# --- shortcut subsampling -------------------------------------------------------------------------
+
+@dataclass
+class ShortcutGroup:
+    """A shortcut slice sharpened within its class (:func:`shortcut_groups`): ``inside`` marks the class's training
+    rows in it (bool over all training rows; False elsewhere), ``other_share`` is the share of the other classes'
+    training rows in the slice (its k-means members), ``heldout_share`` the share of the class's held-out images in
+    it (from :func:`find_slices`); ``model`` tells whether new rows of the class are in it (None: the k-means
+    members only, too few rows to sharpen)."""
+
+    cls: int
+    label: str
+    inside: np.ndarray
+    other_share: float
+    heldout_share: float
+    model: Any = None
+
+    def member(self, embeddings: np.ndarray) -> np.ndarray:
+        """Whether each row of ``embeddings`` (of this class) is in the slice."""
+        x = l2_normalise(np.asarray(embeddings, dtype=np.float32))
+        if not len(x):
+            return np.zeros(0, dtype=bool)
+        if self.model is None:
+            return np.zeros(len(x), dtype=bool)
+        return self.model.predict(x).astype(bool)
+
+
+def shortcut_groups(slices: pd.DataFrame, train_embeddings: np.ndarray, train_labels: np.ndarray,
+                    seed: int = 0) -> list[ShortcutGroup]:
+    """The shortcut slices of ``slices`` (:func:`find_slices` with the training rows), each sharpened within its
+    class: a logistic regression (``SHARPEN_C``) on the L2-normalised ``train_embeddings`` of the class's rows,
+    in slice or not, refitted ``SHARPEN_ROUNDS`` times on its own 5-fold out-of-fold predictions, starting from the
+    k-means members (a round that would empty either side stops it). A slice with fewer than 5 rows of its class
+    on either side keeps its k-means members."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    y = np.asarray(train_labels).astype(np.int64)
+    x = l2_normalise(np.asarray(train_embeddings, dtype=np.float32))
+    out = []
+    for row in slices[slices["kind"] == "shortcut"].itertuples(index=False):
+        cls = int(row.shortcut_class)
+        members = np.zeros(len(y), dtype=bool)
+        members[np.asarray(row.train_members, dtype=np.int64)] = True
+        rows = np.flatnonzero(y == cls)
+        inside = members[rows]
+        model = None
+        for _ in range(SHARPEN_ROUNDS):
+            if min(inside.sum(), (~inside).sum()) < 5:
+                break
+            fit = LogisticRegression(C=SHARPEN_C, max_iter=3000)
+            nxt = cross_val_predict(fit, x[rows], inside, cv=5, method="predict_proba")[:, 1] > 0.5
+            if nxt.all() or not nxt.any():
+                break
+            inside = nxt
+        if min(inside.sum(), (~inside).sum()) >= 1:
+            model = LogisticRegression(C=SHARPEN_C, max_iter=3000).fit(x[rows], inside)
+        mask = np.zeros(len(y), dtype=bool)
+        mask[rows[inside]] = True
+        others = y != cls
+        out.append(ShortcutGroup(cls=cls, label=str(row.label), inside=mask,
+                                 other_share=float(members[others].mean()) if others.any() else 0.0,
+                                 heldout_share=float(row.heldout_share), model=model))
+    return out
+
+
+def subsample_shortcuts(groups: list[ShortcutGroup], train_labels: np.ndarray,
+                        seed: int = 0) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Group subsampling of the shortcut slices: of each slice's class, keep as many of its training rows in the
+    slice (drawn with ``seed``) as make the slice hold the same share of the class as of the other classes
+    (``other_share``), all the class's rows outside it, and every row of the other classes. A class with no row
+    outside its slice is left whole (nothing to learn the class from once the slice stops predicting it).
+
+    Returns (keep: bool over the training rows, one record per slice: class, rows in and out, kept, dropped)."""
+    y = np.asarray(train_labels).astype(np.int64)
+    keep = np.ones(len(y), dtype=bool)
+    rng = np.random.default_rng(seed)
+    records = []
+    for g in groups:
+        inside = np.flatnonzero(g.inside)
+        outside = int(((y == g.cls) & ~g.inside).sum())
+        if outside == 0:
+            n_keep = len(inside)
+        else:
+            share = min(g.other_share, 0.5)
+            n_keep = min(len(inside), int(round(share / (1 - share) * outside)))
+        kept = rng.choice(inside, size=n_keep, replace=False) if n_keep < len(inside) else inside
+        keep[inside] = False
+        keep[kept] = True
+        records.append({"slice": g.label, "class": g.cls, "train_in_slice": int(len(inside)),
+                        "train_outside": outside, "kept_in_slice": int(n_keep),
+                        "dropped": int(len(inside) - n_keep), "other_share": g.other_share,
+                        "heldout_share": g.heldout_share})
+    return keep, records
+
+
+def shifted_scores(groups: list[ShortcutGroup], embeddings: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                   min_size: int = 20) -> dict[str, float]:
+    """A model's scores on a split that carries the training mix (validation), re-weighted to the held-out mix of
+    the shortcut slices: within each slice's class, its rows in the slice (:meth:`ShortcutGroup.member` on
+    ``embeddings``) weigh ``heldout_share`` of the class and the rest the remainder (plain weights where either
+    side is empty). ``balanced_accuracy``: the mean over the classes of the weighted recall;
+    ``worst_slice_accuracy``: the lowest accuracy over the groups class x in-slice of ``min_size`` rows or more
+    (NaN when none)."""
+    y = np.asarray(labels).astype(np.int64)
+    correct = np.asarray(predictions) == y
+    weights = np.ones(len(y))
+    group = np.zeros(len(y), dtype=np.int64)
+    for j, g in enumerate(groups, 1):
+        rows = np.flatnonzero(y == g.cls)
+        inside = g.member(np.asarray(embeddings)[rows])
+        group[rows[inside]] = j
+        n_in, n_out = int(inside.sum()), int((~inside).sum())
+        if n_in and n_out:
+            weights[rows[inside]] = g.heldout_share * len(rows) / n_in
+            weights[rows[~inside]] = (1 - g.heldout_share) * len(rows) / n_out
+    recall = [np.average(correct[y == c], weights=weights[y == c]) for c in np.unique(y)
+              if weights[y == c].sum() > 0]
+    cells = [correct[(y == c) & (group == j)] for c in np.unique(y) for j in np.unique(group[y == c])]
+    cells = [c for c in cells if len(c) >= min_size]
+    return {"balanced_accuracy": float(np.mean(recall)) if recall else math.nan,
+            "worst_slice_accuracy": float(min(c.mean() for c in cells)) if cells else math.nan}
+
+
 # --- scores --------------------------------------------------------------------------------------
 
 def wilson_lower(p: float, n: int, z: float = 1.96) -> float:
     """Wilson score lower bound of a proportion ``p`` observed on ``n`` trials."""
-    if n == 0:
-        return 0.0
+    if n == 0 or p <= 0:
+        return 0.0  # exactly: rounding would leave an error-free group a score of 1e-16 above its class's 0
     centre = p + z * z / (2 * n)
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (centre - spread) / (1 + z * z / n)
@@ -280,9 +419,10 @@ def find_slices(embeddings: np.ndarray, labels: np.ndarray, predictions: np.ndar
         and the split's
         ``brightness_all``/``contrast_all`` (NaN without images), ``source``; for shortcut slices (0 and NaN
         otherwise) ``train_size``, ``train_share``/``heldout_share`` (the share of their class's train /
-        held-out images that falls in the slice) and ``train_members`` (row indices into the training rows);
-        ``description``, ``members`` (row indices into the held-out inputs; a shortcut slice may have few or
-        none, and then NaN errors). Empty (with these columns) when nothing scores above 0.
+        held-out images that falls in the slice), ``shortcut_class`` (the class index it predicts; -1 for error
+        slices) and ``train_members`` (row indices into the training rows); ``description``, ``members`` (row
+        indices into the held-out inputs; a shortcut slice may have few or none, and then NaN errors). Empty
+        (with these columns) when nothing scores above 0.
 
     Raises:
         ValueError: inputs of different lengths or shapes.
@@ -343,7 +483,8 @@ def find_slices(embeddings: np.ndarray, labels: np.ndarray, predictions: np.ndar
                                "classes": _shares(y[m], names), "predicted_as": _shares(pred[m][wrong[m]], names)
                                if wrong[m].any() else "", "train_size": len(t),
                                "train_share": cand.get("train_share", math.nan),
-                               "heldout_share": cand.get("heldout_share", math.nan), "members": m, "train_members": t}
+                               "heldout_share": cand.get("heldout_share", math.nan),
+                               "shortcut_class": int(cand.get("shortcut_class", -1)), "members": m, "train_members": t}
         if pixels is not None and len(m):
             row.update(brightness=float(pixels[0][m].mean()), brightness_all=float(pixels[0].mean()),
                        contrast=float(pixels[1][m].mean()), contrast_all=float(pixels[1].mean()))
@@ -425,5 +566,7 @@ def slice_gallery(slices: pd.DataFrame, images: np.ndarray, train_images: np.nda
         else:
             title = f"{row.label}: {row.size} images, error {row.error:.0%} vs {row.class_error:.0%}"
         axes[r][0].set_title(title, loc="left", fontsize=8)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # a title wider than its row's first image: the layout is fine without it
+        warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)
+        fig.tight_layout()
     return fig

@@ -27,7 +27,8 @@ Slices (``finetune.slices``, :mod:`sslvision.slices`): on the SSL embeddings of 
 (``data/embeddings``), groups of test images where the classifier's error is far above its class average, or
 that predict a class in train but not in test (a confounder of the data collection), written to
 ``reports/finetune/slices.csv`` with a gallery ``slices.png`` (:func:`discover_slices`). ``slice_reweight``
-trains a second classifier the Just Train Twice way (:func:`just_train_twice`) and keeps it only when the
+trains a second classifier the Just Train Twice way (``jtt``: :func:`just_train_twice`) or with the shortcut
+slices thinned in their class (``subsample``: :func:`shortcut_subsampling`) and keeps it only when the
 worst-slice accuracy on validation rises at a bounded cost in balanced accuracy; ``metrics.json``
 ``slice_reweight`` records both models' scores and the decision.
 
@@ -87,8 +88,11 @@ from sslvision.slices import (
     find_slices,
     jtt_weights,
     mitigation_decision,
+    shifted_scores,
+    shortcut_groups,
     slice_gallery,
     slice_groups,
+    subsample_shortcuts,
     worst_slice_accuracy,
 )
 from sslvision.stages import check_code_version
@@ -187,8 +191,9 @@ def run_finetune(
                 data = FinetuneData(train=data.train.take(np.flatnonzero(~data.train.synthetic)), val=data.val,
                                     test=data.test, classes=data.classes)
     reweight = None
-    if p.slice_reweight:
-        second, second_result, reweight = just_train_twice(p, data, classifier, slice_views(p))
+    if p.slice_reweight != "off":
+        mitigate = just_train_twice if p.slice_reweight == "jtt" else shortcut_subsampling
+        second, second_result, reweight = mitigate(p, data, classifier, slice_views(p))
         if reweight["kept"]:
             classifier, result, probs = second, second_result, None
     if probs is None:
@@ -208,7 +213,7 @@ def run_finetune(
 
 def check_single_process(p: FinetuneParams) -> None:
     """Refuse ``slice_reweight`` under torchrun: the other processes would not train the second classifier."""
-    if p.slice_reweight and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if p.slice_reweight != "off" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("finetune.slice_reweight trains a second classifier on rank 0 only: run it in one process "
                          "(without torchrun), or turn it off")
 
@@ -292,6 +297,60 @@ def just_train_twice(p: FinetuneParams, data: FinetuneData, first: Classifier,
     }
     log.info("slice_reweight (Just Train Twice, %d of %d training rows upweighted %gx): %s, %s", record["error_set"],
              len(errors), p.jtt_upweight, record["decision"], reason)
+    return second, result, record
+
+
+def shortcut_subsampling(p: FinetuneParams, data: FinetuneData, first: Classifier,
+                         views: SliceViews) -> tuple[Classifier, TrainResult | None, dict[str, Any]]:
+    """Group subsampling of the shortcut slices with a validation gate: the shortcut slices of the test split
+    (:func:`sslvision.slices.find_slices` with the real training rows; they do not depend on the model), each
+    sharpened within its class (:func:`sslvision.slices.shortcut_groups`), are thinned in their class until they
+    hold the share of it they hold of the other classes (:func:`sslvision.slices.subsample_shortcuts`; synthetic
+    rows stay), a second classifier is trained on the rest with the same params and seed, and both are scored on
+    validation re-weighted to the test split's slice mix (:func:`sslvision.slices.shifted_scores`): kept by
+    :func:`sslvision.slices.mitigation_decision`. Without a shortcut slice the first classifier stays and nothing is
+    trained. Returns (second classifier or ``first``, its result or None, the record: the slices thinned,
+    ``kept``, its ``reason``, both models' validation scores, and their test scores over the k-means slices of
+    the test embeddings, reported, never used to decide)."""
+    s = p.slices
+    first_pred = first.logits(data.test.images, p.eval_batch_size).argmax(1)
+    found = find_slices(views.test, data.test.labels, first_pred, n_slices=s.n_slices, min_size=s.min_size,
+                        seed=p.seed, clusters=s.clusters, train_embeddings=views.train,
+                        train_labels=views.train_labels, classes=data.classes)
+    groups = shortcut_groups(found, views.train, views.train_labels, seed=p.seed)
+    record: dict[str, Any] = {"method": "subsample", "shortcut_slices": len(groups)}
+    if not groups:
+        record.update(kept=False, decision="not_needed", reason="no shortcut slice: nothing to subsample")
+        log.info("slice_reweight (subsample): no shortcut slice in the training rows; the first classifier stays")
+        return first, None, record
+    real_keep, thinned = subsample_shortcuts(groups, views.train_labels, seed=p.seed)
+    keep = np.concatenate([real_keep, np.ones(len(data.train) - len(real_keep), dtype=bool)])  # synthetic rows stay
+    train = data.train.take(np.flatnonzero(keep))
+    second = build_classifier(p, data.classes)
+    result = train_classifier(second, FinetuneData(train=train, val=data.val, test=data.test, classes=data.classes), p)
+    test_groups = slice_groups(views.test, data.test.labels, clusters=s.clusters, min_size=s.min_size, seed=p.seed)
+
+    def val_scores(clf: Classifier) -> dict[str, float]:
+        pred = clf.logits(data.val.images, p.eval_batch_size).argmax(1)
+        return shifted_scores(groups, views.val, data.val.labels, pred, min_size=s.min_size)
+
+    def test_scores(clf: Classifier) -> dict[str, float]:
+        logits = clf.logits(data.test.images, p.eval_batch_size)
+        return {"balanced_accuracy": balanced_accuracy(data.test.labels, logits),
+                "worst_slice_accuracy": worst_slice_accuracy(test_groups, data.test.labels, logits.argmax(1))}
+
+    before, after = val_scores(first), val_scores(second)
+    keep_it, reason = mitigation_decision(before, after)
+    on_test = (("first", test_scores(first)), ("second", test_scores(second)))
+    record.update({
+        "slices": thinned, "train_rows_dropped": int((~real_keep).sum()), "kept": keep_it,
+        "decision": "kept" if keep_it else "rejected", "reason": reason, "test_slices": len(test_groups),
+        **{f"val_{k}_{when}": _finite(v) for when, d in (("first", before), ("second", after)) for k, v in d.items()},
+        **{f"test_{k}_{when}": _finite(v) for when, d in on_test for k, v in d.items()},
+    })
+    log.info("slice_reweight (subsample: %s): %d training rows dropped; %s, %s",
+             "; ".join(f"{t['slice']} {t['train_in_slice']} -> {t['kept_in_slice']}" for t in thinned),
+             record["train_rows_dropped"], record["decision"], reason)
     return second, result, record
 
 
