@@ -36,8 +36,8 @@ involved in forming them), so two models can be compared on the same groups: the
 
 ``slice_reweight: subsample`` re-samples the shortcut slices instead (group subsampling, Idrissi et al. 2022):
 :func:`shortcut_groups` sharpens each shortcut slice within its class (a logistic regression on the SSL
-embeddings, cross-fitted for ``SHARPEN_ROUNDS`` rounds from the k-means membership: k-means cuts a look into
-clusters by everything else too and misses a share of it), :func:`subsample_shortcuts` drops the class's images in
+embeddings telling the class's train images from its held-out ones: k-means cuts a look into clusters by
+everything else too and finds a varying share of it), :func:`subsample_shortcuts` drops the class's images in
 the slice until the slice holds the same share of the class as of the other classes' training images, so the
 slice no longer predicts the class, and the second classifier is judged on validation re-weighted to the
 held-out split's slice mix (:func:`shifted_scores`): the training split carries the shortcut by definition, so
@@ -65,8 +65,7 @@ PCA_DIMS = 32  # principal components of the L2-normalised embeddings the cluste
 ALPHA = 0.05  # family-wise: the chance that any reported slice is one by chance (Bonferroni over the candidates)
 MAX_OVERLAP = 0.5  # a candidate sharing this share of its (smaller) membership with a better slice is dropped
 MAX_BALANCED_ACCURACY_DROP = 0.01  # slice_reweight: the most validation balanced accuracy it may cost
-SHARPEN_ROUNDS = 3  # subsample: cross-fitted logistic-regression rounds that sharpen a shortcut slice in its class
-SHARPEN_C = 10.0  # their inverse regularisation (little: the look is one direction of the embedding)
+SHARPEN_C = 1.0  # subsample: inverse regularisation of the regression that tells a class's train from held out
 COLUMNS = ["rank", "kind", "label", "size", "error", "class_error", "gap", "score", "classes", "predicted_as",
            "brightness", "brightness_all", "contrast", "contrast_all", "source", "train_size", "train_share",
            "heldout_share", "shortcut_class", "description", "members", "train_members"]
@@ -178,8 +177,8 @@ class ShortcutGroup:
     """A shortcut slice sharpened within its class (:func:`shortcut_groups`): ``inside`` marks the class's training
     rows in it (bool over all training rows; False elsewhere), ``other_share`` is the share of the other classes'
     training rows in the slice (its k-means members), ``heldout_share`` the share of the class's held-out images in
-    it (from :func:`find_slices`); ``model`` tells whether new rows of the class are in it (None: the k-means
-    members only, too few rows to sharpen)."""
+    it; ``model`` tells whether new rows of the class are in it (None: the k-means members only, too few rows to
+    sharpen)."""
 
     cls: int
     label: str
@@ -199,41 +198,45 @@ class ShortcutGroup:
 
 
 def shortcut_groups(slices: pd.DataFrame, train_embeddings: np.ndarray, train_labels: np.ndarray,
+                    heldout_embeddings: np.ndarray, heldout_labels: np.ndarray,
                     seed: int = 0) -> list[ShortcutGroup]:
     """The shortcut slices of ``slices`` (:func:`find_slices` with the training rows), each sharpened within its
-    class: a logistic regression (``SHARPEN_C``) on the L2-normalised ``train_embeddings`` of the class's rows,
-    in slice or not, refitted ``SHARPEN_ROUNDS`` times on its own 5-fold out-of-fold predictions, starting from the
-    k-means members (a round that would empty either side stops it). A slice with fewer than 5 rows of its class
-    on either side keeps its k-means members."""
+    class. A shortcut is what tells the class's train images from its held-out ones, so a logistic regression
+    (``SHARPEN_C``, both sides weighted equally) learns exactly that on the L2-normalised embeddings of the class's
+    training rows against its held-out rows (``heldout_embeddings``/``heldout_labels``, the split
+    :func:`find_slices` compared with; their images and classes, no prediction); a training row is in the slice
+    when its 5-fold out-of-fold probability says it is likelier a train image than a held-out one (the density
+    ratio above 1), which k-means, cutting the look by everything else too, gets only in part. ``heldout_share``
+    is the held-out rows' share in it, out of fold the same way. A class with fewer than 5 rows on either side
+    keeps the slice's k-means members and share."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_predict
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     y = np.asarray(train_labels).astype(np.int64)
     x = l2_normalise(np.asarray(train_embeddings, dtype=np.float32))
+    hy = np.asarray(heldout_labels).astype(np.int64)
+    hx = l2_normalise(np.asarray(heldout_embeddings, dtype=np.float32))
     out = []
     for row in slices[slices["kind"] == "shortcut"].itertuples(index=False):
         cls = int(row.shortcut_class)
         members = np.zeros(len(y), dtype=bool)
         members[np.asarray(row.train_members, dtype=np.int64)] = True
-        rows = np.flatnonzero(y == cls)
-        inside = members[rows]
-        model = None
-        for _ in range(SHARPEN_ROUNDS):
-            if min(inside.sum(), (~inside).sum()) < 5:
-                break
-            fit = LogisticRegression(C=SHARPEN_C, max_iter=3000)
-            nxt = cross_val_predict(fit, x[rows], inside, cv=5, method="predict_proba")[:, 1] > 0.5
-            if nxt.all() or not nxt.any():
-                break
-            inside = nxt
-        if min(inside.sum(), (~inside).sum()) >= 1:
-            model = LogisticRegression(C=SHARPEN_C, max_iter=3000).fit(x[rows], inside)
+        rows, held = np.flatnonzero(y == cls), np.flatnonzero(hy == cls)
+        inside, share, model = members[rows], float(row.heldout_share), None
+        if min(len(rows), len(held)) >= 5:
+            both = np.concatenate([x[rows], hx[held]])
+            is_train = np.r_[np.ones(len(rows), dtype=int), np.zeros(len(held), dtype=int)]
+            fit = LogisticRegression(C=SHARPEN_C, max_iter=3000, class_weight="balanced")
+            folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+            trainlike = cross_val_predict(fit, both, is_train, cv=folds, method="predict_proba")[:, 1] > 0.5
+            inside, share = trainlike[:len(rows)], float(trainlike[len(rows):].mean())
+            model = LogisticRegression(C=SHARPEN_C, max_iter=3000, class_weight="balanced").fit(both, is_train)
         mask = np.zeros(len(y), dtype=bool)
         mask[rows[inside]] = True
         others = y != cls
         out.append(ShortcutGroup(cls=cls, label=str(row.label), inside=mask,
                                  other_share=float(members[others].mean()) if others.any() else 0.0,
-                                 heldout_share=float(row.heldout_share), model=model))
+                                 heldout_share=share, model=model))
     return out
 
 

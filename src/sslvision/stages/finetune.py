@@ -304,7 +304,9 @@ def shortcut_subsampling(p: FinetuneParams, data: FinetuneData, first: Classifie
                          views: SliceViews) -> tuple[Classifier, TrainResult | None, dict[str, Any]]:
     """Group subsampling of the shortcut slices with a validation gate: the shortcut slices of the test split
     (:func:`sslvision.slices.find_slices` with the real training rows; they do not depend on the model), each
-    sharpened within its class (:func:`sslvision.slices.shortcut_groups`), are thinned in their class until they
+    sharpened within its class by what tells the class's training images from its test images
+    (:func:`sslvision.slices.shortcut_groups`: the test images of that class inform which rows are thinned, so
+    judge a kept model on other data too), are thinned in their class until they
     hold the share of it they hold of the other classes (:func:`sslvision.slices.subsample_shortcuts`; synthetic
     rows stay), a second classifier is trained on the rest with the same params and seed, and both are scored on
     validation re-weighted to the test split's slice mix (:func:`sslvision.slices.shifted_scores`): kept by
@@ -317,7 +319,7 @@ def shortcut_subsampling(p: FinetuneParams, data: FinetuneData, first: Classifie
     found = find_slices(views.test, data.test.labels, first_pred, n_slices=s.n_slices, min_size=s.min_size,
                         seed=p.seed, clusters=s.clusters, train_embeddings=views.train,
                         train_labels=views.train_labels, classes=data.classes)
-    groups = shortcut_groups(found, views.train, views.train_labels, seed=p.seed)
+    groups = shortcut_groups(found, views.train, views.train_labels, views.test, data.test.labels, seed=p.seed)
     record: dict[str, Any] = {"method": "subsample", "shortcut_slices": len(groups)}
     if not groups:
         record.update(kept=False, decision="not_needed", reason="no shortcut slice: nothing to subsample")
