@@ -216,9 +216,10 @@ class FinetuneParams(Section):
         "records the decision; doubles the training; single process only). jtt: Just Train Twice (Liu et al. "
         "2021), the training rows the first classifier got wrong weighted jtt_upweight times, judged on the "
         "k-means slices of validation; subsample: each shortcut slice (a group of SSL-similar images far more "
-        "common in a class's train images than in its test images) thinned in its class until it no longer "
-        "predicts the class (group subsampling, Idrissi et al. 2022), judged on validation re-weighted to the test "
-        "split's slice mix; nothing to do without a shortcut slice. true = jtt (older params files)"))
+        "common in a class's train images than in its test images, sharpened by what tells the two apart) thinned "
+        "in its class until it no longer predicts the class (group subsampling, Idrissi et al. 2022), judged on "
+        "validation re-weighted to the test split's slice mix; nothing to do without a shortcut slice. true = jtt "
+        "(older params files)"))
     jtt_upweight: float = Field(5.0, gt=0, le=1000, description=(
         "slice_reweight: loss weight of a row the first classifier got wrong (JTT paper: 20-100 on clean labels; "
         "label noise is in the error set too, so lower)"))
