@@ -252,3 +252,21 @@ def test_stage_subsamples_a_planted_shortcut(workdir):
     which = "second" if record["kept"] else "first"
     assert metrics["balanced_accuracy"] == pytest.approx(record[f"test_balanced_accuracy_{which}"])
     assert all(math.isfinite(record[f"val_balanced_accuracy_{w}"]) for w in ("first", "second"))
+
+
+def test_subsample_without_a_shortcut_trains_nothing(workdir):
+    """No shortcut slice in a project without a confounder: the first classifier stays, no second is trained."""
+    import torch
+
+    from sslvision.stages.finetune import build_classifier, load_data, load_params, shortcut_subsampling, slice_views
+    from tests.finetune_project import make_project
+
+    torch.set_num_threads(1)
+    p = load_params(make_project(workdir, head=120, ratio=4, test_per_class=40, finetune={
+        "slice_reweight": "subsample", "slices": {"min_size": 5, "clusters": 3}}))
+    data = load_data(p)
+    first = build_classifier(p, data.classes)
+    kept, result, record = shortcut_subsampling(p, data, first, slice_views(p))
+    assert kept is first and result is None
+    assert record == {"method": "subsample", "shortcut_slices": 0, "kept": False, "decision": "not_needed",
+                      "reason": "no shortcut slice: nothing to subsample"}

@@ -326,6 +326,11 @@ def shortcut_subsampling(p: FinetuneParams, data: FinetuneData, first: Classifie
         log.info("slice_reweight (subsample): no shortcut slice in the training rows; the first classifier stays")
         return first, None, record
     real_keep, thinned = subsample_shortcuts(groups, views.train_labels, seed=p.seed)
+    if real_keep.all():
+        record.update(slices=thinned, kept=False, decision="not_needed",
+                      reason="the shortcut slices hold no training row to drop")
+        log.info("slice_reweight (subsample): %s", record["reason"])
+        return first, None, record
     keep = np.concatenate([real_keep, np.ones(len(data.train) - len(real_keep), dtype=bool)])  # synthetic rows stay
     train = data.train.take(np.flatnonzero(keep))
     second = build_classifier(p, data.classes)
