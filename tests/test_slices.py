@@ -169,6 +169,12 @@ def test_subsampling_takes_the_shortcut_away_and_the_gate_reads_the_held_out_mix
     assert b["balanced_accuracy"] > a["balanced_accuracy"] + 0.1
     assert a["worst_slice_accuracy"] < 0.1 < 0.7 < b["worst_slice_accuracy"]
     assert mitigation_decision(a, b)[0] and not mitigation_decision(b, a)[0]
+    # the marked class-0 images are a group the held-out split holds too few of (19 of 200 at its share): a model
+    # wrong on them alone is judged on the groups it will meet, unless min_size lets 19 count
+    unlearnt = np.where((val_y == 0) & val_marked, 1, val_y)
+    assert g.heldout_n == 200 and round(g.heldout_share * 200) == 19
+    assert shifted_scores(groups, val_x, val_y, unlearnt, min_size=20)["worst_slice_accuracy"] > 0.9
+    assert shifted_scores(groups, val_x, val_y, unlearnt, min_size=10)["worst_slice_accuracy"] < 0.1
     # no shortcut slice: nothing to thin
     assert shortcut_groups(slices[slices["kind"] == "error"], train_x, train_y, x, y) == []
 

@@ -176,15 +176,16 @@ def jtt_weights(weights: np.ndarray, errors: np.ndarray, upweight: float) -> np.
 class ShortcutGroup:
     """A shortcut slice sharpened within its class (:func:`shortcut_groups`): ``inside`` marks the class's training
     rows in it (bool over all training rows; False elsewhere), ``other_share`` is the share of the other classes'
-    training rows in the slice (its k-means members), ``heldout_share`` the share of the class's held-out images in
-    it; ``model`` tells whether new rows of the class are in it (None: the k-means members only, too few rows to
-    sharpen)."""
+    training rows in the slice (its k-means members), ``heldout_share`` the share of the class's ``heldout_n``
+    held-out images in it; ``model`` tells whether new rows of the class are in it (None: the k-means members
+    only, too few rows to sharpen)."""
 
     cls: int
     label: str
     inside: np.ndarray
     other_share: float
     heldout_share: float
+    heldout_n: int = 0
     model: Any = None
 
     def member(self, embeddings: np.ndarray) -> np.ndarray:
@@ -236,7 +237,7 @@ def shortcut_groups(slices: pd.DataFrame, train_embeddings: np.ndarray, train_la
         others = y != cls
         out.append(ShortcutGroup(cls=cls, label=str(row.label), inside=mask,
                                  other_share=float(members[others].mean()) if others.any() else 0.0,
-                                 heldout_share=share, model=model))
+                                 heldout_share=share, heldout_n=len(held), model=model))
     return out
 
 
@@ -277,11 +278,13 @@ def shifted_scores(groups: list[ShortcutGroup], embeddings: np.ndarray, labels: 
     ``embeddings``) weigh ``heldout_share`` of the class and the rest the remainder (plain weights where either
     side is empty). ``balanced_accuracy``: the mean over the classes of the weighted recall;
     ``worst_slice_accuracy``: the lowest accuracy over the groups class x in-slice of ``min_size`` rows or more
-    (NaN when none)."""
+    here that the held-out mix holds too (``min_size`` of the class's held-out images at its share: a look the
+    held-out split lacks is not a group the model will meet there); NaN when none."""
     y = np.asarray(labels).astype(np.int64)
     correct = np.asarray(predictions) == y
     weights = np.ones(len(y))
     group = np.zeros(len(y), dtype=np.int64)
+    absent: set[tuple[int, int]] = set()  # (class, group) the held-out mix holds fewer than min_size images of
     for j, g in enumerate(groups, 1):
         rows = np.flatnonzero(y == g.cls)
         inside = g.member(np.asarray(embeddings)[rows])
@@ -290,9 +293,13 @@ def shifted_scores(groups: list[ShortcutGroup], embeddings: np.ndarray, labels: 
         if n_in and n_out:
             weights[rows[inside]] = g.heldout_share * len(rows) / n_in
             weights[rows[~inside]] = (1 - g.heldout_share) * len(rows) / n_out
+        if g.heldout_n:
+            absent |= {(g.cls, j)} if g.heldout_share * g.heldout_n < min_size else set()
+            absent |= {(g.cls, 0)} if (1 - g.heldout_share) * g.heldout_n < min_size else set()
     recall = [np.average(correct[y == c], weights=weights[y == c]) for c in np.unique(y)
               if weights[y == c].sum() > 0]
-    cells = [correct[(y == c) & (group == j)] for c in np.unique(y) for j in np.unique(group[y == c])]
+    cells = [correct[(y == c) & (group == j)] for c in np.unique(y) for j in np.unique(group[y == c])
+             if (int(c), int(j)) not in absent]
     cells = [c for c in cells if len(c) >= min_size]
     return {"balanced_accuracy": float(np.mean(recall)) if recall else math.nan,
             "worst_slice_accuracy": float(min(c.mean() for c in cells)) if cells else math.nan}
