@@ -280,6 +280,8 @@ def shifted_scores(groups: list[ShortcutGroup], embeddings: np.ndarray, labels: 
     ``worst_slice_accuracy``: the lowest accuracy over the groups class x in-slice of ``min_size`` rows or more
     here that the held-out mix holds too (``min_size`` of the class's held-out images at its share: a look the
     held-out split lacks is not a group the model will meet there); NaN when none."""
+    from sklearn.metrics import balanced_accuracy_score
+
     y = np.asarray(labels).astype(np.int64)
     correct = np.asarray(predictions) == y
     weights = np.ones(len(y))
@@ -296,12 +298,13 @@ def shifted_scores(groups: list[ShortcutGroup], embeddings: np.ndarray, labels: 
         if g.heldout_n:
             absent |= {(g.cls, j)} if g.heldout_share * g.heldout_n < min_size else set()
             absent |= {(g.cls, 0)} if (1 - g.heldout_share) * g.heldout_n < min_size else set()
-    recall = [np.average(correct[y == c], weights=weights[y == c]) for c in np.unique(y)
-              if weights[y == c].sum() > 0]
     cells = [correct[(y == c) & (group == j)] for c in np.unique(y) for j in np.unique(group[y == c])
              if (int(c), int(j)) not in absent]
     cells = [c for c in cells if len(c) >= min_size]
-    return {"balanced_accuracy": float(np.mean(recall)) if recall else math.nan,
+    with warnings.catch_warnings():  # a predicted class absent from labels: its recall is undefined, left out
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true")
+        balanced = balanced_accuracy_score(y, predictions, sample_weight=weights) if len(y) else math.nan
+    return {"balanced_accuracy": float(balanced),
             "worst_slice_accuracy": float(min(c.mean() for c in cells)) if cells else math.nan}
 
 

@@ -261,6 +261,30 @@ def slice_views(p: FinetuneParams) -> SliceViews:
                       test=views[2], test_source=np.where(source == "", test_df["split"], source).astype(str))
 
 
+def judge_mitigation(p: FinetuneParams, data: FinetuneData, views: SliceViews, first: Classifier, second: Classifier,
+                     val_scores: Any) -> dict[str, Any]:
+    """The gate of ``slice_reweight``: both classifiers scored by ``val_scores`` (classifier -> ``balanced_accuracy``
+    and ``worst_slice_accuracy`` on validation) and kept or not by :func:`sslvision.slices.mitigation_decision`;
+    their test scores (balanced accuracy, worst-slice accuracy over the k-means slices of the test embeddings)
+    reported beside, never used to decide. Returns the record's ``kept``, ``decision``, ``reason``,
+    ``test_slices`` and ``val_``/``test_`` scores of each (``_first``, ``_second``)."""
+    s = p.slices
+    test_groups = slice_groups(views.test, data.test.labels, clusters=s.clusters, min_size=s.min_size, seed=p.seed)
+
+    def test_scores(clf: Classifier) -> dict[str, float]:
+        logits = clf.logits(data.test.images, p.eval_batch_size)
+        return {"balanced_accuracy": balanced_accuracy(data.test.labels, logits),
+                "worst_slice_accuracy": worst_slice_accuracy(test_groups, data.test.labels, logits.argmax(1))}
+
+    before, after = val_scores(first), val_scores(second)
+    keep, reason = mitigation_decision(before, after)
+    scores = {("val", "first"): before, ("val", "second"): after, ("test", "first"): test_scores(first),
+              ("test", "second"): test_scores(second)}
+    return {"kept": keep, "decision": "kept" if keep else "rejected", "reason": reason,
+            "test_slices": len(test_groups),
+            **{f"{split}_{k}_{when}": _finite(v) for (split, when), d in scores.items() for k, v in d.items()}}
+
+
 def just_train_twice(p: FinetuneParams, data: FinetuneData, first: Classifier,
                      views: SliceViews) -> tuple[Classifier, TrainResult, dict[str, Any]]:
     """Just Train Twice (Liu et al. 2021) with a validation gate: the training rows ``first`` gets wrong get
@@ -277,26 +301,17 @@ def just_train_twice(p: FinetuneParams, data: FinetuneData, first: Classifier,
     result = train_classifier(second, FinetuneData(train=train, val=data.val, test=data.test, classes=data.classes), p)
     s = p.slices
     val_groups = slice_groups(views.val, data.val.labels, clusters=s.clusters, min_size=s.min_size, seed=p.seed)
-    test_groups = slice_groups(views.test, data.test.labels, clusters=s.clusters, min_size=s.min_size, seed=p.seed)
 
-    def scores(clf: Classifier, split: Split, groups: list[np.ndarray]) -> dict[str, float]:
-        logits = clf.logits(split.images, p.eval_batch_size)
-        return {"balanced_accuracy": balanced_accuracy(split.labels, logits),
-                "worst_slice_accuracy": worst_slice_accuracy(groups, split.labels, logits.argmax(1))}
+    def val_scores(clf: Classifier) -> dict[str, float]:
+        logits = clf.logits(data.val.images, p.eval_batch_size)
+        return {"balanced_accuracy": balanced_accuracy(data.val.labels, logits),
+                "worst_slice_accuracy": worst_slice_accuracy(val_groups, data.val.labels, logits.argmax(1))}
 
-    before, after = scores(first, data.val, val_groups), scores(second, data.val, val_groups)
-    keep, reason = mitigation_decision(before, after)
-    test_before, test_after = scores(first, data.test, test_groups), scores(second, data.test, test_groups)
-    record = {
-        "method": "just_train_twice", "upweight": p.jtt_upweight, "error_set": int(errors.sum()),
-        "error_share": float(errors.mean()), "kept": keep, "decision": "kept" if keep else "rejected", "reason": reason,
-        "val_slices": len(val_groups), "test_slices": len(test_groups),
-        **{f"val_{k}_{when}": _finite(v) for when, d in (("first", before), ("second", after)) for k, v in d.items()},
-        **{f"test_{k}_{when}": _finite(v) for when, d in (("first", test_before), ("second", test_after))
-           for k, v in d.items()},
-    }
+    record = {"method": "just_train_twice", "upweight": p.jtt_upweight, "error_set": int(errors.sum()),
+              "error_share": float(errors.mean()), "val_slices": len(val_groups),
+              **judge_mitigation(p, data, views, first, second, val_scores)}
     log.info("slice_reweight (Just Train Twice, %d of %d training rows upweighted %gx): %s, %s", record["error_set"],
-             len(errors), p.jtt_upweight, record["decision"], reason)
+             len(errors), p.jtt_upweight, record["decision"], record["reason"])
     return second, result, record
 
 
@@ -315,8 +330,8 @@ def shortcut_subsampling(p: FinetuneParams, data: FinetuneData, first: Classifie
     ``kept``, its ``reason``, both models' validation scores, and their test scores over the k-means slices of
     the test embeddings, reported, never used to decide)."""
     s = p.slices
-    first_pred = first.logits(data.test.images, p.eval_batch_size).argmax(1)
-    found = find_slices(views.test, data.test.labels, first_pred, n_slices=s.n_slices, min_size=s.min_size,
+    # the shortcut slices do not depend on the predictions: the labels stand in (no inference for error slices)
+    found = find_slices(views.test, data.test.labels, data.test.labels, n_slices=s.n_slices, min_size=s.min_size,
                         seed=p.seed, clusters=s.clusters, train_embeddings=views.train,
                         train_labels=views.train_labels, classes=data.classes)
     groups = shortcut_groups(found, views.train, views.train_labels, views.test, data.test.labels, seed=p.seed)
@@ -335,29 +350,16 @@ def shortcut_subsampling(p: FinetuneParams, data: FinetuneData, first: Classifie
     train = data.train.take(np.flatnonzero(keep))
     second = build_classifier(p, data.classes)
     result = train_classifier(second, FinetuneData(train=train, val=data.val, test=data.test, classes=data.classes), p)
-    test_groups = slice_groups(views.test, data.test.labels, clusters=s.clusters, min_size=s.min_size, seed=p.seed)
 
     def val_scores(clf: Classifier) -> dict[str, float]:
         pred = clf.logits(data.val.images, p.eval_batch_size).argmax(1)
         return shifted_scores(groups, views.val, data.val.labels, pred, min_size=s.min_size)
 
-    def test_scores(clf: Classifier) -> dict[str, float]:
-        logits = clf.logits(data.test.images, p.eval_batch_size)
-        return {"balanced_accuracy": balanced_accuracy(data.test.labels, logits),
-                "worst_slice_accuracy": worst_slice_accuracy(test_groups, data.test.labels, logits.argmax(1))}
-
-    before, after = val_scores(first), val_scores(second)
-    keep_it, reason = mitigation_decision(before, after)
-    on_test = (("first", test_scores(first)), ("second", test_scores(second)))
-    record.update({
-        "slices": thinned, "train_rows_dropped": int((~real_keep).sum()), "kept": keep_it,
-        "decision": "kept" if keep_it else "rejected", "reason": reason, "test_slices": len(test_groups),
-        **{f"val_{k}_{when}": _finite(v) for when, d in (("first", before), ("second", after)) for k, v in d.items()},
-        **{f"test_{k}_{when}": _finite(v) for when, d in on_test for k, v in d.items()},
-    })
+    record.update(slices=thinned, train_rows_dropped=int((~real_keep).sum()),
+                  **judge_mitigation(p, data, views, first, second, val_scores))
     log.info("slice_reweight (subsample: %s): %d training rows dropped; %s, %s",
              "; ".join(f"{t['slice']} {t['train_in_slice']} -> {t['kept_in_slice']}" for t in thinned),
-             record["train_rows_dropped"], record["decision"], reason)
+             record["train_rows_dropped"], record["decision"], record["reason"])
     return second, result, record
 
 
