@@ -61,9 +61,10 @@ BENCHMARKS: dict[str, list[str]] = {
     "temperature": [],
     # seed 0, natural tail, 200 steps in all (the defaults); seeds 1 2 are the variant mae_prepretrain_seeds12
     "mae_prepretrain": [],
-    # both recipes: the linear probe and the demo's full fine-tune (3 trainings of minutes each); the committed run
-    # kept its scenario, encoder and audit in --workdir /tmp/...: here the default, a temporary directory
-    "confounders": ["--recipes", "probe", "demo"],
+    # both recipes: the linear probe and the demo's full fine-tune (first, JTT, subsample: 3 trainings of minutes
+    # each), as the committed run; it kept its scenario, encoder and audit in --workdir /tmp/...: here the default,
+    # a temporary directory
+    "confounders": ["--recipes", "probe", "demo", "--mitigations", "jtt"],
 }
 NEEDS_DEMO = {"synthesize", "finetune", "default_recipe", "drift", "retrain"}
 # run only where torch sees a CUDA GPU; elsewhere reported as skipped (not failed), their committed results kept
